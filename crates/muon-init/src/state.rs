@@ -1,0 +1,205 @@
+//! What is already in a nat table, read from `iptables-save -t nat` output.
+//!
+//! Only Muon's part matters: the `MUON_*` chains with their rules, and the rules in
+//! PREROUTING and OUTPUT that jump or go to one of them. Everything else in the table is
+//! left alone, so it is not even kept.
+
+use crate::rules::{Chain, Jump, Ruleset, CHAIN_PREFIX};
+
+/// The built-in chains muon-init hooks into.
+const HOOKS: [&str; 2] = ["PREROUTING", "OUTPUT"];
+
+/// Muon's chains and jumps found in one family's nat table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatState {
+    /// `MUON_*` chains in table order, with their rules.
+    pub chains: Vec<Chain>,
+    /// Rules in PREROUTING/OUTPUT whose target is a `MUON_*` chain, in table order.
+    pub jumps: Vec<Jump>,
+}
+
+impl NatState {
+    /// Reads the `*nat` section of `iptables-save` output. Lines it does not understand are
+    /// skipped: the output format is iptables' own and stable, and anything unknown is
+    /// by construction not Muon's.
+    pub fn parse(save: &str) -> NatState {
+        let mut state = NatState::default();
+        let mut in_nat = false;
+        for line in save.lines().map(str::trim) {
+            if let Some(table) = line.strip_prefix('*') {
+                in_nat = table == "nat";
+                continue;
+            }
+            if !in_nat {
+                continue;
+            }
+            if line == "COMMIT" {
+                in_nat = false;
+            } else if let Some(decl) = line.strip_prefix(':') {
+                let name = decl.split_whitespace().next().unwrap_or_default();
+                if name.starts_with(CHAIN_PREFIX) && state.chain(name).is_none() {
+                    state.chains.push(Chain {
+                        name: name.to_string(),
+                        rules: Vec::new(),
+                    });
+                }
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let Some((chain, spec)) = rule.split_once(' ') else {
+                    continue;
+                };
+                let spec = spec.trim();
+                if chain.starts_with(CHAIN_PREFIX) {
+                    if let Some(c) = state.chains.iter_mut().find(|c| c.name == chain) {
+                        c.rules.push(spec.to_string());
+                    }
+                } else if HOOKS.contains(&chain)
+                    && target(spec).is_some_and(|t| t.starts_with(CHAIN_PREFIX))
+                {
+                    state.jumps.push(Jump {
+                        from: chain.to_string(),
+                        spec: spec.to_string(),
+                    });
+                }
+            }
+        }
+        state
+    }
+
+    /// The state right after `ruleset` was applied: exactly its chains and jumps.
+    pub fn from_ruleset(ruleset: &Ruleset) -> NatState {
+        NatState {
+            chains: ruleset.chains.clone(),
+            jumps: ruleset.jumps.clone(),
+        }
+    }
+
+    /// This state as a ruleset to re-apply, which is how a failed apply is rolled back.
+    pub fn to_ruleset(&self) -> Ruleset {
+        Ruleset {
+            chains: self.chains.clone(),
+            jumps: self.jumps.clone(),
+        }
+    }
+
+    pub fn chain(&self, name: &str) -> Option<&Chain> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+
+    /// True when the table holds nothing of Muon's.
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.jumps.is_empty()
+    }
+}
+
+/// The `-j`/`-g` target of a rule spec, skipping quoted strings (a comment may mention a
+/// chain name without jumping to it).
+fn target(spec: &str) -> Option<&str> {
+    let mut tokens = Tokens { rest: spec };
+    while let Some(tok) = tokens.next() {
+        if matches!(tok, "-j" | "--jump" | "-g" | "--goto") {
+            return tokens.next();
+        }
+    }
+    None
+}
+
+/// Splits on whitespace, treating a double-quoted string (with backslash escapes) as one
+/// token, which is how `iptables-save` quotes comments.
+struct Tokens<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Iterator for Tokens<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let s = self.rest.trim_start();
+        if s.is_empty() {
+            return None;
+        }
+        let mut end = s.len();
+        let mut quoted = false;
+        let mut escaped = false;
+        for (i, ch) in s.char_indices() {
+            if escaped {
+                escaped = false;
+            } else if ch == '\\' {
+                escaped = true;
+            } else if ch == '"' {
+                quoted = !quoted;
+            } else if ch.is_whitespace() && !quoted {
+                end = i;
+                break;
+            }
+        }
+        self.rest = &s[end..];
+        Some(&s[..end])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAVE: &str = "\
+# Generated by iptables-save v1.8.9 (nf_tables)
+*filter
+:INPUT ACCEPT [0:0]
+-A INPUT -j MUON_NOT_NAT
+COMMIT
+*nat
+:PREROUTING ACCEPT [3:180]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KEEPME - [0:0]
+:MUON_INBOUND - [0:0]
+:MUON_OUTPUT - [0:0]
+-A PREROUTING -p tcp -j MUON_INBOUND
+-A OUTPUT -j KEEPME
+-A OUTPUT -m comment --comment \"not -j MUON_OUTPUT\" -j ACCEPT
+-A OUTPUT -p tcp -j MUON_OUTPUT
+-A OUTPUT -p tcp -j MUON_OUTPUT
+-A KEEPME -j MUON_OUTPUT
+-A MUON_INBOUND -p tcp -m tcp --dport 15000 -j RETURN
+-A MUON_OUTPUT -j RETURN
+COMMIT
+";
+
+    #[test]
+    fn parses_only_muon_chains_and_hook_jumps_of_the_nat_table() {
+        let s = NatState::parse(SAVE);
+        let names: Vec<&str> = s.chains.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["MUON_INBOUND", "MUON_OUTPUT"]);
+        assert_eq!(
+            s.chain("MUON_INBOUND").map(|c| c.rules.clone()),
+            Some(vec!["-p tcp -m tcp --dport 15000 -j RETURN".to_string()])
+        );
+        let jumps: Vec<(&str, &str)> = s
+            .jumps
+            .iter()
+            .map(|j| (j.from.as_str(), j.spec.as_str()))
+            .collect();
+        assert_eq!(
+            jumps,
+            [
+                ("PREROUTING", "-p tcp -j MUON_INBOUND"),
+                ("OUTPUT", "-p tcp -j MUON_OUTPUT"),
+                ("OUTPUT", "-p tcp -j MUON_OUTPUT"),
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_or_missing_output_is_an_empty_state() {
+        assert!(NatState::parse("").is_empty());
+        assert!(NatState::parse("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n").is_empty());
+    }
+
+    #[test]
+    fn target_skips_quoted_text() {
+        assert_eq!(target("-m comment --comment \"-j X\" -j Y"), Some("Y"));
+        assert_eq!(target("-m comment --comment \"a \\\" -j X\""), None);
+        assert_eq!(target("-g MUON_A"), Some("MUON_A"));
+    }
+}
