@@ -1,1 +1,311 @@
-//! stub
+//! Harness for Muon's end-to-end tests: real labs (network namespaces, iptables capture,
+//! sidecar processes) driven through the real `muonctl`, and real clients (curl) inside pods.
+//!
+//! Each test gets a lab with a unique name, removed when the handle drops, also when the test
+//! panics. The binaries come from `$MUON_BIN_DIR` (set by `cargo xtask test`), or from the
+//! target directory this test binary was built into.
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// Where muonctl, muon-proxy, muon-init and demo-shop are.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("MUON_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // target/debug/deps/<test binary> -> target/debug
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("target dir")
+}
+
+pub fn muonctl() -> Command {
+    let path = bin_dir().join("muonctl");
+    assert!(
+        path.is_file(),
+        "{} is missing: build the binaries first (cargo build --bins), or run `cargo xtask test`",
+        path.display()
+    );
+    Command::new(path)
+}
+
+/// The end-to-end tests need root: say so plainly instead of failing obscurely.
+pub fn require_root() {
+    assert!(
+        nix_is_root(),
+        "end-to-end tests create network namespaces and must run as root (CI runs them as root)"
+    );
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+pub fn kernel_has_ipv6() -> bool {
+    Path::new("/proc/net/if_inet6").exists()
+}
+
+/// demo-shop, copied where the pods' unprivileged users can execute it.
+pub fn demo_shop() -> PathBuf {
+    let dir = PathBuf::from("/run/muon/test-bin");
+    std::fs::create_dir_all(&dir).expect("create /run/muon/test-bin");
+    for d in ["/run/muon", "/run/muon/test-bin"] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let to = dir.join(format!("demo-shop-{}", std::process::id()));
+    if !to.exists() {
+        let tmp = dir.join(format!(
+            ".demo-shop-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::copy(bin_dir().join("demo-shop"), &tmp).expect("copy demo-shop");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&tmp, &to).expect("rename demo-shop");
+    }
+    to
+}
+
+/// A running lab, removed on drop.
+pub struct Lab {
+    pub name: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Lab {
+    /// A unique lab name: short, because it becomes part of namespace names.
+    pub fn unique_name(tag: &str) -> String {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let mut tag: String = tag
+            .chars()
+            .filter(|c| c.is_ascii_lowercase())
+            .take(6)
+            .collect();
+        if tag.is_empty() {
+            tag.push('t');
+        }
+        format!("t{}-{tag}{n}", std::process::id() % 100_000)
+    }
+
+    /// Writes `yaml` to a file and runs `muonctl lab up --detach` on it.
+    pub fn up(tag: &str, yaml: &str) -> Lab {
+        require_root();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("topology.yaml");
+        std::fs::write(&file, yaml).expect("write topology");
+        let name = Self::unique_name(tag);
+        let out = muonctl()
+            .args(["lab", "up", "--detach", "--name", &name, "-f"])
+            .arg(&file)
+            .output()
+            .expect("run muonctl");
+        let lab = Lab { name, _dir: dir };
+        assert!(
+            out.status.success(),
+            "lab up failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab
+    }
+
+    /// Runs a command in a pod as its app user.
+    pub fn exec(&self, pod: &str, cmd: &[&str]) -> Output {
+        self.exec_as(pod, None, cmd)
+    }
+
+    pub fn exec_as(&self, pod: &str, uid: Option<u32>, cmd: &[&str]) -> Output {
+        let mut c = muonctl();
+        c.args(["lab", "exec", &self.name, pod]);
+        if let Some(uid) = uid {
+            c.args(["--user", &uid.to_string()]);
+        }
+        c.arg("--").args(cmd);
+        c.output().expect("run muonctl lab exec")
+    }
+
+    /// `curl -sS URL` inside a pod; Ok(body) on success, Err(curl's exit code and stderr).
+    pub fn curl(&self, pod: &str, url: &str) -> Result<String> {
+        self.curl_as(pod, None, url)
+    }
+
+    pub fn curl_as(&self, pod: &str, uid: Option<u32>, url: &str) -> Result<String> {
+        let out = self.exec_as(pod, uid, &["curl", "-sS", "-g", "--max-time", "5", url]);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            bail!(
+                "curl {url} from {pod}: exit {:?}: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        }
+    }
+
+    /// `muonctl lab status NAME -o json`, this lab's entry.
+    pub fn status(&self) -> Value {
+        let out = muonctl()
+            .args(["lab", "status", &self.name, "-o", "json"])
+            .output()
+            .expect("run muonctl lab status");
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("status json");
+        v[0].clone()
+    }
+
+    pub fn pod(&self, name: &str) -> Value {
+        let st = self.status();
+        st["pods"]
+            .as_array()
+            .and_then(|pods| pods.iter().find(|p| p["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("no pod {name} in {st}"))
+    }
+
+    pub fn pod_ip(&self, name: &str) -> String {
+        self.pod(name)["ip"].as_str().expect("ip").to_string()
+    }
+
+    pub fn service_vip(&self, name: &str, v6: bool) -> String {
+        let st = self.status();
+        let svc = st["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("no service {name}"));
+        svc[if v6 { "vip6" } else { "vip" }]
+            .as_str()
+            .expect("vip")
+            .to_string()
+    }
+
+    /// The sidecar's Prometheus text, read as root inside the pod (root's connections to
+    /// localhost are never captured).
+    pub fn metrics(&self, pod: &str) -> String {
+        let out = self.exec_as(
+            pod,
+            Some(0),
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:15020/metrics",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "metrics of {pod}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Sum of a metric's samples whose labels include every `label="value"` given.
+    pub fn metric(&self, pod: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics(pod), name, labels)
+    }
+
+    /// The sidecar's log.
+    pub fn sidecar_log(&self, pod: &str) -> String {
+        let out = muonctl()
+            .args(["lab", "logs", &self.name, pod, "--sidecar"])
+            .output()
+            .expect("run muonctl lab logs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Access-log events (JSON) from a pod's sidecar log.
+    pub fn access_log(&self, pod: &str) -> Vec<Value> {
+        self.sidecar_log(pod)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "access")
+            .collect()
+    }
+
+    pub fn down(&self) -> Output {
+        muonctl()
+            .args(["lab", "down", &self.name])
+            .output()
+            .expect("run muonctl lab down")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.down();
+    }
+}
+
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.split(['{', ' ']).next() == Some(name)
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Namespaces of this host whose name starts with `prefix`.
+pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn process_alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+pub fn context<T>(r: Result<T>, what: &str) -> T {
+    r.context(what.to_string())
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}

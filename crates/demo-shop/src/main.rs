@@ -1,1 +1,154 @@
-fn main() {}
+//! The demo shop: the example application the demo, the tests and the benchmarks run in the lab.
+//!
+//! - `demo-shop inventory` answers `GET /stock/<item>` with the stock and the pod that answered;
+//! - `demo-shop orders` answers `GET /orders/<item>` by asking inventory over HTTP/1.1 JSON;
+//! - `demo-shop echo` answers every request with a fixed-size body (for benchmarks).
+//!
+//! The apps know nothing of the mesh: they call `http://inventory:8080` by name, and the
+//! sidecars do the rest. Every answer names the pod (from `POD_NAME`) so that a caller can see
+//! where the mesh sent it.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Clone)]
+enum App {
+    Inventory,
+    Orders { inventory: Arc<str> },
+    Echo { body: Bytes },
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: demo-shop inventory [--port P]\n       demo-shop orders [--port P] [--inventory HOST:PORT]\n       demo-shop echo [--port P] [--size BYTES]"
+    );
+    std::process::exit(2)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let role = args.next().unwrap_or_else(|| usage());
+    let mut port = 8080u16;
+    let mut inventory = String::from("inventory:8080");
+    let mut size = 1024usize;
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--port" => port = value.parse().context("--port")?,
+            "--inventory" => inventory = value,
+            "--size" => size = value.parse().context("--size")?,
+            _ => usage(),
+        }
+    }
+    let app = match role.as_str() {
+        "inventory" => App::Inventory,
+        "orders" => App::Orders {
+            inventory: inventory.into(),
+        },
+        "echo" => App::Echo {
+            body: Bytes::from(vec![b'x'; size]),
+        },
+        _ => usage(),
+    };
+    // Dual-stack where the host has IPv6, so the app answers on its pod's v4 and v6 addresses.
+    let listener = match TcpListener::bind(SocketAddr::from(([0u16; 8], port))).await {
+        Ok(l) => l,
+        Err(_) => TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?,
+    };
+    eprintln!("demo-shop {role} listening on {}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, hyper::Error>(handle(&app, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn pod() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| "unknown".into())
+}
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    match app {
+        App::Echo { body } => Response::new(Full::new(body.clone())),
+        App::Inventory => match path.strip_prefix("/stock/") {
+            Some(item) if !item.is_empty() => {
+                // A stable, item-dependent figure: the demo shows the same stock from every replica.
+                let stock = item.bytes().map(u32::from).sum::<u32>() % 50;
+                reply(
+                    StatusCode::OK,
+                    json!({"item": item, "stock": stock, "pod": pod(), "zone": std::env::var("POD_ZONE").ok()}),
+                )
+            }
+            _ => reply(
+                StatusCode::OK,
+                json!({"service": "inventory", "pod": pod()}),
+            ),
+        },
+        App::Orders { inventory } => match path.strip_prefix("/orders/") {
+            Some(item) if !item.is_empty() => {
+                match get_json(inventory, &format!("/stock/{item}")).await {
+                    Ok(stock) => reply(
+                        StatusCode::OK,
+                        json!({"order": item, "accepted": stock["stock"].as_u64().unwrap_or(0) > 0, "pod": pod(), "inventory": stock}),
+                    ),
+                    Err(e) => reply(
+                        StatusCode::BAD_GATEWAY,
+                        json!({"error": format!("inventory: {e:#}"), "pod": pod()}),
+                    ),
+                }
+            }
+            _ => reply(StatusCode::OK, json!({"service": "orders", "pod": pod()})),
+        },
+    }
+}
+
+/// One HTTP/1.1 GET to `authority` (host:port, resolved through /etc/hosts like any app would).
+async fn get_json(authority: &str, path: &str) -> Result<serde_json::Value> {
+    let stream = TcpStream::connect(authority)
+        .await
+        .with_context(|| format!("connecting to {authority}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", authority)
+        .body(Full::new(Bytes::new()))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    drop(sender);
+    let _ = conn.await;
+    if !status.is_success() {
+        bail!("{status}");
+    }
+    Ok(serde_json::from_slice(&body)?)
+}

@@ -1,1 +1,288 @@
-fn main() {}
+//! `muonctl`: the command line for Muon. For now it drives the lab (`muonctl lab …`); the
+//! control plane's commands (`apply`, `get`, `proxy-status`, `config-dump`) come with it.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use muon_lab::{LabStatus, UpOptions};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "muonctl", version, about = "Muon service mesh CLI")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A local mesh on this Linux host: pods as network namespaces (root required).
+    #[command(subcommand)]
+    Lab(Lab),
+}
+
+#[derive(Subcommand)]
+enum Lab {
+    /// Create the pods and services of a topology file and start their apps and sidecars.
+    Up(UpArgs),
+    /// Run a command inside a pod, as the pod's app user.
+    Exec {
+        name: String,
+        pod: String,
+        /// Run as this UID instead of the app's (0 = root).
+        #[arg(long)]
+        user: Option<u32>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Show labs, their pods (address, zone, app and sidecar state) and services.
+    Status {
+        name: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Print a pod's app log, or its sidecar's with --sidecar.
+    Logs {
+        name: String,
+        pod: String,
+        #[arg(long)]
+        sidecar: bool,
+    },
+    /// Restart a pod's app, or its sidecar with --sidecar.
+    Restart {
+        name: String,
+        pod: String,
+        #[arg(long)]
+        sidecar: bool,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Remove a lab: every namespace, interface, process and file it made.
+    Down {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        /// Remove every lab on this host.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// The topology file.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// The lab's name (default: the file's name). Two labs with different names run side by side.
+    #[arg(long)]
+    name: Option<String>,
+    /// Return once the lab is ready and leave it running; stop it with `muonctl lab down`.
+    #[arg(long)]
+    detach: bool,
+    /// Where muon-proxy and muon-init are (default: $MUON_BIN_DIR, else beside muonctl).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// How long pods and sidecars get to become ready.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("muonctl: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Lab(lab) => run_lab(lab),
+    }
+}
+
+fn run_lab(cmd: Lab) -> Result<i32> {
+    match cmd {
+        Lab::Up(args) => up(args),
+        Lab::Exec {
+            name,
+            pod,
+            user,
+            command,
+        } => muon_lab::exec(&name, &pod, &command, user),
+        Lab::Status { name, output } => {
+            let names = match name {
+                Some(n) => vec![n],
+                None => muon_lab::list_labs(),
+            };
+            let labs = names
+                .iter()
+                .map(|n| muon_lab::status(n))
+                .collect::<Result<Vec<_>>>()?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&labs)?),
+                Output::Table if labs.is_empty() => println!("no labs are up"),
+                Output::Table => labs.iter().for_each(print_status),
+            }
+            Ok(0)
+        }
+        Lab::Logs { name, pod, sidecar } => {
+            let path = muon_lab::logs(&name, &pod, sidecar)?;
+            let text =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            use std::io::Write;
+            std::io::stdout().write_all(&text)?;
+            Ok(0)
+        }
+        Lab::Restart {
+            name,
+            pod,
+            sidecar,
+            timeout,
+        } => {
+            muon_lab::restart(&name, &pod, sidecar, timeout)?;
+            println!(
+                "restarted the {} of {pod}",
+                if sidecar { "sidecar" } else { "app" }
+            );
+            Ok(0)
+        }
+        Lab::Down { name, all } => {
+            let names = match name {
+                Some(n) => vec![n],
+                None if all => muon_lab::list_labs(),
+                None => bail!("name a lab or pass --all"),
+            };
+            for n in names {
+                let r = muon_lab::down(&n)?;
+                println!(
+                    "lab {n} removed ({} namespaces, {} processes stopped)",
+                    r.namespaces.len(),
+                    r.processes
+                );
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn up(args: UpArgs) -> Result<i32> {
+    let opts = UpOptions {
+        topology: args.file,
+        name: args.name,
+        bin_dir: args.bin_dir,
+        ready_timeout: args.timeout,
+        supervisor: !args.detach,
+    };
+    let lab = muon_lab::up(&opts)?;
+    print_status(&muon_lab::status(&lab.name)?);
+    let first = lab.pods.first().map(|p| p.name.as_str()).unwrap_or("POD");
+    if args.detach {
+        println!("\nlab {} is up.", lab.name);
+        println!(
+            "  run in a pod:  muonctl lab exec {} {first} -- curl -s http://SERVICE:PORT/",
+            lab.name
+        );
+        println!("  stop it:       muonctl lab down {}", lab.name);
+        return Ok(0);
+    }
+    println!("\nlab {} is up; Ctrl-C stops it.", lab.name);
+    wait_for_stop(&lab.name)?;
+    let r = muon_lab::down(&lab.name)?;
+    println!(
+        "lab {} removed ({} namespaces)",
+        lab.name,
+        r.namespaces.len()
+    );
+    Ok(0)
+}
+
+/// The foreground `up` is the lab's supervisor: it waits for Ctrl-C or SIGTERM, or for
+/// `muonctl lab down` run elsewhere, reaping pod processes that exit meanwhile.
+fn wait_for_stop(name: &str) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    // Blocked only now, after every pod process was started: a blocked mask is inherited
+    // across exec, and the sidecars must still see SIGTERM.
+    set.thread_block()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        if set.wait().is_ok() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    });
+    let state = muon_lab::state::state_file(name);
+    while !stop.load(Ordering::SeqCst) && state.exists() {
+        muon_lab::process::reap_children();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+fn print_status(s: &LabStatus) {
+    println!(
+        "lab {}  (topology {}, ipv6 {})",
+        s.name,
+        s.topology_file,
+        if s.ipv6 { "on" } else { "off" }
+    );
+    println!(
+        "  {:<20} {:<12} {:<16} {:<10} {:<8} {:<10}",
+        "POD", "NAMESPACE", "IP", "ZONE", "APP", "SIDECAR"
+    );
+    for p in &s.pods {
+        println!(
+            "  {:<20} {:<12} {:<16} {:<10} {:<8} {:<10}",
+            p.pod.name,
+            p.pod.namespace,
+            p.pod.ip.to_string(),
+            p.pod.zone.as_deref().unwrap_or("-"),
+            if p.app_running { "running" } else { "exited" },
+            p.sidecar
+        );
+    }
+    if !s.services.is_empty() {
+        println!(
+            "  {:<20} {:<12} {:<16} {:<10} ENDPOINTS",
+            "SERVICE", "NAMESPACE", "VIP", "PORTS"
+        );
+        for svc in &s.services {
+            let ports: Vec<String> = svc.ports.iter().map(|p| p.to_string()).collect();
+            println!(
+                "  {:<20} {:<12} {:<16} {:<10} {}",
+                svc.name,
+                svc.namespace,
+                svc.vip.to_string(),
+                ports.join(","),
+                svc.endpoints.join(",")
+            );
+        }
+    }
+}

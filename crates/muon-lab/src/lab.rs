@@ -1,0 +1,755 @@
+//! Bringing a lab up and down: namespaces, addresses, capture, sidecars and apps.
+//!
+//! `up` records everything it creates in the state file *before* creating it, so a failure
+//! at any step, or a killed `muonctl`, leaves nothing that `down` cannot find. `down` also
+//! works from names alone: it removes every namespace called `muon-<lab>` or `muon-<lab>.*`.
+
+use crate::addr;
+use crate::netns;
+use crate::process::{self, Spawn};
+use crate::state::{self, LabState, PodState, ServiceState};
+use crate::topology::{check_name, Topology};
+use anyhow::{bail, Context, Result};
+use muon_core::{ports, Endpoint, ServiceEntry, ServicePort, ServiceTable};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How to bring a lab up.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub topology: PathBuf,
+    /// Default: the topology file's name without extension.
+    pub name: Option<String>,
+    /// Where muon-proxy and muon-init are. Default: `$MUON_BIN_DIR`, else beside this program.
+    pub bin_dir: Option<PathBuf>,
+    /// How long pods and sidecars get to become ready.
+    pub ready_timeout: Duration,
+    /// Record this process as the lab's supervisor (foreground `up`).
+    pub supervisor: bool,
+}
+
+/// The namespace holding a lab's bridge.
+pub fn bridge_netns(lab: &str) -> String {
+    format!("muon-{lab}")
+}
+
+/// The namespace of a lab's pod.
+pub fn pod_netns(lab: &str, pod: &str) -> String {
+    format!("muon-{lab}.{pod}")
+}
+
+/// A lab name from a file name: lowercase letters, digits and '-'.
+pub fn default_name(topology: &Path) -> String {
+    let stem = topology
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("lab");
+    let mut name: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name.truncate(20);
+    let name = name.trim_matches('-').to_string();
+    if name.is_empty() {
+        "lab".into()
+    } else {
+        name
+    }
+}
+
+fn host_has_ipv6() -> bool {
+    Path::new("/proc/net/if_inet6").exists() && which("ip6tables-restore").is_some()
+}
+
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(process::SYSTEM_PATH.split(':').map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Checks what `up` needs from the machine, all at once.
+pub fn preflight() -> Result<()> {
+    let mut problems = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        problems.push(
+            "the lab must run as root (it creates network namespaces and iptables rules)"
+                .to_string(),
+        );
+    }
+    for tool in ["ip", "setpriv", "sysctl", "iptables-restore"] {
+        if which(tool).is_none() {
+            let pkg = match tool {
+                "ip" => "iproute2",
+                "setpriv" => "util-linux",
+                "sysctl" => "procps",
+                _ => "iptables",
+            };
+            problems.push(format!("{tool} is not installed (Debian package {pkg})"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", problems.join("\n"))
+    }
+}
+
+fn locate_binaries(opts: &UpOptions) -> Result<PathBuf> {
+    let dir = match &opts.bin_dir {
+        Some(d) => d.clone(),
+        None => match std::env::var_os("MUON_BIN_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => std::env::current_exe()?
+                .parent()
+                .context("cannot tell where muonctl is")?
+                .to_path_buf(),
+        },
+    };
+    for bin in ["muon-proxy", "muon-init"] {
+        if !dir.join(bin).is_file() {
+            bail!(
+                "{bin} not found in {}: build it (cargo build --bins) or pass --bin-dir / MUON_BIN_DIR",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// Brings a lab up and returns once every sidecar is ready and every service port accepts
+/// connections. On failure everything created so far is removed.
+pub fn up(opts: &UpOptions) -> Result<LabState> {
+    let topo = Topology::load(&opts.topology)?;
+    preflight()?;
+    let name = opts
+        .name
+        .clone()
+        .unwrap_or_else(|| default_name(&opts.topology));
+    check_name(&name, 20).map_err(|r| anyhow::anyhow!("lab name {name:?}: {r}"))?;
+    if state::lab_dir(&name).exists() || netns::exists(&bridge_netns(&name)) {
+        bail!("a lab named {name:?} is already up; stop it with `muonctl lab down {name}` or pick another --name");
+    }
+    let bins = locate_binaries(opts)?;
+    let ipv6 = topo.ipv6.unwrap_or_else(host_has_ipv6);
+    let mut lab = plan(&name, &topo, ipv6, opts)?;
+    let result = create(&mut lab, &topo, &bins, opts.ready_timeout);
+    if let Err(e) = result {
+        let _ = down(&name);
+        return Err(e.context(format!(
+            "lab {name} did not come up; everything it created was removed"
+        )));
+    }
+    Ok(lab)
+}
+
+/// Decides names and addresses; creates nothing.
+fn plan(name: &str, topo: &Topology, ipv6: bool, opts: &UpOptions) -> Result<LabState> {
+    let mut pods = Vec::new();
+    for spec in &topo.pods {
+        for instance in spec.instance_names() {
+            let i = pods.len();
+            pods.push(PodState {
+                netns: pod_netns(name, &instance),
+                name: instance,
+                template: spec.name.clone(),
+                namespace: spec.namespace.clone(),
+                service_account: spec.service_account().to_string(),
+                ip: addr::pod_v4(i)?,
+                ipv6: ipv6.then(|| addr::pod_v6(i)),
+                zone: spec.zone.clone(),
+                labels: spec.labels.clone(),
+                app_uid: spec.run_as_user,
+                sidecar: spec.sidecar,
+                app_pid: None,
+                sidecar_pid: None,
+            });
+        }
+    }
+    let mut services = Vec::new();
+    for (j, svc) in topo.services.iter().enumerate() {
+        let endpoints = topo
+            .pods
+            .iter()
+            .filter(|p| svc.selects(p))
+            .flat_map(|p| p.instance_names())
+            .collect();
+        services.push(ServiceState {
+            name: svc.name.clone(),
+            namespace: svc.namespace.clone(),
+            vip: addr::vip_v4(j)?,
+            vip6: ipv6.then(|| addr::vip_v6(j)),
+            ports: svc.ports.iter().map(|p| p.port).collect(),
+            endpoints,
+        });
+    }
+    Ok(LabState {
+        name: name.to_string(),
+        bridge_netns: bridge_netns(name),
+        ipv6,
+        topology_file: opts.topology.display().to_string(),
+        supervisor_pid: opts.supervisor.then(|| std::process::id() as i32),
+        pods,
+        services,
+    })
+}
+
+/// The table every sidecar reads: services, their virtual IPs and their endpoints.
+pub fn service_table(lab: &LabState, topo: &Topology) -> ServiceTable {
+    let services = topo
+        .services
+        .iter()
+        .zip(&lab.services)
+        .map(|(spec, st)| ServiceEntry {
+            name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
+            vips: std::iter::once(IpAddr::V4(st.vip))
+                .chain(st.vip6.map(IpAddr::V6))
+                .collect(),
+            ports: spec
+                .ports
+                .iter()
+                .map(|p| ServicePort {
+                    port: p.port,
+                    target_port: p.target_port(),
+                    protocol: p.protocol,
+                })
+                .collect(),
+            endpoints: lab
+                .pods
+                .iter()
+                .filter(|p| st.endpoints.contains(&p.name))
+                .map(|p| Endpoint {
+                    ip: IpAddr::V4(p.ip),
+                    pod: p.name.clone(),
+                    zone: p.zone.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    ServiceTable { services }
+}
+
+/// The pod's /etc/hosts: itself, then every service under its Kubernetes-style names.
+pub fn hosts_file(lab: &LabState, pod: &PodState) -> String {
+    let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    out.push_str(&format!("{}\t{}\n", pod.ip, pod.name));
+    if let Some(v6) = pod.ipv6 {
+        out.push_str(&format!("{v6}\t{}\n", pod.name));
+    }
+    for svc in &lab.services {
+        let fqdn = format!("{}.{}.svc.cluster.local", svc.name, svc.namespace);
+        let ns_name = format!("{}.{}", svc.name, svc.namespace);
+        if svc.namespace == pod.namespace {
+            out.push_str(&format!("{}\t{fqdn} {ns_name} {}\n", svc.vip, svc.name));
+        } else {
+            out.push_str(&format!("{}\t{fqdn} {ns_name}\n", svc.vip));
+        }
+    }
+    out
+}
+
+fn create(lab: &mut LabState, topo: &Topology, bins: &Path, timeout: Duration) -> Result<()> {
+    let dir = state::lab_dir(&lab.name);
+    for sub in ["logs", "pods", "bin"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Sidecars and apps run as other users: everything they read must be world-readable.
+    for d in [
+        Path::new("/run/muon"),
+        Path::new(state::LAB_ROOT),
+        dir.as_path(),
+    ] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    lab.save()?;
+    // Copies, so that a rebuild while the lab runs does not change its sidecars, and so that
+    // the sidecar's user can execute them wherever the build tree is.
+    for bin in ["muon-proxy", "muon-init"] {
+        let to = state::bin_dir(&lab.name).join(bin);
+        std::fs::copy(bins.join(bin), &to).with_context(|| format!("copying {bin}"))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))?;
+    }
+    state::write_atomic(
+        &state::table_file(&lab.name),
+        service_table(lab, topo).to_json().as_bytes(),
+    )?;
+
+    create_bridge(lab)?;
+    for i in 0..lab.pods.len() {
+        create_pod_network(lab, i)?;
+    }
+    for i in 0..lab.pods.len() {
+        let spec = topo
+            .pods
+            .iter()
+            .find(|s| s.name == lab.pods[i].template)
+            .context("pod template vanished")?;
+        if lab.pods[i].sidecar {
+            run_init(lab, i, &spec.init_args)?;
+            let pid = start_sidecar(lab, &lab.pods[i], &spec.proxy_args)?;
+            lab.pods[i].sidecar_pid = Some(pid);
+            lab.save()?;
+        }
+        let pid = start_app(lab, &lab.pods[i], &spec.command, &spec.env)?;
+        lab.pods[i].app_pid = Some(pid);
+        lab.save()?;
+    }
+    wait_ready(lab, topo, timeout)
+}
+
+fn create_bridge(lab: &LabState) -> Result<()> {
+    let ns = &lab.bridge_netns;
+    netns::add(ns)?;
+    netns::ip_in(ns, &["link", "add", "br0", "type", "bridge"])?;
+    netns::ip_in(
+        ns,
+        &[
+            "addr",
+            "add",
+            &format!("{}/16", addr::GATEWAY_V4),
+            "dev",
+            "br0",
+        ],
+    )?;
+    if lab.ipv6 {
+        netns::ip_in(
+            ns,
+            &[
+                "addr",
+                "add",
+                &format!("{}/64", addr::gateway_v6()),
+                "dev",
+                "br0",
+                "nodad",
+            ],
+        )?;
+    }
+    netns::ip_in(ns, &["link", "set", "br0", "up"])?;
+    Ok(())
+}
+
+fn create_pod_network(lab: &LabState, i: usize) -> Result<()> {
+    let pod = &lab.pods[i];
+    let ns = &pod.netns;
+    netns::add(ns)?;
+    let veth = format!("p{i}");
+    netns::ip_in(
+        &lab.bridge_netns,
+        &[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ],
+    )?;
+    netns::ip_in(
+        &lab.bridge_netns,
+        &["link", "set", &veth, "master", "br0", "up"],
+    )?;
+    netns::ip_in(
+        ns,
+        &["addr", "add", &format!("{}/16", pod.ip), "dev", "eth0"],
+    )?;
+    if let Some(v6) = pod.ipv6 {
+        netns::ip_in(
+            ns,
+            &["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"],
+        )?;
+    }
+    netns::ip_in(ns, &["link", "set", "eth0", "up"])?;
+    netns::ip_in(
+        ns,
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            &addr::GATEWAY_V4.to_string(),
+        ],
+    )?;
+    if lab.ipv6 {
+        netns::ip_in(
+            ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &addr::gateway_v6().to_string(),
+            ],
+        )?;
+    }
+    // Apps run unprivileged but may want port 80, as they could in a container.
+    netns::sysctl(ns, "net.ipv4.ip_unprivileged_port_start", "0")?;
+    let etc = netns::etc_dir(ns);
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(etc.join("hosts"), hosts_file(lab, pod))?;
+    let home = state::pod_dir(&lab.name, &pod.name);
+    std::fs::create_dir_all(&home)?;
+    nix::unistd::chown(&home, Some(pod.app_uid.into()), Some(pod.app_uid.into()))?;
+    Ok(())
+}
+
+fn pod_env(pod: &PodState) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert("POD_NAME".into(), pod.name.clone());
+    env.insert("POD_NAMESPACE".into(), pod.namespace.clone());
+    env.insert("POD_IP".into(), pod.ip.to_string());
+    if let Some(v6) = pod.ipv6 {
+        env.insert("POD_IPV6".into(), v6.to_string());
+    }
+    env.insert("POD_SERVICE_ACCOUNT".into(), pod.service_account.clone());
+    if let Some(z) = &pod.zone {
+        env.insert("POD_ZONE".into(), z.clone());
+    }
+    env
+}
+
+fn run_init(lab: &LabState, i: usize, extra: &[String]) -> Result<()> {
+    let pod = &lab.pods[i];
+    let mut argv = vec![
+        state::bin_dir(&lab.name)
+            .join("muon-init")
+            .display()
+            .to_string(),
+        "--ipv6".into(),
+        if lab.ipv6 { "on" } else { "off" }.into(),
+    ];
+    argv.extend(extra.iter().cloned());
+    let env = BTreeMap::new();
+    process::run_to_end(&Spawn {
+        netns: &pod.netns,
+        uid: None,
+        argv: &argv,
+        env: &env,
+        cwd: Path::new("/"),
+        log: &state::log_file(&lab.name, &pod.name, "init"),
+    })
+    .with_context(|| format!("capture setup in pod {}", pod.name))
+}
+
+fn start_sidecar(lab: &LabState, pod: &PodState, extra: &[String]) -> Result<i32> {
+    let mut argv = vec![
+        state::bin_dir(&lab.name)
+            .join("muon-proxy")
+            .display()
+            .to_string(),
+        "--table-file".into(),
+        state::table_file(&lab.name).display().to_string(),
+        "--log-format".into(),
+        "json".into(),
+    ];
+    argv.extend(extra.iter().cloned());
+    process::spawn(&Spawn {
+        netns: &pod.netns,
+        uid: Some(ports::PROXY_UID),
+        argv: &argv,
+        env: &pod_env(pod),
+        cwd: Path::new("/"),
+        log: &state::log_file(&lab.name, &pod.name, "sidecar"),
+    })
+}
+
+fn start_app(
+    lab: &LabState,
+    pod: &PodState,
+    command: &[String],
+    extra_env: &BTreeMap<String, String>,
+) -> Result<i32> {
+    // A pod without a command still exists, like a pause container: clients exec into it.
+    let argv: Vec<String> = if command.is_empty() {
+        vec!["sleep".into(), "infinity".into()]
+    } else {
+        command.to_vec()
+    };
+    let mut env = pod_env(pod);
+    let home = state::pod_dir(&lab.name, &pod.name);
+    env.insert("HOME".into(), home.display().to_string());
+    env.extend(extra_env.clone());
+    process::spawn(&Spawn {
+        netns: &pod.netns,
+        uid: Some(pod.app_uid),
+        argv: &argv,
+        env: &env,
+        cwd: &home,
+        log: &state::log_file(&lab.name, &pod.name, "app"),
+    })
+}
+
+fn sidecar_ready(pod: &PodState) -> bool {
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports::HEALTH);
+    matches!(netns::http_get_in(&pod.netns, addr, "/ready"), Ok((200, _)))
+}
+
+/// Waits until every sidecar says ready and every service's target ports accept connections
+/// on every pod behind it; fails early, with the log's last lines, when a process dies.
+fn wait_ready(lab: &LabState, topo: &Topology, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut pending: Vec<(usize, Option<SocketAddr>)> = Vec::new();
+    for (i, pod) in lab.pods.iter().enumerate() {
+        if pod.sidecar {
+            pending.push((i, None));
+        }
+        for (spec, st) in topo.services.iter().zip(&lab.services) {
+            if st.endpoints.contains(&pod.name) {
+                for p in &spec.ports {
+                    pending.push((
+                        i,
+                        Some(SocketAddr::new(IpAddr::V4(pod.ip), p.target_port())),
+                    ));
+                }
+            }
+        }
+    }
+    loop {
+        process::reap_children();
+        for &(i, _) in &pending {
+            let pod = &lab.pods[i];
+            for (what, pid) in [("sidecar", pod.sidecar_pid), ("app", pod.app_pid)] {
+                if let Some(pid) = pid {
+                    if !process::alive(pid) {
+                        let log = state::log_file(&lab.name, &pod.name, what);
+                        bail!(
+                            "the {what} of pod {} exited during start-up; last lines of {}:\n{}",
+                            pod.name,
+                            log.display(),
+                            process::tail(&log, 15)
+                        );
+                    }
+                }
+            }
+        }
+        pending.retain(|&(i, port)| {
+            let pod = &lab.pods[i];
+            match port {
+                None => !sidecar_ready(pod),
+                // The probe runs as root, whose connections to the pod's own IP muon-init
+                // leaves uncaptured, so this checks the app itself.
+                Some(addr) => !netns::can_connect_in(&pod.netns, addr),
+            }
+        });
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let what: Vec<String> = pending
+                .iter()
+                .map(|&(i, port)| match port {
+                    None => format!("sidecar of {} not ready", lab.pods[i].name),
+                    Some(a) => format!("{} not listening on {a}", lab.pods[i].name),
+                })
+                .collect();
+            bail!("not ready after {:?}: {}", timeout, what.join("; "));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What `down` removed.
+#[derive(Debug, Default)]
+pub struct DownReport {
+    pub namespaces: Vec<String>,
+    pub processes: usize,
+}
+
+/// Removes every namespace, process and file of lab `name`, with or without its state file.
+pub fn down(name: &str) -> Result<DownReport> {
+    check_name(name, 20).map_err(|r| anyhow::anyhow!("lab name {name:?}: {r}"))?;
+    let mut report = DownReport::default();
+    let state = LabState::load(name).ok();
+    if let Some(pid) = state.as_ref().and_then(|s| s.supervisor_pid) {
+        // A foreground `up` is waiting; it would tear down too, but we do it here and now.
+        if pid != std::process::id() as i32 && process::alive(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+    let bridge = bridge_netns(name);
+    let pod_prefix = format!("muon-{name}.");
+    let namespaces = netns::list_matching(&bridge, &pod_prefix);
+    // Pods first, all at once: stopping a hundred processes takes one grace period, not a hundred.
+    let pids: Vec<i32> = namespaces.iter().flat_map(|ns| netns::pids(ns)).collect();
+    process::stop(&pids, Duration::from_secs(3));
+    report.processes = pids.len();
+    let mut errors = Vec::new();
+    for ns in &namespaces {
+        match netns::delete(ns) {
+            Ok(()) => report.namespaces.push(ns.clone()),
+            Err(e) => errors.push(format!("{ns}: {e:#}")),
+        }
+    }
+    // /etc/netns entries whose namespace is already gone.
+    if let Ok(dir) = std::fs::read_dir("/etc/netns") {
+        for entry in dir.flatten() {
+            let n = entry.file_name().to_string_lossy().into_owned();
+            if n == bridge || n.starts_with(&pod_prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = state::lab_dir(name);
+    if dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            errors.push(format!("{}: {e}", dir.display()));
+        }
+    }
+    if !errors.is_empty() {
+        bail!(
+            "lab {name} was not removed completely:\n{}",
+            errors.join("\n")
+        );
+    }
+    Ok(report)
+}
+
+/// One pod's health, as `lab status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    #[serde(flatten)]
+    pub pod: PodState,
+    pub app_running: bool,
+    /// "ready", "not-ready", "down", or "none" for pods outside the mesh.
+    pub sidecar: &'static str,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabStatus {
+    pub name: String,
+    pub ipv6: bool,
+    pub topology_file: String,
+    pub pods: Vec<PodStatus>,
+    pub services: Vec<ServiceState>,
+}
+
+pub fn status(name: &str) -> Result<LabStatus> {
+    let lab = LabState::load(name)?;
+    let pods = lab
+        .pods
+        .iter()
+        .map(|p| PodStatus {
+            pod: p.clone(),
+            app_running: p.app_pid.is_some_and(process::alive),
+            sidecar: match (p.sidecar, p.sidecar_pid.is_some_and(process::alive)) {
+                (false, _) => "none",
+                (true, false) => "down",
+                (true, true) if sidecar_ready(p) => "ready",
+                (true, true) => "not-ready",
+            },
+        })
+        .collect();
+    Ok(LabStatus {
+        name: lab.name,
+        ipv6: lab.ipv6,
+        topology_file: lab.topology_file,
+        pods,
+        services: lab.services,
+    })
+}
+
+/// Runs a command inside a pod, as the app's user unless `uid` says otherwise, with the pod's
+/// environment and /etc/hosts; returns its exit code.
+pub fn exec(name: &str, pod: &str, argv: &[String], uid: Option<u32>) -> Result<i32> {
+    let lab = LabState::load(name)?;
+    let pod = lab.pod(pod)?;
+    let mut env = pod_env(pod);
+    for keep in ["TERM", "HOME"] {
+        if let Ok(v) = std::env::var(keep) {
+            env.insert(keep.into(), v);
+        }
+    }
+    let home = state::pod_dir(name, &pod.name);
+    env.insert("HOME".into(), home.display().to_string());
+    let uid = uid.unwrap_or(pod.app_uid);
+    let status = process::command(&Spawn {
+        netns: &pod.netns,
+        uid: (uid != 0).then_some(uid),
+        argv,
+        env: &env,
+        cwd: &home,
+        log: Path::new("/dev/null"),
+    })?
+    .status()
+    .with_context(|| format!("running {argv:?} in pod {}", pod.name))?;
+    Ok(status.code().unwrap_or(128 + 9))
+}
+
+/// The app's (or the sidecar's) log of a pod.
+pub fn logs(name: &str, pod: &str, sidecar: bool) -> Result<PathBuf> {
+    let lab = LabState::load(name)?;
+    let pod = lab.pod(pod)?;
+    if sidecar && !pod.sidecar {
+        bail!("pod {} has no sidecar (sidecar: false)", pod.name);
+    }
+    Ok(state::log_file(
+        name,
+        &pod.name,
+        if sidecar { "sidecar" } else { "app" },
+    ))
+}
+
+/// Stops and starts a pod's sidecar or app again (the lab's `kubectl rollout restart`), and
+/// waits for the sidecar to be ready.
+pub fn restart(name: &str, pod_name: &str, sidecar: bool, timeout: Duration) -> Result<()> {
+    let mut lab = LabState::load(name)?;
+    let topo = Topology::load(Path::new(&lab.topology_file))?;
+    let pod = lab.pod(pod_name)?.clone();
+    let spec = topo
+        .pods
+        .iter()
+        .find(|s| s.name == pod.template)
+        .with_context(|| format!("pod {} is no longer in {}", pod.name, lab.topology_file))?;
+    if sidecar {
+        if !pod.sidecar {
+            bail!("pod {} has no sidecar (sidecar: false)", pod.name);
+        }
+        if let Some(pid) = pod.sidecar_pid {
+            process::stop(&[pid], Duration::from_secs(5));
+        }
+        let pid = start_sidecar(&lab, &pod, &spec.proxy_args)?;
+        if let Some(p) = lab.pod_mut(pod_name) {
+            p.sidecar_pid = Some(pid);
+        }
+        lab.save()?;
+        let deadline = Instant::now() + timeout;
+        while !sidecar_ready(&pod) {
+            if !process::alive(pid) {
+                let log = state::log_file(name, &pod.name, "sidecar");
+                bail!(
+                    "sidecar of {} exited; last lines:\n{}",
+                    pod.name,
+                    process::tail(&log, 15)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("sidecar of {} not ready after {timeout:?}", pod.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    } else {
+        if let Some(pid) = pod.app_pid {
+            process::stop(&[pid], Duration::from_secs(5));
+        }
+        let pid = start_app(&lab, &pod, &spec.command, &spec.env)?;
+        if let Some(p) = lab.pod_mut(pod_name) {
+            p.app_pid = Some(pid);
+        }
+        lab.save()?;
+    }
+    Ok(())
+}

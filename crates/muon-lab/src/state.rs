@@ -1,0 +1,138 @@
+//! What a running lab looks like on disk: `/run/muon/lab/<name>/state.json`, plus the pods'
+//! logs, the service table the sidecars read, and copies of the binaries. The state file is
+//! the only record `lab down` needs, and `down` also works without it.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+/// Root of every lab's files. `/run` is a tmpfs: a reboot forgets labs along with their
+/// namespaces.
+pub const LAB_ROOT: &str = "/run/muon/lab";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabState {
+    pub name: String,
+    /// The namespace holding the bridge every pod's veth plugs into.
+    pub bridge_netns: String,
+    pub ipv6: bool,
+    pub topology_file: String,
+    /// `up` in the foreground: its pid, so `down` can tell it to stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor_pid: Option<i32>,
+    pub pods: Vec<PodState>,
+    pub services: Vec<ServiceState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodState {
+    pub name: String,
+    /// The topology pod this instance comes from.
+    pub template: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub app_uid: u32,
+    pub sidecar: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_pid: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar_pid: Option<i32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceState {
+    pub name: String,
+    pub namespace: String,
+    pub vip: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip6: Option<Ipv6Addr>,
+    pub ports: Vec<u16>,
+    /// Names of the pods behind it.
+    pub endpoints: Vec<String>,
+}
+
+pub fn lab_dir(name: &str) -> PathBuf {
+    Path::new(LAB_ROOT).join(name)
+}
+
+pub fn state_file(name: &str) -> PathBuf {
+    lab_dir(name).join("state.json")
+}
+
+pub fn table_file(name: &str) -> PathBuf {
+    lab_dir(name).join("table.json")
+}
+
+pub fn log_file(name: &str, pod: &str, what: &str) -> PathBuf {
+    lab_dir(name).join("logs").join(format!("{pod}.{what}.log"))
+}
+
+pub fn pod_dir(name: &str, pod: &str) -> PathBuf {
+    lab_dir(name).join("pods").join(pod)
+}
+
+pub fn bin_dir(name: &str) -> PathBuf {
+    lab_dir(name).join("bin")
+}
+
+impl LabState {
+    pub fn load(name: &str) -> Result<LabState> {
+        let path = state_file(name);
+        let text = std::fs::read(&path)
+            .with_context(|| format!("no lab named {name:?} (no {})", path.display()))?;
+        serde_json::from_slice(&text).with_context(|| format!("{} is corrupt", path.display()))
+    }
+
+    /// Written whole to a temporary file and renamed, so a reader never sees half a state.
+    pub fn save(&self) -> Result<()> {
+        write_atomic(&state_file(&self.name), &serde_json::to_vec_pretty(self)?)
+    }
+
+    pub fn pod(&self, name: &str) -> Result<&PodState> {
+        self.pods.iter().find(|p| p.name == name).with_context(|| {
+            let names: Vec<&str> = self.pods.iter().map(|p| p.name.as_str()).collect();
+            format!(
+                "lab {} has no pod {name:?}; its pods: {}",
+                self.name,
+                names.join(", ")
+            )
+        })
+    }
+
+    pub fn pod_mut(&mut self, name: &str) -> Option<&mut PodState> {
+        self.pods.iter_mut().find(|p| p.name == name)
+    }
+}
+
+/// Names of every lab that has a state directory.
+pub fn list_labs() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(LAB_ROOT) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
