@@ -1,1 +1,145 @@
-//! stub
+//! Muon's sidecar proxy: the transparent TCP data plane of one pod.
+//!
+//! The data path, one module per stage:
+//!
+//! ```text
+//! app ─► iptables REDIRECT ─► listen (accept, SO_ORIGINAL_DST, loop guard, overload)
+//!          ├─ outbound: routes lookup ─► balance ─► tcp::connect(endpoint) ─► tcp::relay
+//!          └─ inbound:  tcp::connect(app, source 127.0.0.6 / ::6)      ─► tcp::relay
+//!        every connection ends in accesslog::finish (one `access` event + metrics)
+//! ```
+//!
+//! Around it: `discovery` feeds `routes` (swapped atomically, read without locks), `admin`
+//! serves health, metrics and the admin API, `drain` coordinates shutdown, `server` wires it
+//! all together and `config` turns flags into a validated [`config::Config`].
+#![forbid(unsafe_code)]
+
+pub mod accesslog;
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod discovery;
+pub mod drain;
+pub mod inbound;
+pub mod listen;
+pub mod metrics;
+pub mod outbound;
+pub mod routes;
+pub mod server;
+pub mod tcp;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Which listener a connection arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From the local app to somewhere else (port 15001).
+    Outbound,
+    /// From somewhere else to the local app (port 15006).
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// How a connection ended: one label value per kind, shared by the access log and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Both directions reached EOF.
+    Ok,
+    /// The upstream refused or the connect failed (every endpoint tried).
+    ConnectError,
+    /// The (last) connect attempt did not finish within `--connect-timeout`.
+    ConnectTimeout,
+    /// No byte in either direction for `--idle-timeout`.
+    IdleTimeout,
+    /// The destination is a known service without endpoints.
+    NoEndpoints,
+    /// The connection was not redirected (or points back at the proxy): refused.
+    Loop,
+    /// `--max-connections` were already open: accepted and closed at once.
+    Overloaded,
+    /// Still open when the drain deadline passed: closed by the proxy.
+    DrainTimeout,
+    /// A read or write failed mid-stream (reset, broken pipe, ...).
+    Error,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Ok,
+        Outcome::ConnectError,
+        Outcome::ConnectTimeout,
+        Outcome::IdleTimeout,
+        Outcome::NoEndpoints,
+        Outcome::Loop,
+        Outcome::Overloaded,
+        Outcome::DrainTimeout,
+        Outcome::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ConnectError => "connect_error",
+            Outcome::ConnectTimeout => "connect_timeout",
+            Outcome::IdleTimeout => "idle_timeout",
+            Outcome::NoEndpoints => "no_endpoints",
+            Outcome::Loop => "loop",
+            Outcome::Overloaded => "overloaded",
+            Outcome::DrainTimeout => "drain_timeout",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Who this proxy is, stamped on every access event.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub pod: Arc<str>,
+    pub namespace: Arc<str>,
+}
+
+/// Everything a connection task reads. Built once; shared by `Arc`; nothing in it is
+/// mutated on the per-connection path except atomics.
+pub struct Shared {
+    pub routes: routes::SharedRoutes,
+    pub metrics: Arc<metrics::Metrics>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub identity: Identity,
+    /// One permit per open proxied connection, across both directions.
+    pub limit: Arc<Semaphore>,
+    /// Set once the inbound path has warned that `::6` is unavailable.
+    pub(crate) v6_source_warned: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(
+        config: &config::Config,
+        routes: routes::SharedRoutes,
+        metrics: Arc<metrics::Metrics>,
+    ) -> Self {
+        Shared {
+            routes,
+            metrics,
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+            identity: Identity {
+                pod: config.pod_name.as_str().into(),
+                namespace: config.pod_namespace.as_str().into(),
+            },
+            limit: Arc::new(Semaphore::new(config.max_connections)),
+            v6_source_warned: AtomicBool::new(false),
+        }
+    }
+}

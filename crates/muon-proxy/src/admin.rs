@@ -1,0 +1,182 @@
+//! The two small HTTP/1.1 servers beside the data path.
+//!
+//! Health (pod-facing, `--health-addr`): `/live`, `/ready`, `/metrics`.
+//! Admin (loopback, `--admin-addr`): `/config_dump`, `/ready`, `POST /drain`.
+//! Every response carries `server: muon-proxy`; unknown paths get 404. Neither server ever
+//! blocks the data path: they only read the shared routes, metrics and drain state.
+
+use crate::config::Config;
+use crate::drain::{Drain, Phase};
+use crate::metrics::Metrics;
+use crate::routes::SharedRoutes;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, SERVER};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+/// Concurrent HTTP connections per server; more are closed on accept.
+const MAX_CONNECTIONS: usize = 64;
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Which of the two servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Health,
+    Admin,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Health => "health",
+            Kind::Admin => "admin",
+        }
+    }
+}
+
+/// What the handlers read.
+pub struct State {
+    pub routes: SharedRoutes,
+    pub metrics: Arc<Metrics>,
+    pub drain: Arc<Drain>,
+    /// The effective flags, serialised once at start.
+    pub flags: serde_json::Value,
+}
+
+impl State {
+    pub fn new(
+        config: &Config,
+        routes: SharedRoutes,
+        metrics: Arc<Metrics>,
+        drain: Arc<Drain>,
+    ) -> Self {
+        State {
+            routes,
+            metrics,
+            drain,
+            flags: serde_json::to_value(config).unwrap_or_default(),
+        }
+    }
+
+    /// Ready once a table is loaded (listeners are bound before the servers start) and
+    /// until draining starts.
+    pub fn ready(&self) -> bool {
+        self.routes.load().is_some() && self.drain.phase() == Phase::Serving
+    }
+}
+
+/// Serves one of the servers until dropped (the server task aborts it at exit).
+pub async fn serve(listener: TcpListener, kind: Kind, state: Arc<State>) {
+    let server = kind.as_str();
+    match listener.local_addr() {
+        Ok(addr) => info!(server, %addr, "listening"),
+        Err(_) => info!(server, "listening"),
+    }
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        warn!(server, error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                if conns.len() >= MAX_CONNECTIONS {
+                    debug!(server, "too many HTTP connections; closing");
+                    continue;
+                }
+                let state = state.clone();
+                conns.spawn(async move {
+                    let service = hyper::service::service_fn(|req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(route(kind, &state, &req)) }
+                    });
+                    let served = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    if let Err(e) = served {
+                        debug!(server, error = %e, "HTTP connection ended");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The whole routing table of both servers.
+pub fn route(kind: Kind, state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let get = req.method() == Method::GET || req.method() == Method::HEAD;
+    match (kind, req.uri().path()) {
+        (Kind::Health, "/live") if get => text(StatusCode::OK, "live\n"),
+        (_, "/ready") if get => match state.ready() {
+            true => text(StatusCode::OK, "ready\n"),
+            false => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        },
+        (Kind::Health, "/metrics") if get => {
+            respond(StatusCode::OK, OPENMETRICS, state.metrics.encode())
+        }
+        (Kind::Admin, "/config_dump") if get => {
+            respond(StatusCode::OK, "application/json", config_dump(state))
+        }
+        (Kind::Admin, "/drain") if req.method() == Method::POST => {
+            if state.drain.start() {
+                info!("drain requested through the admin API");
+            }
+            text(StatusCode::OK, "draining\n")
+        }
+        (Kind::Health, "/live" | "/ready" | "/metrics")
+        | (Kind::Admin, "/ready" | "/config_dump") => method_not_allowed("GET, HEAD"),
+        (Kind::Admin, "/drain") => method_not_allowed("POST"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// `{"version": n, "table": {...} | null, "flags": {...}}`
+pub fn config_dump(state: &State) -> String {
+    let routes = state.routes.load();
+    let dump = serde_json::json!({
+        "version": routes.as_ref().map_or(0, |r| r.version),
+        "table": routes.as_ref().map(|r| &r.table),
+        "flags": &state.flags,
+    });
+    let mut body = serde_json::to_string_pretty(&dump).unwrap_or_default();
+    body.push('\n');
+    body
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    resp.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(SERVER, HeaderValue::from_static("muon-proxy"));
+    resp
+}

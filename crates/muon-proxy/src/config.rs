@@ -1,0 +1,393 @@
+//! Flags and environment in, one validated [`Config`] out.
+//!
+//! Every flag is read as text by clap (so a bad value does not stop parsing) and then checked
+//! here, in one place, collecting every problem before reporting them together. Nothing else
+//! in the crate reads the environment.
+
+use clap::Parser;
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The command line as typed: text only, validated by [`Config::from_args`].
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "muon-proxy",
+    version,
+    about = "Muon sidecar proxy: transparent TCP forwarding for one pod",
+    args_override_self = true
+)]
+pub struct Args {
+    /// Outbound capture listeners, comma-separated. IPv6 entries are bound with IPV6_V6ONLY
+    /// and skipped with a warning when the host has no IPv6.
+    #[arg(
+        long,
+        env = "MUON_OUTBOUND_ADDR",
+        default_value = "0.0.0.0:15001,[::]:15001"
+    )]
+    pub outbound_addr: String,
+    /// Inbound capture listeners, comma-separated (same rules as --outbound-addr).
+    #[arg(
+        long,
+        env = "MUON_INBOUND_ADDR",
+        default_value = "0.0.0.0:15006,[::]:15006"
+    )]
+    pub inbound_addr: String,
+    /// Pod-facing health and metrics server: /live, /ready, /metrics.
+    #[arg(long, env = "MUON_HEALTH_ADDR", default_value = "0.0.0.0:15020")]
+    pub health_addr: String,
+    /// Admin server: /config_dump, /ready, /drain. Keep it on loopback.
+    #[arg(long, env = "MUON_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: String,
+    /// Service table (JSON, muon_core::ServiceTable). Re-read when it changes and on SIGHUP.
+    /// Without it the table is empty and every outbound connection passes through.
+    #[arg(long, env = "MUON_TABLE_FILE")]
+    pub table_file: Option<String>,
+    /// Deadline for each upstream connect attempt (e.g. 500ms, 5s, 1m).
+    #[arg(long, env = "MUON_CONNECT_TIMEOUT", default_value = "5s")]
+    pub connect_timeout: String,
+    /// Close a connection after this long without a byte in either direction.
+    #[arg(long, env = "MUON_IDLE_TIMEOUT", default_value = "1h")]
+    pub idle_timeout: String,
+    /// On SIGTERM/SIGINT or /drain, how long open connections may take to finish.
+    #[arg(long, env = "MUON_DRAIN_TIMEOUT", default_value = "20s")]
+    pub drain_timeout: String,
+    /// Open proxied connections allowed across both directions; beyond it, accept and close.
+    #[arg(long, env = "MUON_MAX_CONNECTIONS", default_value = "10000")]
+    pub max_connections: String,
+    /// Runtime threads: 1 runs a single-threaded runtime (smallest footprint).
+    #[arg(long, env = "MUON_WORKERS", default_value = "1")]
+    pub workers: String,
+    /// Log output: human or json (one JSON object per line).
+    #[arg(long, env = "MUON_LOG_FORMAT", default_value = "human")]
+    pub log_format: String,
+    /// Log level or tracing EnvFilter directives, e.g. `info` or `info,access=off`.
+    #[arg(long, env = "MUON_LOG", default_value = "info")]
+    pub log_level: String,
+    /// This pod's name, stamped on access logs as proxy_pod.
+    #[arg(long, env = "POD_NAME", default_value = "")]
+    pub pod_name: String,
+    /// This pod's namespace, stamped on access logs as proxy_namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "")]
+    pub pod_namespace: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// The effective configuration. Serialised as-is by the admin `/config_dump`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub outbound_addrs: Vec<SocketAddr>,
+    pub inbound_addrs: Vec<SocketAddr>,
+    pub health_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub table_file: Option<PathBuf>,
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub drain_timeout: Duration,
+    pub max_connections: usize,
+    pub workers: usize,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub pod_name: String,
+    pub pod_namespace: String,
+}
+
+/// Every problem found in the flags, reported together.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+/// Upper bound for --workers: more threads than this is a typo, not a sidecar.
+const MAX_WORKERS: usize = 256;
+
+impl Config {
+    /// Validates the raw flags. Never stops at the first problem.
+    pub fn from_args(args: Args) -> Result<Config, ConfigError> {
+        let mut p = Problems::default();
+        let outbound_addrs = p.check("--outbound-addr", parse_addrs(&args.outbound_addr));
+        let inbound_addrs = p.check("--inbound-addr", parse_addrs(&args.inbound_addr));
+        let health_addr = p.check("--health-addr", parse_addr(&args.health_addr));
+        let admin_addr = p.check("--admin-addr", parse_addr(&args.admin_addr));
+        let table_file = match args.table_file.as_deref() {
+            None => Some(None),
+            Some("") => p.fail("--table-file", "must not be empty when set".into()),
+            Some(path) => Some(Some(PathBuf::from(path))),
+        };
+        let connect_timeout = p.check("--connect-timeout", parse_positive(&args.connect_timeout));
+        let idle_timeout = p.check("--idle-timeout", parse_positive(&args.idle_timeout));
+        let drain_timeout = p.check("--drain-timeout", parse_duration(&args.drain_timeout));
+        let max_connections = p.check(
+            "--max-connections",
+            parse_count(
+                &args.max_connections,
+                1,
+                tokio::sync::Semaphore::MAX_PERMITS,
+            ),
+        );
+        let workers = p.check("--workers", parse_count(&args.workers, 1, MAX_WORKERS));
+        let log_format = match args.log_format.as_str() {
+            "human" => Some(LogFormat::Human),
+            "json" => Some(LogFormat::Json),
+            other => p.fail(
+                "--log-format",
+                format!("{other:?} is not one of: human, json"),
+            ),
+        };
+        let log_level = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+            Ok(_) => Some(args.log_level.clone()),
+            Err(e) => p.fail("--log-level", format!("{:?}: {e}", args.log_level)),
+        };
+
+        if let (Some(o), Some(i), Some(h), Some(a)) =
+            (&outbound_addrs, &inbound_addrs, &health_addr, &admin_addr)
+        {
+            let roles: [(&str, &[SocketAddr]); 4] = [
+                ("--outbound-addr", o),
+                ("--inbound-addr", i),
+                ("--health-addr", std::slice::from_ref(h)),
+                ("--admin-addr", std::slice::from_ref(a)),
+            ];
+            check_overlaps(&roles, &mut p);
+        }
+
+        // Every field is `Some` exactly when its check passed.
+        let config = (|| {
+            Some(Config {
+                outbound_addrs: outbound_addrs?,
+                inbound_addrs: inbound_addrs?,
+                health_addr: health_addr?,
+                admin_addr: admin_addr?,
+                table_file: table_file?,
+                connect_timeout: connect_timeout?,
+                idle_timeout: idle_timeout?,
+                drain_timeout: drain_timeout?,
+                max_connections: max_connections?,
+                workers: workers?,
+                log_format: log_format?,
+                log_level: log_level?,
+                pod_name: args.pod_name,
+                pod_namespace: args.pod_namespace,
+            })
+        })();
+        match config {
+            Some(config) if p.0.is_empty() => Ok(config),
+            _ => Err(ConfigError { problems: p.0 }),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn check<T>(&mut self, flag: &str, r: Result<T, String>) -> Option<T> {
+        r.map_err(|e| self.0.push(format!("{flag}: {e}"))).ok()
+    }
+    fn fail<T>(&mut self, flag: &str, e: String) -> Option<T> {
+        self.0.push(format!("{flag}: {e}"));
+        None
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an address like 0.0.0.0:15001 or [::]:15001"))
+}
+
+fn parse_addrs(s: &str) -> Result<Vec<SocketAddr>, String> {
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match parse_addr(part) {
+            Ok(a) if out.contains(&a) => bad.push(format!("{a} is listed twice")),
+            Ok(a) => out.push(a),
+            Err(e) => bad.push(e),
+        }
+    }
+    if out.is_empty() && bad.is_empty() {
+        bad.push("at least one address is required".into());
+    }
+    if bad.is_empty() {
+        Ok(out)
+    } else {
+        Err(bad.join("; "))
+    }
+}
+
+fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number from {min} to {max}")),
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("{s:?} is not a duration like 500ms, 5s, 2m or 1h");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs).ok_or_else(bad);
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        _ => Err(bad()),
+    }
+}
+
+fn parse_positive(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?} must be greater than zero")),
+        d => Ok(d),
+    }
+}
+
+/// Formats a duration the way [`parse_duration`] reads it, with the largest exact unit.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0s".into(),
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+/// Two servers cannot share a port on overlapping addresses (port 0 means "any free port").
+fn check_overlaps(roles: &[(&str, &[SocketAddr])], p: &mut Problems) {
+    let overlap = |a: &SocketAddr, b: &SocketAddr| {
+        a.port() != 0
+            && a.port() == b.port()
+            && a.is_ipv4() == b.is_ipv4()
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    for (i, (ra, aa)) in roles.iter().enumerate() {
+        for (rb, bb) in &roles[i + 1..] {
+            for a in aa.iter() {
+                for b in bb.iter().filter(|b| overlap(a, b)) {
+                    p.0.push(format!("{ra} {a} and {rb} {b} overlap"));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        let argv = std::iter::once("muon-proxy").chain(extra.iter().copied());
+        Config::from_args(Args::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn defaults_follow_the_well_known_ports() {
+        let c = parse(&[]).unwrap();
+        let ports = |v: &[SocketAddr]| v.iter().map(|a| a.port()).collect::<Vec<_>>();
+        assert_eq!(ports(&c.outbound_addrs), [muon_core::ports::OUTBOUND; 2]);
+        assert_eq!(ports(&c.inbound_addrs), [muon_core::ports::INBOUND; 2]);
+        assert!(c.outbound_addrs[1].is_ipv6());
+        assert_eq!(c.health_addr.port(), muon_core::ports::HEALTH);
+        assert_eq!(
+            c.admin_addr,
+            SocketAddr::from(([127, 0, 0, 1], muon_core::ports::ADMIN))
+        );
+        assert_eq!(c.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(c.drain_timeout, Duration::from_secs(20));
+        assert_eq!((c.max_connections, c.workers), (10_000, 1));
+        assert_eq!(c.log_format, LogFormat::Human);
+        assert_eq!(c.table_file, None);
+    }
+
+    #[test]
+    fn every_config_problem_is_reported_at_once() {
+        let err = parse(&[
+            "--outbound-addr",
+            "nope",
+            "--connect-timeout",
+            "5 parsecs",
+            "--idle-timeout",
+            "0s",
+            "--max-connections",
+            "0",
+            "--workers",
+            "many",
+            "--log-format",
+            "xml",
+            "--log-level",
+            "info,foo=notalevel",
+            "--table-file",
+            "",
+        ])
+        .unwrap_err();
+        let flags = [
+            "--outbound-addr",
+            "--connect-timeout",
+            "--idle-timeout",
+            "--max-connections",
+            "--workers",
+            "--log-format",
+            "--log-level",
+            "--table-file",
+        ];
+        assert_eq!(err.problems.len(), flags.len(), "{err}");
+        for flag in flags {
+            assert!(err.to_string().contains(flag), "{flag} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn overlapping_listeners_are_rejected() {
+        let err = parse(&["--admin-addr", "127.0.0.1:15001"]).unwrap_err();
+        assert!(err.problems[0].contains("overlap"), "{err}");
+        // Different families never overlap (IPv6 listeners are V6ONLY), nor do port-0 binds.
+        parse(&[
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--inbound-addr",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn durations_parse_and_format_round_trip() {
+        for (text, d) in [
+            ("500ms", Duration::from_millis(500)),
+            ("5s", Duration::from_secs(5)),
+            ("7", Duration::from_secs(7)),
+            ("2m", Duration::from_secs(120)),
+            ("1h", Duration::from_secs(3600)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(d));
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+        for bad in ["", "s", "1d", "-1s", "1.5s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Wiring, read top to bottom: bind everything, start the tasks, wait for a reason to stop,
+//! drain, exit.
+//!
+//! Every socket is bound before anything is served, so a port in use fails the start
+//! instead of leaving a half-ready proxy. Every task is owned by a `JoinSet` here, and
+//! every listener task owns its connection tasks (see `listen`).
+
+use crate::admin::{self, Kind};
+use crate::config::Config;
+use crate::discovery::{self, Publisher};
+use crate::drain::Drain;
+use crate::listen::{self, BindError};
+use crate::metrics::Metrics;
+use crate::routes::SharedRoutes;
+use crate::{Direction, Shared};
+use arc_swap::ArcSwapOption;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+/// How long connections cut at the drain deadline get to log and close.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("installing signal handlers: {0}")]
+    Signals(io::Error),
+}
+
+/// Runs the proxy until it has drained. Returns `Ok` after a clean drain.
+pub async fn run(config: Config) -> Result<(), Error> {
+    // Handlers first: from here on SIGTERM/SIGINT/SIGHUP are ours, not the default kill.
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    let hup = signal(SignalKind::hangup()).map_err(Error::Signals)?;
+
+    let outbound = listen::bind_all(&config.outbound_addrs)?;
+    let inbound = listen::bind_all(&config.inbound_addrs)?;
+    let health = listen::bind(config.health_addr)?;
+    let admin = listen::bind(config.admin_addr)?;
+
+    let metrics = Arc::new(Metrics::new());
+    let routes: SharedRoutes = Arc::new(ArcSwapOption::empty());
+    let drain = Arc::new(Drain::new());
+    let shared = Arc::new(Shared::new(&config, routes.clone(), metrics.clone()));
+    let state = Arc::new(admin::State::new(
+        &config,
+        routes.clone(),
+        metrics.clone(),
+        drain.clone(),
+    ));
+
+    let mut background = JoinSet::new();
+    background.spawn(discovery::run(
+        config.table_file.clone(),
+        hup,
+        Publisher::new(routes, metrics),
+    ));
+    background.spawn(admin::serve(health, Kind::Health, state.clone()));
+    background.spawn(admin::serve(admin, Kind::Admin, state));
+
+    let mut listeners = JoinSet::new();
+    let all = outbound
+        .into_iter()
+        .map(|l| (l, Direction::Outbound))
+        .chain(inbound.into_iter().map(|l| (l, Direction::Inbound)));
+    for (listener, direction) in all {
+        listeners.spawn(listen::serve(
+            listener,
+            direction,
+            shared.clone(),
+            drain.watch(),
+        ));
+    }
+    info!(
+        pod = %config.pod_name,
+        namespace = %config.pod_namespace,
+        version = env!("CARGO_PKG_VERSION"),
+        "muon-proxy started"
+    );
+
+    let mut requested = drain.watch();
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: draining"),
+        _ = int.recv() => info!("SIGINT: draining"),
+        () = requested.draining() => {}
+    }
+    drain.start();
+
+    let open = || {
+        let m = |d| shared.metrics.direction(d).open.get();
+        m(Direction::Outbound) + m(Direction::Inbound)
+    };
+    info!(
+        open = open(),
+        deadline = %crate::config::format_duration(config.drain_timeout),
+        "draining: no longer accepting; waiting for open connections"
+    );
+    let drained = tokio::select! {
+        () = join_all(&mut listeners) => true,
+        () = tokio::time::sleep(config.drain_timeout) => false,
+        _ = term.recv() => false,
+        _ = int.recv() => false,
+    };
+    if !drained {
+        warn!(
+            open = open(),
+            "drain cut short; closing the remaining connections"
+        );
+        drain.close();
+        if tokio::time::timeout(CLOSE_GRACE, join_all(&mut listeners))
+            .await
+            .is_err()
+        {
+            listeners.shutdown().await;
+        }
+    }
+    background.shutdown().await;
+    info!("drained; exiting");
+    Ok(())
+}
+
+async fn join_all(set: &mut JoinSet<()>) {
+    while set.join_next().await.is_some() {}
+}
