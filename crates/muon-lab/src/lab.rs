@@ -242,13 +242,11 @@ pub fn service_table(lab: &LabState, topo: &Topology) -> ServiceTable {
     ServiceTable { services }
 }
 
-/// The pod's /etc/hosts: itself, then every service under its Kubernetes-style names.
+/// The pod's /etc/hosts: every service under its Kubernetes-style names, then the pod itself.
+/// A pod is often named like its service (pod `web` behind service `web`): the name must then
+/// mean the service, so the pod's own entry is left out rather than compete with it.
 pub fn hosts_file(lab: &LabState, pod: &PodState) -> String {
     let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
-    out.push_str(&format!("{}\t{}\n", pod.ip, pod.name));
-    if let Some(v6) = pod.ipv6 {
-        out.push_str(&format!("{v6}\t{}\n", pod.name));
-    }
     for svc in &lab.services {
         let fqdn = format!("{}.{}.svc.cluster.local", svc.name, svc.namespace);
         let ns_name = format!("{}.{}", svc.name, svc.namespace);
@@ -256,6 +254,13 @@ pub fn hosts_file(lab: &LabState, pod: &PodState) -> String {
             out.push_str(&format!("{}\t{fqdn} {ns_name} {}\n", svc.vip, svc.name));
         } else {
             out.push_str(&format!("{}\t{fqdn} {ns_name}\n", svc.vip));
+        }
+    }
+    let shadowed = lab.services.iter().any(|s| s.name == pod.name && s.namespace == pod.namespace);
+    if !shadowed {
+        out.push_str(&format!("{}\t{}\n", pod.ip, pod.name));
+        if let Some(v6) = pod.ipv6 {
+            out.push_str(&format!("{v6}\t{}\n", pod.name));
         }
     }
     out
@@ -752,4 +757,56 @@ pub fn restart(name: &str, pod_name: &str, sidecar: bool, timeout: Duration) -> 
         lab.save()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lab() -> (LabState, Topology) {
+        let topo = Topology::parse(
+            "t.yaml",
+            "pods:\n  - name: web\n    labels: {app: web}\n    replicas: 2\n  - name: other\n    namespace: shop\n\
+             services:\n  - name: web\n    selector: {app: web}\n    ports: [{port: 80, targetPort: 8080}]\n",
+        )
+        .unwrap();
+        let opts = UpOptions {
+            topology: "t.yaml".into(),
+            name: None,
+            bin_dir: None,
+            ready_timeout: Duration::from_secs(1),
+            supervisor: false,
+        };
+        (plan("t", &topo, true, &opts).unwrap(), topo)
+    }
+
+    #[test]
+    fn service_names_win_over_a_pod_of_the_same_name() {
+        let (lab, _) = lab();
+        let hosts = hosts_file(&lab, &lab.pods[0]);
+        let webs: Vec<&str> = hosts.lines().filter(|l| l.split_whitespace().skip(1).any(|n| n == "web")).collect();
+        assert_eq!(webs, ["198.19.0.1\tweb.default.svc.cluster.local web.default web"]);
+        assert!(hosts.contains("198.18.0.4\tweb-1\n") || hosts.contains("\tweb-0\n"), "{hosts}");
+        // In another namespace only the qualified names resolve.
+        let other = hosts_file(&lab, &lab.pods[2]);
+        assert!(other.contains("198.19.0.1\tweb.default.svc.cluster.local web.default\n"), "{other}");
+    }
+
+    #[test]
+    fn the_table_maps_each_vip_to_the_selected_pods_and_target_port() {
+        let (lab, topo) = lab();
+        let table = service_table(&lab, &topo);
+        table.validate().unwrap();
+        let svc = &table.services[0];
+        assert_eq!(svc.vips.len(), 2, "IPv4 and IPv6 virtual IPs");
+        assert_eq!(svc.ports[0].target_port, 8080);
+        let pods: Vec<&str> = svc.endpoints.iter().map(|e| e.pod.as_str()).collect();
+        assert_eq!(pods, ["web-0", "web-1"]);
+    }
+
+    #[test]
+    fn default_lab_name_comes_from_the_file_name() {
+        assert_eq!(default_name(Path::new("/x/My_Shop.yaml")), "my-shop");
+        assert_eq!(default_name(Path::new("/x/___.yaml")), "lab");
+    }
 }
