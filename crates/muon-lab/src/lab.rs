@@ -256,7 +256,10 @@ pub fn hosts_file(lab: &LabState, pod: &PodState) -> String {
             out.push_str(&format!("{}\t{fqdn} {ns_name}\n", svc.vip));
         }
     }
-    let shadowed = lab.services.iter().any(|s| s.name == pod.name && s.namespace == pod.namespace);
+    let shadowed = lab
+        .services
+        .iter()
+        .any(|s| s.name == pod.name && s.namespace == pod.namespace);
     if !shadowed {
         out.push_str(&format!("{}\t{}\n", pod.ip, pod.name));
         if let Some(v6) = pod.ipv6 {
@@ -784,12 +787,24 @@ mod tests {
     fn service_names_win_over_a_pod_of_the_same_name() {
         let (lab, _) = lab();
         let hosts = hosts_file(&lab, &lab.pods[0]);
-        let webs: Vec<&str> = hosts.lines().filter(|l| l.split_whitespace().skip(1).any(|n| n == "web")).collect();
-        assert_eq!(webs, ["198.19.0.1\tweb.default.svc.cluster.local web.default web"]);
-        assert!(hosts.contains("198.18.0.4\tweb-1\n") || hosts.contains("\tweb-0\n"), "{hosts}");
+        let webs: Vec<&str> = hosts
+            .lines()
+            .filter(|l| l.split_whitespace().skip(1).any(|n| n == "web"))
+            .collect();
+        assert_eq!(
+            webs,
+            ["198.19.0.1\tweb.default.svc.cluster.local web.default web"]
+        );
+        assert!(
+            hosts.contains("198.18.0.4\tweb-1\n") || hosts.contains("\tweb-0\n"),
+            "{hosts}"
+        );
         // In another namespace only the qualified names resolve.
         let other = hosts_file(&lab, &lab.pods[2]);
-        assert!(other.contains("198.19.0.1\tweb.default.svc.cluster.local web.default\n"), "{other}");
+        assert!(
+            other.contains("198.19.0.1\tweb.default.svc.cluster.local web.default\n"),
+            "{other}"
+        );
     }
 
     #[test]
