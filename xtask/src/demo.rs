@@ -32,7 +32,18 @@ pub fn run(keep: bool) -> Result<()> {
         ctl(&muonctl, &["lab", "down", LAB])?;
     }
     println!("== starting the lab (topology {})", topology.display());
-    let up = ctl(&muonctl, &["lab", "up", "-f", &topology.display().to_string(), "--name", LAB, "--detach"]);
+    let up = ctl(
+        &muonctl,
+        &[
+            "lab",
+            "up",
+            "-f",
+            &topology.display().to_string(),
+            "--name",
+            LAB,
+            "--detach",
+        ],
+    );
     if let Err(e) = up {
         bail!("the lab did not come up: {e:#}");
     }
@@ -101,7 +112,18 @@ fn show(muonctl: &Path) -> Result<()> {
     for i in 1..=REQUESTS {
         let (ok, body) = ctl_output(
             muonctl,
-            &["lab", "exec", LAB, "client", "--", "curl", "-sS", "--max-time", "5", "http://orders:8080/orders/widget"],
+            &[
+                "lab",
+                "exec",
+                LAB,
+                "client",
+                "--",
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "http://orders:8080/orders/widget",
+            ],
         )?;
         let body = body.trim();
         println!("  #{i} {body}");
@@ -118,7 +140,18 @@ fn show(muonctl: &Path) -> Result<()> {
     for pod in ["client", "orders", "inventory-a", "inventory-b"] {
         let (_, metrics) = ctl_output(
             muonctl,
-            &["lab", "exec", LAB, pod, "--user", "0", "--", "curl", "-sS", "http://127.0.0.1:15020/metrics"],
+            &[
+                "lab",
+                "exec",
+                LAB,
+                pod,
+                "--user",
+                "0",
+                "--",
+                "curl",
+                "-sS",
+                "http://127.0.0.1:15020/metrics",
+            ],
         )?;
         let out = counter(&metrics, "outbound");
         let inb = counter(&metrics, "inbound");
@@ -132,10 +165,17 @@ fn show(muonctl: &Path) -> Result<()> {
     }
     println!("\n== access log (orders' sidecar, one line per connection)");
     let (_, log) = ctl_output(muonctl, &["lab", "logs", LAB, "orders", "--sidecar"])?;
-    for line in log.lines().filter(|l| l.contains("\"access\"")).take(2 * REQUESTS) {
+    for line in log
+        .lines()
+        .filter(|l| l.contains("\"access\""))
+        .take(2 * REQUESTS)
+    {
         println!("  {}", summarize_access(line));
     }
-    println!("\ninventory answers came from: {}", inventory_pods.into_iter().collect::<Vec<_>>().join(", "));
+    println!(
+        "\ninventory answers came from: {}",
+        inventory_pods.into_iter().collect::<Vec<_>>().join(", ")
+    );
     if !all_counted {
         bail!("a sidecar did not count the connections it should have carried");
     }

@@ -20,7 +20,9 @@ pub fn workspace_root() -> PathBuf {
 
 pub fn status(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let st = cmd.status().with_context(|| format!("cannot run {shown}"))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot run {shown}"))?;
     if !st.success() {
         bail!("{shown} failed: {st}");
     }
@@ -49,7 +51,10 @@ pub fn target_dir() -> Result<PathBuf> {
         .output()
         .context("cargo metadata")?;
     if !out.status.success() {
-        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     meta["target_directory"]
