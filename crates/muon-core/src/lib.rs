@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ports;
+pub mod resource;
 pub mod table;
 
 pub use table::{Endpoint, Protocol, ServiceEntry, ServicePort, ServiceTable, TableError};

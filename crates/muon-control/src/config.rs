@@ -1,0 +1,155 @@
+//! Every flag of `muon-control`, parsed and checked in one place (clap, with `MUON_CONTROL_*`
+//! environment fallbacks).
+
+use clap::{Parser, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Muon's control plane: serves discovery to sidecars and the management API to operators.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "muon-control", version)]
+pub struct Args {
+    /// gRPC address: Discovery, Management and reflection.
+    #[arg(long, env = "MUON_CONTROL_GRPC_ADDR", default_value = "0.0.0.0:15010")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP address for /metrics (Prometheus) and /ready.
+    #[arg(
+        long,
+        env = "MUON_CONTROL_METRICS_ADDR",
+        default_value = "0.0.0.0:15014"
+    )]
+    pub metrics_addr: SocketAddr,
+    /// Where applied objects are stored (created if missing).
+    #[arg(
+        long,
+        env = "MUON_CONTROL_DATA_DIR",
+        default_value = "/var/lib/muon-control"
+    )]
+    pub data_dir: PathBuf,
+    /// A directory of *.yaml files (multi-document) to watch; its objects are read-only
+    /// through the API.
+    #[arg(long, env = "MUON_CONTROL_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// The SPIFFE trust domain of workload identities.
+    #[arg(
+        long,
+        env = "MUON_CONTROL_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub trust_domain: String,
+    /// Push after the registry has been quiet this long (e.g. 100ms).
+    #[arg(long, env = "MUON_CONTROL_DEBOUNCE", default_value = "100ms", value_parser = duration)]
+    pub debounce: Duration,
+    /// Push at the latest this long after the first change of a burst.
+    #[arg(long, env = "MUON_CONTROL_DEBOUNCE_MAX", default_value = "1s", value_parser = duration)]
+    pub debounce_max: Duration,
+    #[arg(
+        long,
+        env = "MUON_CONTROL_LOG_FORMAT",
+        value_enum,
+        default_value = "human"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter (tracing-subscriber EnvFilter syntax).
+    #[arg(long, env = "MUON_CONTROL_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    muon_core::resource::parse_duration(s)
+}
+
+/// The checked configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub config_dir: Option<PathBuf>,
+    pub trust_domain: String,
+    pub debounce: Duration,
+    pub debounce_max: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl Config {
+    /// Checks the flags together; every problem is reported at once.
+    pub fn from_args(a: Args) -> anyhow::Result<Config> {
+        let mut problems = Vec::new();
+        if let Err(e) = muon_core::resource::check_dns_subdomain(&a.trust_domain) {
+            problems.push(format!("--trust-domain: {e}"));
+        }
+        if a.debounce.is_zero() || a.debounce_max < a.debounce {
+            problems.push(format!(
+                "--debounce ({:?}) must be above zero and at most --debounce-max ({:?})",
+                a.debounce, a.debounce_max
+            ));
+        }
+        if !problems.is_empty() {
+            anyhow::bail!("invalid flags:\n  {}", problems.join("\n  "));
+        }
+        Ok(Config {
+            grpc_addr: a.grpc_addr,
+            metrics_addr: a.metrics_addr,
+            data_dir: a.data_dir,
+            config_dir: a.config_dir,
+            trust_domain: a.trust_domain,
+            debounce: a.debounce,
+            debounce_max: a.debounce_max,
+            log_format: a.log_format,
+            log_level: a.log_level,
+        })
+    }
+
+    /// A configuration for tests and embedding: loopback, ephemeral ports, the given data dir.
+    pub fn for_tests(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            grpc_addr: ([127, 0, 0, 1], 0).into(),
+            metrics_addr: ([127, 0, 0, 1], 0).into(),
+            data_dir: data_dir.into(),
+            config_dir: None,
+            trust_domain: "cluster.local".into(),
+            debounce: Duration::from_millis(20),
+            debounce_max: Duration::from_millis(200),
+            log_format: LogFormat::Human,
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_well_known_ports() {
+        let c = Config::from_args(Args::parse_from(["muon-control"])).unwrap();
+        assert_eq!(c.grpc_addr.port(), 15010);
+        assert_eq!(c.metrics_addr.port(), 15014);
+        assert_eq!(c.debounce, Duration::from_millis(100));
+        assert_eq!(c.debounce_max, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn every_bad_flag_is_reported() {
+        let err = Config::from_args(Args::parse_from([
+            "muon-control",
+            "--trust-domain",
+            "Bad Domain",
+            "--debounce",
+            "2s",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--trust-domain"), "{err}");
+        assert!(err.contains("--debounce"), "{err}");
+    }
+}

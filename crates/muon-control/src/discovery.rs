@@ -1,0 +1,444 @@
+//! The `Discovery` service: one bidirectional stream per sidecar (proto/muon/v1/discovery.proto).
+//!
+//! Each stream is one task (no thread) that owns its state and waits on three things: the
+//! sidecar's requests, the registry's newest snapshot (a `watch`, so there is never a queue of
+//! intermediate states), and room in its one-slot outgoing channel. A response is built only
+//! when it can be sent, from the newest snapshot, so a sidecar that does not read falls
+//! behind by at most one response and then gets the latest state.
+//!
+//! Per kind, a stream remembers which version of each resource it sent, and sends only the
+//! resources whose version changed plus the names that disappeared. At most one push per kind
+//! waits for its ACK; further changes are folded into the next push once it arrives (a
+//! subscription change is answered at once). A NACK records the error and leaves the
+//! sidecar's acked version alone.
+
+use crate::metrics::Metrics;
+use crate::registry::{kind_index, Registry, Snapshot};
+use muon_api::v1::{self, kinds, DiscoveryRequest, DiscoveryResponse};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+/// What `ListProxies` shows of one kind of one stream.
+#[derive(Debug, Clone, Default)]
+pub struct KindStatus {
+    pub subscribed: bool,
+    pub sent_version: Option<u64>,
+    pub acked_version: Option<u64>,
+    /// A response is waiting for its ACK, or a change has not been sent yet.
+    pub pending: bool,
+    /// The last response of this kind was NACKed (and nothing was ACKed since).
+    pub nacked: bool,
+    pub last_error: String,
+    pub last_nack_at: Option<SystemTime>,
+}
+
+impl KindStatus {
+    /// SYNCED, STALE or NACKED, as `ListProxies` reports it.
+    pub fn state(&self) -> &'static str {
+        if self.nacked {
+            "NACKED"
+        } else if self.pending || self.sent_version != self.acked_version {
+            "STALE"
+        } else {
+            "SYNCED"
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyStatus {
+    pub node: v1::Node,
+    pub connected_at: SystemTime,
+    /// In the order of `kinds::ALL`.
+    pub kinds: [KindStatus; 4],
+}
+
+/// The connected sidecars, for `ListProxies`. Each stream updates its own entry.
+#[derive(Debug, Default)]
+pub struct Proxies {
+    next: AtomicU64,
+    streams: Mutex<BTreeMap<u64, Arc<Mutex<ProxyStatus>>>>,
+}
+
+impl Proxies {
+    pub fn list(&self) -> Vec<ProxyStatus> {
+        let streams = lock(&self.streams);
+        streams.values().map(|s| lock(s).clone()).collect()
+    }
+
+    fn register(self: &Arc<Self>, status: ProxyStatus) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(Mutex::new(status));
+        lock(&self.streams).insert(id, entry.clone());
+        Registration {
+            proxies: self.clone(),
+            id,
+            entry,
+        }
+    }
+}
+
+/// Removes a stream from [`Proxies`] when its task ends, however it ends.
+struct Registration {
+    proxies: Arc<Proxies>,
+    id: u64,
+    entry: Arc<Mutex<ProxyStatus>>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.proxies.streams).remove(&self.id);
+    }
+}
+
+/// A poisoned lock only means another stream panicked while holding plain data: keep going.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Clone)]
+pub struct DiscoveryService {
+    registry: Arc<Registry>,
+    proxies: Arc<Proxies>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    nonces: Arc<AtomicU64>,
+}
+
+impl DiscoveryService {
+    pub fn new(
+        registry: Arc<Registry>,
+        proxies: Arc<Proxies>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        DiscoveryService {
+            registry,
+            proxies,
+            metrics,
+            shutdown,
+            nonces: Arc::new(AtomicU64::new(1)),
+        }
+    }
+}
+
+type ResponseStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::discovery_server::Discovery for DiscoveryService {
+    type StreamStream = ResponseStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let inbound = request.into_inner();
+        // One slot: the stream task builds a response only when the previous one was taken.
+        let (tx, rx) = mpsc::channel(1);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let mut s = StreamTask {
+                svc: &svc,
+                tx,
+                kinds: Default::default(),
+                next_kind: 0,
+            };
+            s.run(inbound).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[derive(Default)]
+struct KindState {
+    subscribed: bool,
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// Resource name → the version this stream sent.
+    sent: HashMap<String, u64>,
+    /// Responses waiting for an ACK: nonce → snapshot version.
+    in_flight: Vec<(String, u64)>,
+    /// A response is owed regardless of changes (first subscription, subscription change).
+    forced: bool,
+    /// The snapshot changed since this kind was last compared.
+    dirty: bool,
+    /// Names just subscribed that may not exist: answered as removed so the sidecar stops
+    /// waiting for them.
+    asked: BTreeSet<String>,
+    /// Versions and errors (`subscribed` and `pending` are filled in when published).
+    status: KindStatus,
+}
+
+impl KindState {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+
+    /// Whether a response may be built now.
+    fn ready(&self) -> bool {
+        self.subscribed && (self.forced || (self.dirty && self.in_flight.is_empty()))
+    }
+
+    /// The resources whose version differs from what was sent, and the names to remove.
+    fn diff(&mut self, snap: &Snapshot, idx: usize) -> (Vec<v1::Resource>, Vec<String>) {
+        let current = &snap.kinds[idx];
+        let mut changed = Vec::new();
+        let mut send = |name: &String, res: &crate::registry::Resource| {
+            if self.sent.get(name) != Some(&res.version) {
+                self.sent.insert(name.clone(), res.version);
+                changed.push(res.proto.clone());
+            }
+        };
+        if self.wildcard {
+            for (name, res) in current {
+                send(name, res);
+            }
+        } else {
+            for name in &self.names {
+                if let Some(res) = current.get(name) {
+                    send(name, res);
+                }
+            }
+        }
+        let mut removed: Vec<String> = self
+            .sent
+            .keys()
+            .filter(|n| !current.contains_key(*n) || !self.wants(n))
+            .cloned()
+            .collect();
+        for n in &removed {
+            self.sent.remove(n);
+        }
+        for n in std::mem::take(&mut self.asked) {
+            if !current.contains_key(&n) && !removed.contains(&n) {
+                removed.push(n);
+            }
+        }
+        removed.sort();
+        (changed, removed)
+    }
+}
+
+struct StreamTask<'a> {
+    svc: &'a DiscoveryService,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    kinds: [KindState; 4],
+    /// Round robin over kinds, so one busy kind cannot starve the others.
+    next_kind: usize,
+}
+
+impl StreamTask<'_> {
+    async fn run(&mut self, mut inbound: Streaming<DiscoveryRequest>) {
+        let mut shutdown = self.svc.shutdown.clone();
+        // The first request says who the sidecar is.
+        let first = tokio::select! {
+            m = inbound.message() => m,
+            _ = shutdown.changed() => return,
+        };
+        let first = match first {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(error = %e, "discovery stream ended before the first request");
+                return;
+            }
+        };
+        let Some(mut node) = first.node.clone() else {
+            let _ = self
+                .tx
+                .send(Err(Status::invalid_argument(
+                    "the first request of a discovery stream must carry `node`",
+                )))
+                .await;
+            return;
+        };
+        if node.id.is_empty() {
+            node.id = format!("{}.{}", node.pod, node.namespace);
+        }
+        let registration = self.svc.proxies.register(ProxyStatus {
+            node: node.clone(),
+            connected_at: SystemTime::now(),
+            kinds: Default::default(),
+        });
+        let metrics = self.svc.metrics.clone();
+        metrics.proxies_connected.inc();
+        info!(proxy = %node.id, version = %node.version, "proxy connected");
+
+        let result = self
+            .serve(first, &mut inbound, &registration, &mut shutdown)
+            .await;
+        metrics.proxies_connected.dec();
+        match result {
+            Ok(()) => info!(proxy = %node.id, "proxy disconnected"),
+            Err(status) => {
+                warn!(proxy = %node.id, error = %status.message(), "discovery stream closed");
+                let _ = self.tx.try_send(Err(status));
+            }
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        first: DiscoveryRequest,
+        inbound: &mut Streaming<DiscoveryRequest>,
+        registration: &Registration,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), Status> {
+        let mut snapshots = self.svc.registry.snapshots();
+        snapshots.mark_unchanged();
+        self.handle(first)?;
+        self.publish(registration);
+        loop {
+            let can_send = self.kinds.iter().any(KindState::ready);
+            let tx = self.tx.clone();
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    return Err(Status::unavailable("the control plane is shutting down"));
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => self.handle(req)?,
+                    Ok(None) => return Ok(()),
+                    Err(e) => {
+                        debug!(error = %e, "discovery stream read failed");
+                        return Ok(());
+                    }
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return Err(Status::unavailable("the control plane is shutting down"));
+                    }
+                    for k in self.kinds.iter_mut().filter(|k| k.subscribed) {
+                        k.dirty = true;
+                    }
+                }
+                permit = tx.reserve(), if can_send => {
+                    let Ok(permit) = permit else { return Ok(()) };
+                    let snap = snapshots.borrow_and_update().clone();
+                    if let Some(resp) = self.build(&snap) {
+                        permit.send(Ok(resp));
+                    }
+                }
+            }
+            self.publish(registration);
+        }
+    }
+
+    /// Applies one request: a subscription change, an ACK or a NACK.
+    fn handle(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
+        let Some(idx) = kind_index(&req.type_url) else {
+            return Err(Status::invalid_argument(format!(
+                "unknown type_url {:?}; expected one of {}",
+                req.type_url,
+                kinds::ALL.join(", ")
+            )));
+        };
+        let k = &mut self.kinds[idx];
+        if !k.subscribed {
+            // The first request of a kind is answered with its full state, even when empty,
+            // so the sidecar knows it is in sync.
+            k.subscribed = true;
+            k.forced = true;
+        }
+        for name in req.resource_names_subscribe {
+            if name == "*" {
+                k.wildcard = true;
+            } else if k.names.insert(name.clone()) {
+                k.asked.insert(name);
+            }
+            k.forced = true;
+        }
+        for name in req.resource_names_unsubscribe {
+            if name == "*" {
+                k.wildcard = false;
+            } else {
+                k.names.remove(&name);
+            }
+            k.forced = true;
+        }
+        if req.response_nonce.is_empty() {
+            return Ok(());
+        }
+        let Some(pos) = k
+            .in_flight
+            .iter()
+            .position(|(n, _)| *n == req.response_nonce)
+        else {
+            debug!(nonce = %req.response_nonce, "ACK/NACK of an unknown or stale nonce");
+            return Ok(());
+        };
+        let (_, version) = k.in_flight.remove(pos);
+        match req.error_detail {
+            Some(err) => {
+                let type_url = kinds::ALL[idx];
+                warn!(type_url, version, error = %err.message, resources = ?err.resources, "NACK");
+                k.status.nacked = true;
+                k.status.last_error = err.message;
+                k.status.last_nack_at = Some(SystemTime::now());
+                self.svc.metrics.nacked(type_url);
+            }
+            None => {
+                k.status.acked_version = Some(version);
+                k.status.nacked = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies this stream's state to what `ListProxies` reads.
+    fn publish(&self, registration: &Registration) {
+        let mut entry = lock(&registration.entry);
+        for (status, k) in entry.kinds.iter_mut().zip(&self.kinds) {
+            *status = KindStatus {
+                subscribed: k.subscribed,
+                pending: k.forced || k.dirty || !k.in_flight.is_empty(),
+                ..k.status.clone()
+            };
+        }
+    }
+
+    /// Builds the next response of a ready kind, or nothing when no kind has a change.
+    fn build(&mut self, snap: &Snapshot) -> Option<DiscoveryResponse> {
+        for i in 0..4 {
+            let idx = (self.next_kind + i) % 4;
+            let k = &mut self.kinds[idx];
+            if !k.ready() {
+                continue;
+            }
+            let forced = std::mem::take(&mut k.forced);
+            k.dirty = false;
+            let (resources, removed) = k.diff(snap, idx);
+            if resources.is_empty() && removed.is_empty() && !forced {
+                continue;
+            }
+            self.next_kind = (idx + 1) % 4;
+            let nonce = self.svc.nonces.fetch_add(1, Ordering::Relaxed).to_string();
+            k.in_flight.push((nonce.clone(), snap.version));
+            k.status.sent_version = Some(snap.version);
+            let resp = DiscoveryResponse {
+                type_url: kinds::ALL[idx].to_string(),
+                version_info: snap.version.to_string(),
+                nonce,
+                resources,
+                removed_resources: removed,
+            };
+            let latency = match (forced, snap.changed_at) {
+                (false, Some(at)) => Some(Instant::now().saturating_duration_since(at)),
+                _ => None,
+            };
+            self.svc
+                .metrics
+                .pushed(kinds::ALL[idx], prost::Message::encoded_len(&resp), latency);
+            return Some(resp);
+        }
+        None
+    }
+}

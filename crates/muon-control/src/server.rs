@@ -1,0 +1,162 @@
+//! Puts the control plane together: store and registry, the debouncer, the config-directory
+//! source, the gRPC server (Discovery, Management, reflection) and the metrics server; and
+//! takes it apart again on shutdown.
+//!
+//! Shutdown reads top to bottom: one `watch` says "stop"; discovery streams end with
+//! UNAVAILABLE (sidecars reconnect elsewhere or keep their last tables), the gRPC server stops
+//! accepting and finishes in-flight calls, and [`Server::shutdown`] waits for every task.
+
+use crate::config::Config;
+use crate::discovery::{DiscoveryService, Proxies};
+use crate::management::ManagementService;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use anyhow::Context;
+use muon_api::v1;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{error, info};
+
+/// Largest discovery or management message, either way. A full endpoints state of a large
+/// mesh is a few MB; tonic's default (4 MB) is too tight for that.
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// A running control plane.
+pub struct Server {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub registry: Arc<Registry>,
+    pub proxies: Arc<Proxies>,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Server {
+    /// Loads the store (refusing a corrupt one), binds both addresses and starts serving.
+    pub async fn start(config: &Config) -> anyhow::Result<Server> {
+        let metrics = Arc::new(Metrics::new());
+        let registry = Registry::open(&config.data_dir, &config.trust_domain, metrics.clone())?;
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("binding --grpc-addr {}", config.grpc_addr))?;
+        let http = TcpListener::bind(config.metrics_addr)
+            .await
+            .with_context(|| format!("binding --metrics-addr {}", config.metrics_addr))?;
+        let grpc_addr = grpc.local_addr()?;
+        let metrics_addr = http.local_addr()?;
+
+        let (shutdown, stop) = watch::channel(false);
+        let proxies = Arc::new(Proxies::default());
+        let mut tasks = JoinSet::new();
+
+        tasks.spawn(registry.clone().run_debouncer(
+            config.debounce,
+            config.debounce_max,
+            stop.clone(),
+        ));
+        if let Some(dir) = &config.config_dir {
+            tasks.spawn(crate::sources::watch_config_dir(
+                dir.clone(),
+                registry.clone(),
+                stop.clone(),
+            ));
+        }
+        tasks.spawn(crate::http::serve(http, metrics.clone(), stop.clone()));
+
+        let discovery = v1::discovery_server::DiscoveryServer::new(DiscoveryService::new(
+            registry.clone(),
+            proxies.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+        let management = v1::management_server::ManagementServer::new(ManagementService::new(
+            registry.clone(),
+            proxies.clone(),
+            stop.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building the reflection service")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("building the reflection service")?;
+
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let mut grpc_stop = stop.clone();
+        let router = tonic::transport::Server::builder()
+            // Find sidecars that vanished without closing their stream.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(discovery)
+            .add_service(management)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        tasks.spawn(async move {
+            let signal = async move {
+                let _ = grpc_stop.changed().await;
+            };
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal).await {
+                error!(error = %e, "gRPC server failed");
+            }
+        });
+        info!(grpc = %grpc_addr, metrics = %metrics_addr, "muon-control serving");
+        Ok(Server {
+            grpc_addr,
+            metrics_addr,
+            registry,
+            proxies,
+            metrics,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops everything and waits for every task to end.
+    pub async fn shutdown(mut self) {
+        info!("shutting down");
+        self.shutdown.send_replace(true);
+        while self.tasks.join_next().await.is_some() {}
+        info!("stopped");
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let server = Server::start(&config).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        r = tokio::signal::ctrl_c() => {
+            r.context("waiting for SIGINT")?;
+            info!("SIGINT received");
+        }
+    }
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Sets up logging: human or JSON lines on stderr, filtered by `level` (EnvFilter syntax).
+pub fn init_logging(config: &Config) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .with_context(|| format!("--log-level {:?}", config.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match config.log_format {
+        crate::config::LogFormat::Human => builder.try_init(),
+        crate::config::LogFormat::Json => builder.json().try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
+}
