@@ -144,12 +144,15 @@ pub fn route(kind: Kind, state: &State, req: &Request<Incoming>) -> Response<Ful
     }
 }
 
-/// `{"version": n, "table": {...} | null, "flags": {...}}`
+/// `{"version": n, "source": "file"|"control-plane"|"saved"|null, "table": {...} | null,
+/// "resources": {<kind>: {"version", "resources": [...]}} | null, "flags": {...}}`
 pub fn config_dump(state: &State) -> String {
     let routes = state.routes.load();
     let dump = serde_json::json!({
         "version": routes.as_ref().map_or(0, |r| r.version),
+        "source": routes.as_ref().map(|r| r.source),
         "table": routes.as_ref().map(|r| &r.table),
+        "resources": routes.as_ref().and_then(|r| r.resources.as_ref()),
         "flags": &state.flags,
     });
     let mut body = serde_json::to_string_pretty(&dump).unwrap_or_default();

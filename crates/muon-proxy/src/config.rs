@@ -71,6 +71,51 @@ pub struct Args {
     /// This pod's namespace, stamped on access logs as proxy_namespace.
     #[arg(long, env = "POD_NAMESPACE", default_value = "")]
     pub pod_namespace: String,
+    /// The control plane's discovery address, e.g. http://198.18.0.2:15010. Replaces
+    /// --table-file (the two cannot be combined).
+    #[arg(long, env = "MUON_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    /// Where the last good tables from the control plane are saved, and loaded from when the
+    /// control plane cannot be reached at start.
+    #[arg(long, env = "MUON_STATE_DIR", default_value = "/var/lib/muon-proxy")]
+    pub state_dir: String,
+    /// all: subscribe to every service, endpoints, route and policy. (on-demand, endpoints
+    /// per service on first use, is not implemented yet and is refused.)
+    #[arg(long, env = "MUON_DISCOVERY_MODE", default_value = "all")]
+    pub discovery_mode: String,
+    /// allow-any: destinations no service claims pass through. registry-only: refused.
+    #[arg(long, env = "MUON_OUTBOUND_POLICY", default_value = "allow-any")]
+    pub outbound_policy: String,
+    /// This pod's service account, sent to the control plane.
+    #[arg(long, env = "POD_SERVICE_ACCOUNT", default_value = "")]
+    pub service_account: String,
+    /// This pod's zone, sent to the control plane.
+    #[arg(long, env = "POD_ZONE", default_value = "")]
+    pub zone: String,
+    /// This pod's region, sent to the control plane.
+    #[arg(long, env = "POD_REGION", default_value = "")]
+    pub region: String,
+    /// This pod's IP addresses (comma-separated), sent to the control plane.
+    #[arg(long, env = "POD_IP", default_value = "")]
+    pub pod_ip: String,
+}
+
+/// Which resources the discovery client subscribes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiscoveryMode {
+    /// `*` for every kind.
+    All,
+}
+
+/// What happens to an outbound connection no service claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutboundPolicy {
+    /// Pass it through to its original destination.
+    AllowAny,
+    /// Refuse it (`refused_unknown`).
+    RegistryOnly,
 }
 
 /// Log line format.
@@ -101,6 +146,15 @@ pub struct Config {
     pub log_level: String,
     pub pod_name: String,
     pub pod_namespace: String,
+    /// The control plane's address (`http://host:port`), when tables come from it.
+    pub control_plane: Option<String>,
+    pub state_dir: PathBuf,
+    pub discovery_mode: DiscoveryMode,
+    pub outbound_policy: OutboundPolicy,
+    pub service_account: String,
+    pub zone: String,
+    pub region: String,
+    pub pod_ips: Vec<std::net::IpAddr>,
 }
 
 /// Every problem found in the flags, reported together.
@@ -151,6 +205,38 @@ impl Config {
             Err(e) => p.fail("--log-level", format!("{:?}: {e}", args.log_level)),
         };
 
+        let control_plane = match args.control_plane.as_deref().map(str::trim) {
+            None | Some("") => Some(None),
+            Some(addr) => p.check("--control-plane", parse_control_plane(addr).map(Some)),
+        };
+        if let (Some(Some(_)), Some(Some(_))) = (&control_plane, &table_file) {
+            p.fail::<()>(
+                "--control-plane",
+                "cannot be combined with --table-file: tables come from one source".into(),
+            );
+        }
+        let state_dir = match args.state_dir.trim() {
+            "" => p.fail("--state-dir", "must not be empty".into()),
+            dir => Some(PathBuf::from(dir)),
+        };
+        let discovery_mode = match args.discovery_mode.as_str() {
+            "all" => Some(DiscoveryMode::All),
+            "on-demand" => p.fail(
+                "--discovery-mode",
+                "on-demand is not implemented yet; use all".into(),
+            ),
+            other => p.fail("--discovery-mode", format!("{other:?} is not one of: all")),
+        };
+        let outbound_policy = match args.outbound_policy.as_str() {
+            "allow-any" => Some(OutboundPolicy::AllowAny),
+            "registry-only" => Some(OutboundPolicy::RegistryOnly),
+            other => p.fail(
+                "--outbound-policy",
+                format!("{other:?} is not one of: allow-any, registry-only"),
+            ),
+        };
+        let pod_ips = p.check("--pod-ip", parse_ips(&args.pod_ip));
+
         if let (Some(o), Some(i), Some(h), Some(a)) =
             (&outbound_addrs, &inbound_addrs, &health_addr, &admin_addr)
         {
@@ -180,6 +266,14 @@ impl Config {
                 log_level: log_level?,
                 pod_name: args.pod_name,
                 pod_namespace: args.pod_namespace,
+                control_plane: control_plane?,
+                state_dir: state_dir?,
+                discovery_mode: discovery_mode?,
+                outbound_policy: outbound_policy?,
+                service_account: args.service_account,
+                zone: args.zone,
+                region: args.region,
+                pod_ips: pod_ips?,
             })
         })();
         match config {
@@ -226,6 +320,38 @@ fn parse_addrs(s: &str) -> Result<Vec<SocketAddr>, String> {
     } else {
         Err(bad.join("; "))
     }
+}
+
+/// `http://host:port` (or `https://`); a bare `host:port` gets `http://`.
+fn parse_control_plane(s: &str) -> Result<String, String> {
+    let url = if s.contains("://") {
+        s.to_owned()
+    } else {
+        format!("http://{s}")
+    };
+    let bad = || format!("{s:?} is not an address like http://198.18.0.2:15010");
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(bad)?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let port = authority.rsplit_once(':').map(|(_, p)| p).ok_or_else(bad)?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && !authority.starts_with(':') => Ok(url),
+        _ => Err(bad()),
+    }
+}
+
+fn parse_ips(s: &str) -> Result<Vec<std::net::IpAddr>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse() {
+            Ok(ip) if !out.contains(&ip) => out.push(ip),
+            Ok(_) => {}
+            Err(_) => return Err(format!("{part:?} is not an IP address")),
+        }
+    }
+    Ok(out)
 }
 
 fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, String> {
@@ -358,6 +484,48 @@ mod tests {
         for flag in flags {
             assert!(err.to_string().contains(flag), "{flag} missing from {err}");
         }
+    }
+
+    #[test]
+    fn control_plane_flags_are_checked_together() {
+        let c = parse(&[
+            "--control-plane",
+            "198.18.0.2:15010",
+            "--pod-ip",
+            "198.18.0.3",
+        ])
+        .unwrap();
+        assert_eq!(c.control_plane.as_deref(), Some("http://198.18.0.2:15010"));
+        assert_eq!(c.discovery_mode, DiscoveryMode::All);
+        assert_eq!(c.outbound_policy, OutboundPolicy::AllowAny);
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/muon-proxy"));
+        assert_eq!(
+            c.pod_ips,
+            ["198.18.0.3".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let err = parse(&[
+            "--control-plane",
+            "http://cp:15010",
+            "--table-file",
+            "/t.json",
+            "--discovery-mode",
+            "some",
+            "--outbound-policy",
+            "deny",
+            "--pod-ip",
+            "x",
+        ])
+        .unwrap_err();
+        for flag in [
+            "--control-plane",
+            "--discovery-mode",
+            "--outbound-policy",
+            "--pod-ip",
+        ] {
+            assert!(err.to_string().contains(flag), "{flag} missing from {err}");
+        }
+        assert!(err.to_string().contains("--table-file"), "{err}");
+        assert!(parse(&["--control-plane", "http://cp"]).is_err());
     }
 
     #[test]

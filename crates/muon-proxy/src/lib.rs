@@ -72,10 +72,12 @@ pub enum Outcome {
     DrainTimeout,
     /// A read or write failed mid-stream (reset, broken pipe, ...).
     Error,
+    /// `--outbound-policy registry-only` and no service claims the destination: refused.
+    RefusedUnknown,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Ok,
         Outcome::ConnectError,
         Outcome::ConnectTimeout,
@@ -85,6 +87,7 @@ impl Outcome {
         Outcome::Overloaded,
         Outcome::DrainTimeout,
         Outcome::Error,
+        Outcome::RefusedUnknown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +101,7 @@ impl Outcome {
             Outcome::Overloaded => "overloaded",
             Outcome::DrainTimeout => "drain_timeout",
             Outcome::Error => "error",
+            Outcome::RefusedUnknown => "refused_unknown",
         }
     }
 }
@@ -116,6 +120,8 @@ pub struct Shared {
     pub metrics: Arc<metrics::Metrics>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// What to do with destinations no service claims.
+    pub outbound_policy: config::OutboundPolicy,
     pub identity: Identity,
     /// One permit per open proxied connection, across both directions.
     pub limit: Arc<Semaphore>,
@@ -134,6 +140,7 @@ impl Shared {
             metrics,
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
+            outbound_policy: config.outbound_policy,
             identity: Identity {
                 pod: config.pod_name.as_str().into(),
                 namespace: config.pod_namespace.as_str().into(),

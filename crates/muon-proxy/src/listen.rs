@@ -20,6 +20,9 @@ use tracing::{debug, error, info, warn};
 
 /// Pending-connection queue length per listening socket.
 const BACKLOG: i32 = 1024;
+/// How long connections cut at the drain deadline get to log and close before their tasks
+/// are aborted (an aborted connection still writes its access event, see [`connection`]).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (e.g. out of file descriptors) instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -147,8 +150,27 @@ pub async fn serve(
         open = conns.len(),
         "stopped accepting; waiting for connections"
     );
-    while let Some(done) = conns.join_next().await {
-        reap(done);
+    // After the drain deadline, connections get CLOSE_GRACE to notice and log; the ones
+    // whose tasks did not get to run by then (a busy host) are aborted here and awaited, so
+    // their access events are written before this listener reports done.
+    let mut closing = drain;
+    let grace = async {
+        closing.closing().await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+    };
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            done = conns.join_next() => match done {
+                Some(done) => reap(done),
+                None => break,
+            },
+            () = &mut grace => {
+                warn!(direction = direction.as_str(), open = conns.len(), "connections still open after the close grace; aborting them");
+                conns.shutdown().await;
+                break;
+            }
+        }
     }
 }
 
@@ -219,18 +241,29 @@ pub fn admit_to(
 }
 
 /// One connection, start to access log. Cut short when the drain deadline passes.
+///
+/// Exactly one access event per connection, even when the task never gets to finish: at the
+/// drain deadline the listener gives connections [`CLOSE_GRACE`] to notice and then
+/// aborts what is left. On a busy host a task may not have been polled by then; its
+/// [`Unfinished`] guard logs it as `drain_timeout` when the aborted future is dropped.
 pub async fn connection(shared: Arc<Shared>, conn: Admitted, mut drain: drain::Watch) {
     let Admitted {
         stream,
-        mut rec,
+        rec,
         _permit,
         _open,
     } = conn;
+    let mut unfinished = Unfinished {
+        shared: &shared,
+        rec,
+        done: false,
+    };
+    let rec = &mut unfinished.rec;
     let outcome = {
         let handled = async {
             match rec.direction {
-                Direction::Outbound => outbound::handle(&shared, stream, &mut rec).await,
-                Direction::Inbound => inbound::handle(&shared, stream, &mut rec).await,
+                Direction::Outbound => outbound::handle(&shared, stream, rec).await,
+                Direction::Inbound => inbound::handle(&shared, stream, rec).await,
             }
         };
         tokio::select! {
@@ -238,7 +271,30 @@ pub async fn connection(shared: Arc<Shared>, conn: Admitted, mut drain: drain::W
             () = drain.closing() => Outcome::DrainTimeout,
         }
     };
-    accesslog::finish(&shared, &rec, outcome);
+    unfinished.finish(outcome);
+}
+
+/// A connection whose access event is still to be written.
+struct Unfinished<'a> {
+    shared: &'a Shared,
+    rec: Record,
+    done: bool,
+}
+
+impl Unfinished<'_> {
+    fn finish(mut self, outcome: Outcome) {
+        self.done = true;
+        accesslog::finish(self.shared, &self.rec, outcome);
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        // Only an aborted task drops an unfinished connection, and only the drain aborts.
+        if !self.done {
+            accesslog::finish(self.shared, &self.rec, Outcome::DrainTimeout);
+        }
+    }
 }
 
 /// Counts a connection in the `open` gauge for as long as it lives, even if its task is

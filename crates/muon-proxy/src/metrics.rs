@@ -42,6 +42,13 @@ struct BytesLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpdateLabels {
+    type_url: String,
+    /// `ack` or `nack`.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: &'static str,
 }
@@ -66,6 +73,9 @@ pub struct Metrics {
     table_services: Gauge,
     reloads_ok: Counter,
     reloads_error: Counter,
+    discovery_connected: Gauge,
+    discovery_updates: Family<UpdateLabels, Counter>,
+    discovery_reconnects: Counter,
 }
 
 impl Default for Metrics {
@@ -116,6 +126,25 @@ impl Metrics {
             reloads.clone(),
         );
 
+        let discovery_connected = Gauge::default();
+        let discovery_updates = Family::<UpdateLabels, Counter>::default();
+        let discovery_reconnects = Counter::default();
+        registry.register(
+            "muon_discovery_connected",
+            "1 while the discovery stream to the control plane is open",
+            discovery_connected.clone(),
+        );
+        registry.register(
+            "muon_discovery_updates",
+            "Discovery responses, by kind and whether they were ACKed or NACKed",
+            discovery_updates.clone(),
+        );
+        registry.register(
+            "muon_discovery_reconnects",
+            "New discovery streams after the previous one failed",
+            discovery_reconnects.clone(),
+        );
+
         // One statement per lookup: `get_or_create` returns a read guard, and a second
         // lookup in the same statement would wait for the write lock forever.
         let direction = |direction: Direction| {
@@ -148,7 +177,26 @@ impl Metrics {
             table_services,
             reloads_ok,
             reloads_error,
+            discovery_connected,
+            discovery_updates,
+            discovery_reconnects,
         }
+    }
+
+    pub fn discovery_connected(&self, up: bool) {
+        self.discovery_connected.set(i64::from(up));
+    }
+
+    pub fn discovery_update(&self, type_url: &str, ack: bool) {
+        let labels = UpdateLabels {
+            type_url: type_url.to_owned(),
+            result: if ack { "ack" } else { "nack" },
+        };
+        self.discovery_updates.get_or_create(&labels).inc();
+    }
+
+    pub fn discovery_reconnect(&self) {
+        self.discovery_reconnects.inc();
     }
 
     pub fn direction(&self, d: Direction) -> &DirectionMetrics {

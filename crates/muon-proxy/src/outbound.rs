@@ -2,10 +2,12 @@
 //!
 //! Original destination → service lookup in the current routes → endpoint by round robin
 //! (falling through to the next endpoint when a connect fails) → `endpoint.ip:targetPort`.
-//! A destination no service claims passes through to where the app was going; a service
-//! without endpoints gets its client closed.
+//! A destination no service claims passes through to where the app was going (or, with
+//! `--outbound-policy registry-only`, is refused); a service without endpoints gets its
+//! client closed.
 
 use crate::accesslog::Record;
+use crate::config::OutboundPolicy;
 use crate::{balance, tcp, Direction, Outcome, Shared};
 use std::net::SocketAddr;
 use tokio::net::TcpStream;
@@ -21,6 +23,10 @@ pub async fn handle(shared: &Shared, mut client: TcpStream, rec: &mut Record) ->
         .and_then(|routes| routes.lookup(rec.dst).cloned());
 
     let mut upstream = match target {
+        None if shared.outbound_policy == OutboundPolicy::RegistryOnly => {
+            debug!(dst = %rec.dst, "registry-only: no service claims this destination; refused");
+            return Outcome::RefusedUnknown;
+        }
         None => match tcp::connect(rec.dst, None, shared.connect_timeout).await {
             Ok(s) => {
                 rec.endpoint = Some(rec.dst);

@@ -31,6 +31,19 @@ pub struct Target {
     pub rr: RoundRobin,
 }
 
+/// Where a table came from, for `/config_dump`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// `--table-file` (or no source at all: the empty table).
+    #[default]
+    File,
+    /// The control plane's discovery stream.
+    ControlPlane,
+    /// The state saved in `--state-dir`, loaded because the control plane was unreachable.
+    Saved,
+}
+
 /// A compiled service table.
 #[derive(Debug, Default)]
 pub struct Routes {
@@ -38,6 +51,9 @@ pub struct Routes {
     pub version: u64,
     /// The table as loaded, for `/config_dump`.
     pub table: ServiceTable,
+    pub source: Source,
+    /// From the control plane: every kind's version and resources, as `/config_dump` shows it.
+    pub resources: Option<serde_json::Value>,
     by_dst: HashMap<SocketAddr, Arc<Target>>,
 }
 
@@ -72,8 +88,17 @@ impl Routes {
         Routes {
             version,
             table,
+            source: Source::File,
+            resources: None,
             by_dst,
         }
+    }
+
+    /// Records where the table came from.
+    pub fn with_source(mut self, source: Source, resources: Option<serde_json::Value>) -> Self {
+        self.source = source;
+        self.resources = resources;
+        self
     }
 
     pub fn lookup(&self, dst: SocketAddr) -> Option<&Arc<Target>> {

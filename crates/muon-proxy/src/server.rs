@@ -21,8 +21,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-/// How long connections cut at the drain deadline get to log and close.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long the server waits for the listeners after the drain deadline. Each listener
+/// aborts its own connections after `listen::CLOSE_GRACE` (so their access events are
+/// written); this is only the backstop for a listener task that does not return.
+const LISTENER_GRACE: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -57,7 +59,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     let mut background = JoinSet::new();
     background.spawn(discovery::run(
-        config.table_file.clone(),
+        config.clone(),
         hup,
         Publisher::new(routes, metrics),
     ));
@@ -113,7 +115,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             "drain cut short; closing the remaining connections"
         );
         drain.close();
-        if tokio::time::timeout(CLOSE_GRACE, join_all(&mut listeners))
+        if tokio::time::timeout(LISTENER_GRACE, join_all(&mut listeners))
             .await
             .is_err()
         {

@@ -18,6 +18,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_muon-proxy");
 struct Proxy {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// The stdout reader; joined once the proxy exited, so every line it wrote is in `lines`.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -33,12 +35,16 @@ impl Proxy {
         let stdout = child.stdout.take().expect("piped stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
         });
-        Proxy { child, lines }
+        Proxy {
+            child,
+            lines,
+            reader: Some(reader),
+        }
     }
 
     fn signal(&self, sig: Signal) {
@@ -49,6 +55,11 @@ impl Proxy {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // The process is gone but the reader may still be behind (a busy host):
+                // read the pipe to its end before anyone looks at the log.
+                if let Some(reader) = self.reader.take() {
+                    reader.join().unwrap();
+                }
                 return status;
             }
             assert!(

@@ -499,3 +499,35 @@ async fn drain_deadline_cuts_a_connection_that_is_still_open() {
     );
     assert!(text.contains(r#"muon_tcp_bytes_total{direction="outbound",flow="sent"} 10"#));
 }
+
+#[tokio::test]
+async fn aborted_connection_task_still_writes_its_access_event() {
+    // At the drain deadline a listener aborts connection tasks that did not get to run within
+    // the close grace (a busy host). The aborted connection must still be counted and logged.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 64];
+        while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+    });
+    let cfg = config(&[]);
+    let shared = shared(&cfg, ServiceTable::default());
+    let drain = Drain::new();
+    let (mut client, server, src) = accepted_pair().await;
+    let local = server.local_addr().unwrap();
+    let conn = listen::admit_to(&shared, Direction::Outbound, server, src, local, backend).unwrap();
+    let task = tokio::spawn(listen::connection(shared.clone(), conn, drain.watch()));
+    client.write_all(b"open").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    let text = shared.metrics.encode();
+    for want in [
+        r#"muon_tcp_connections_closed_total{direction="outbound",outcome="drain_timeout"} 1"#,
+        r#"muon_tcp_connections_open{direction="outbound"} 0"#,
+    ] {
+        assert!(text.contains(want), "{want} missing from\n{text}");
+    }
+}

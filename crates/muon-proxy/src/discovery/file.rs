@@ -1,19 +1,13 @@
-//! Where service tables come from: today a JSON file (`--table-file`), polled for changes
-//! and re-read on SIGHUP. A table that fails to read or validate is rejected with an error
-//! log and the last good table keeps serving.
-//!
-//! This is the seam the control-plane client will replace: all it has to do is publish
-//! [`Routes`] into the shared `ArcSwapOption` (see [`Publisher`]). Nothing on the data path
-//! waits for this module.
+//! The table file source (`--table-file`): a JSON `ServiceTable`, polled for changes and
+//! re-read on SIGHUP. A table that fails to read or validate is rejected with an error log
+//! and the last good table keeps serving. The lab uses it until it runs a control plane.
 
-use crate::metrics::Metrics;
-use crate::routes::{Routes, SharedRoutes};
+use super::Publisher;
 use muon_core::{ServiceTable, TableError};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::signal::unix::Signal;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 /// How often the table file's metadata is checked.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -27,38 +21,6 @@ pub enum LoadError {
     },
     #[error("{path}: {source}")]
     Invalid { path: PathBuf, source: TableError },
-}
-
-/// Publishes tables: compiles, swaps, counts. The only writer of the shared routes.
-pub struct Publisher {
-    routes: SharedRoutes,
-    metrics: Arc<Metrics>,
-    version: u64,
-}
-
-impl Publisher {
-    pub fn new(routes: SharedRoutes, metrics: Arc<Metrics>) -> Self {
-        Publisher {
-            routes,
-            metrics,
-            version: 0,
-        }
-    }
-
-    pub fn publish(&mut self, table: ServiceTable) {
-        self.version += 1;
-        let services = table.services.len();
-        self.routes
-            .store(Some(Arc::new(Routes::new(self.version, table))));
-        self.metrics.table_loaded(services);
-        info!(services, version = self.version, "service table loaded");
-    }
-
-    pub fn reject(&self, err: &LoadError) {
-        self.metrics.table_rejected();
-        let serving = self.routes.load().as_ref().map_or(0, |r| r.version);
-        error!(error = %err, serving_version = serving, "service table rejected; keeping the last good table");
-    }
 }
 
 /// What changed since the last look at the file.
@@ -172,7 +134,10 @@ pub async fn run(file: Option<PathBuf>, mut hup: Signal, mut publisher: Publishe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
+    use crate::routes::SharedRoutes;
     use arc_swap::ArcSwapOption;
+    use std::sync::Arc;
 
     const GOOD: &str = r#"{"services":[{"name":"web","namespace":"shop","vips":["198.19.0.1"],
         "ports":[{"port":80,"targetPort":8080}],"endpoints":[{"ip":"198.18.0.2","pod":"web-0"}]}]}"#;

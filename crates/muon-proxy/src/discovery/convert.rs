@@ -1,0 +1,244 @@
+//! muon.v1 resources → the proxy's own model, in one place: a `Service` becomes a
+//! [`ServiceEntry`], its `Endpoints` become that entry's endpoints, and the two are joined
+//! into the [`ServiceTable`] that `routes` compiles. Each resource is checked here on its
+//! own; what cannot be used is returned as a reason, which the client NACKs.
+//!
+//! Also the JSON shown by `/config_dump` for each kind (prost types have no serde).
+
+use muon_api::v1::{self, resource::Kind};
+use muon_core::{Endpoint, Protocol, ServiceEntry, ServicePort, ServiceTable};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// A service as the proxy uses it: everything but its endpoints.
+pub fn service(s: &v1::Service) -> Result<ServiceEntry, String> {
+    if s.name.is_empty() {
+        return Err("name is empty".into());
+    }
+    if s.vips.is_empty() {
+        return Err("no virtual IP".into());
+    }
+    let vips = s
+        .vips
+        .iter()
+        .map(|v| {
+            v.parse::<IpAddr>()
+                .map_err(|_| format!("virtual IP {v:?} is not an IP address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ports = s.ports.iter().map(port).collect::<Result<Vec<_>, _>>()?;
+    Ok(ServiceEntry {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        vips,
+        ports,
+        endpoints: Vec::new(),
+    })
+}
+
+fn port(p: &v1::ServicePort) -> Result<ServicePort, String> {
+    let port = u16::try_from(p.port)
+        .ok()
+        .filter(|&n| n != 0)
+        .ok_or_else(|| format!("port {} is not a port from 1 to 65535", p.port))?;
+    // An unset target port means "the same port", as in Kubernetes.
+    let target_port = match p.target_port {
+        0 => port,
+        t => u16::try_from(t)
+            .map_err(|_| format!("port {port}: targetPort {t} is not a port from 1 to 65535"))?,
+    };
+    let protocol = match p.protocol.as_str() {
+        "" => Protocol::Tcp,
+        name => Protocol::ALL
+            .into_iter()
+            .find(|known| known.as_str() == name)
+            .ok_or_else(|| {
+                format!("port {port}: protocol {name:?} is not one of: tcp, http, http2, grpc, tls, opaque")
+            })?,
+    };
+    Ok(ServicePort {
+        port,
+        target_port,
+        protocol,
+    })
+}
+
+/// The ready endpoints of one service. Endpoints that are not ready are left out (they
+/// receive no new connections); a bad address rejects the whole resource.
+pub fn endpoints(e: &v1::Endpoints) -> Result<Vec<Endpoint>, String> {
+    let mut out = Vec::with_capacity(e.endpoints.len());
+    for ep in &e.endpoints {
+        let ip = ep.address.parse::<IpAddr>().map_err(|_| {
+            format!(
+                "endpoint {:?}: address {:?} is not an IP address",
+                ep.workload, ep.address
+            )
+        })?;
+        if !ep.ready {
+            continue;
+        }
+        let zone = ep
+            .locality
+            .as_ref()
+            .map(|l| l.zone.clone())
+            .filter(|z| !z.is_empty());
+        out.push(Endpoint {
+            ip,
+            pod: ep.workload.clone(),
+            zone,
+        });
+    }
+    Ok(out)
+}
+
+/// Checks a resource the proxy does not act on yet (routes, policies) for what it can check.
+pub fn check_other(kind: &Kind) -> Result<(), String> {
+    match kind {
+        Kind::Route(r) if r.name.is_empty() => Err("name is empty".into()),
+        Kind::Policy(p) if p.name.is_empty() => Err("name is empty".into()),
+        Kind::Policy(p) if !p.spec_json.is_empty() => serde_json::from_str::<Value>(&p.spec_json)
+            .map(drop)
+            .map_err(|e| format!("spec is not valid JSON: {e}")),
+        _ => Ok(()),
+    }
+}
+
+/// Joins services and their endpoints (by resource name `name.namespace`) into one table.
+pub fn table<'a>(
+    services: impl Iterator<Item = &'a ServiceEntry>,
+    endpoints: &BTreeMap<String, Vec<Endpoint>>,
+) -> ServiceTable {
+    ServiceTable {
+        services: services
+            .map(|s| {
+                let mut entry = s.clone();
+                let key = format!("{}.{}", s.name, s.namespace);
+                entry.endpoints = endpoints.get(&key).cloned().unwrap_or_default();
+                entry
+            })
+            .collect(),
+    }
+}
+
+/// `/config_dump`'s view of one resource, as the control plane sent it.
+pub fn dump(kind: &Kind) -> Value {
+    match kind {
+        Kind::Service(s) => json!({
+            "name": s.name,
+            "namespace": s.namespace,
+            "vips": s.vips,
+            "ports": s.ports.iter().map(|p| json!({
+                "port": p.port, "targetPort": p.target_port, "protocol": p.protocol, "name": p.name,
+            })).collect::<Vec<_>>(),
+        }),
+        Kind::Endpoints(e) => json!({
+            "service": e.service,
+            "namespace": e.namespace,
+            "endpoints": e.endpoints.iter().map(|ep| json!({
+                "address": ep.address,
+                "workload": ep.workload,
+                "weight": ep.weight,
+                "zone": ep.locality.as_ref().map(|l| l.zone.as_str()).unwrap_or_default(),
+                "region": ep.locality.as_ref().map(|l| l.region.as_str()).unwrap_or_default(),
+                "identity": ep.identity,
+                "ready": ep.ready,
+            })).collect::<Vec<_>>(),
+        }),
+        Kind::Route(r) => json!({
+            "name": r.name,
+            "namespace": r.namespace,
+            "parents": r.parents,
+            "hostnames": r.hostnames,
+            "rules": r.rules.iter().map(|rule| json!({
+                "matches": rule.matches.iter().map(|m| json!({
+                    "pathType": m.path_type, "pathValue": m.path_value, "method": m.method,
+                    "headers": m.headers.iter().map(|h| json!({"name": h.name, "value": h.value, "type": h.r#type})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+                "backends": rule.backends.iter().map(|b| json!({
+                    "service": b.service, "port": b.port, "weight": b.weight,
+                })).collect::<Vec<_>>(),
+                "timeoutMs": rule.timeout_ms,
+            })).collect::<Vec<_>>(),
+        }),
+        Kind::Policy(p) => json!({
+            "name": p.name,
+            "namespace": p.namespace,
+            "spec": serde_json::from_str::<Value>(&p.spec_json).unwrap_or(Value::Null),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(vip: &str, port: u32, protocol: &str) -> v1::Service {
+        v1::Service {
+            name: "web".into(),
+            namespace: "shop".into(),
+            vips: vec![vip.into()],
+            ports: vec![v1::ServicePort {
+                port,
+                target_port: 8080,
+                protocol: protocol.into(),
+                name: String::new(),
+            }],
+        }
+    }
+
+    #[test]
+    fn services_with_bad_vips_ports_or_protocols_are_refused_with_the_reason() {
+        let ok = service(&svc("198.19.0.1", 80, "http")).unwrap();
+        assert_eq!(ok.ports[0].protocol, Protocol::Http);
+        assert_eq!(ok.ports[0].target_port, 8080);
+        assert_eq!(
+            service(&svc("198.19.0.1", 80, "")).unwrap().ports[0].protocol,
+            Protocol::Tcp
+        );
+        let err = service(&svc("not-an-ip", 80, "tcp")).unwrap_err();
+        assert!(err.contains("not-an-ip"), "{err}");
+        let err = service(&svc("198.19.0.1", 0, "tcp")).unwrap_err();
+        assert!(err.contains("port 0"), "{err}");
+        let err = service(&svc("198.19.0.1", 80, "quic")).unwrap_err();
+        assert!(err.contains("quic"), "{err}");
+    }
+
+    #[test]
+    fn endpoints_keep_only_ready_ones_and_join_their_service() {
+        let e = v1::Endpoints {
+            service: "web".into(),
+            namespace: "shop".into(),
+            endpoints: vec![
+                v1::Endpoint {
+                    address: "198.18.0.2".into(),
+                    workload: "web-0".into(),
+                    ready: true,
+                    locality: Some(v1::Locality {
+                        zone: "a".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                v1::Endpoint {
+                    address: "198.18.0.3".into(),
+                    workload: "web-1".into(),
+                    ready: false,
+                    ..Default::default()
+                },
+            ],
+        };
+        let eps = endpoints(&e).unwrap();
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].zone.as_deref(), Some("a"));
+        let s = service(&svc("198.19.0.1", 80, "tcp")).unwrap();
+        let by_name = BTreeMap::from([("web.shop".to_string(), eps)]);
+        let t = table(std::iter::once(&s), &by_name);
+        assert_eq!(t.services[0].endpoints[0].pod, "web-0");
+        t.validate().unwrap();
+
+        let mut bad = e.clone();
+        bad.endpoints[0].address = "198.18.0.300".into();
+        assert!(endpoints(&bad).unwrap_err().contains("198.18.0.300"));
+    }
+}

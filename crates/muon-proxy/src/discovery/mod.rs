@@ -1,0 +1,208 @@
+//! Where service tables come from, and the one writer of the shared routes.
+//!
+//! Two sources, never both (the flags refuse the combination):
+//! - [`file`]: `--table-file`, a JSON table polled for changes (the lab, until it runs a
+//!   control plane), or nothing at all (the empty table: everything passes through);
+//! - [`client`]: `--control-plane`, one discovery stream per sidecar. Responses go through
+//!   [`state`] (per-resource checks, [`convert`] into the proxy's model) and every applied
+//!   change is saved by [`cache`] for a restart during an outage.
+//!
+//! Either way the result is published by [`Publisher`]: a new [`Routes`] is compiled off the
+//! data path and swapped in with one atomic store. Readers never block and never wait for
+//! this module.
+
+pub mod cache;
+pub mod client;
+pub mod convert;
+pub mod file;
+pub mod state;
+
+pub use file::{Change, LoadError, TableFile, POLL_INTERVAL};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::routes::{Routes, SharedRoutes, Source};
+use muon_core::ServiceTable;
+use std::fmt::Display;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::signal::unix::Signal;
+use tracing::{error, info, warn};
+
+/// How long a starting sidecar waits for its first full sync before it serves the tables
+/// saved in `--state-dir` (it keeps trying to connect in the background).
+pub const STARTUP_WAIT: Duration = Duration::from_secs(2);
+
+/// Publishes tables: compiles, swaps, counts. The only writer of the shared routes.
+pub struct Publisher {
+    routes: SharedRoutes,
+    metrics: Arc<Metrics>,
+    version: u64,
+}
+
+impl Publisher {
+    pub fn new(routes: SharedRoutes, metrics: Arc<Metrics>) -> Self {
+        Publisher {
+            routes,
+            metrics,
+            version: 0,
+        }
+    }
+
+    /// Publishes a table from the table file.
+    pub fn publish(&mut self, table: ServiceTable) {
+        self.publish_from(table, Source::File, None);
+    }
+
+    /// Compiles `table` and swaps it in.
+    pub fn publish_from(
+        &mut self,
+        table: ServiceTable,
+        source: Source,
+        resources: Option<serde_json::Value>,
+    ) {
+        self.version += 1;
+        let services = table.services.len();
+        let routes = Routes::new(self.version, table).with_source(source, resources);
+        self.routes.store(Some(Arc::new(routes)));
+        self.metrics.table_loaded(services);
+        info!(services, version = self.version, source = ?source, "service table loaded");
+    }
+
+    pub fn reject(&self, err: &dyn Display) {
+        self.metrics.table_rejected();
+        let serving = self.routes.load().as_ref().map_or(0, |r| r.version);
+        error!(error = %err, serving_version = serving, "service table rejected; keeping the last good table");
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+}
+
+/// Runs the configured source until the process exits.
+pub async fn run(config: Config, hup: Signal, publisher: Publisher) {
+    match &config.control_plane {
+        None => file::run(config.table_file.clone(), hup, publisher).await,
+        Some(addr) => {
+            let settings = client::Settings::from_config(&config, addr.clone());
+            let applier = Arc::new(Mutex::new(Applier::new(
+                publisher,
+                cache::Cache::new(config.state_dir.clone()),
+            )));
+            tokio::join!(
+                client::run(settings, applier.clone()),
+                fall_back_to_saved(applier, STARTUP_WAIT),
+                ignore_hup(hup),
+            );
+        }
+    }
+}
+
+async fn ignore_hup(mut hup: Signal) {
+    while hup.recv().await.is_some() {
+        info!("SIGHUP: tables come from the control plane, nothing to reload");
+    }
+}
+
+/// After `wait`, if the first full sync has not happened, serve the saved tables.
+async fn fall_back_to_saved(applier: Arc<Mutex<Applier>>, wait: Duration) {
+    tokio::time::sleep(wait).await;
+    lock(&applier).load_saved();
+}
+
+/// Locks the applier. A panic while it was held leaves consistent data (every update is
+/// built first and swapped in last), so a poisoned lock is used as is.
+pub fn lock(applier: &Mutex<Applier>) -> std::sync::MutexGuard<'_, Applier> {
+    applier.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Turns control-plane state into published tables: applies responses, publishes, saves.
+/// Shared (behind a mutex, never held across an await) by the stream and the start-up
+/// fallback; nothing on the data path touches it.
+pub struct Applier {
+    state: state::State,
+    publisher: Publisher,
+    cache: cache::Cache,
+    /// Tables are being served: after the first full sync, or from the saved state.
+    serving: bool,
+}
+
+impl Applier {
+    pub fn new(publisher: Publisher, cache: cache::Cache) -> Self {
+        Applier {
+            state: state::State::new(),
+            publisher,
+            cache,
+            serving: false,
+        }
+    }
+
+    pub fn state(&self) -> &state::State {
+        &self.state
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.publisher.metrics()
+    }
+
+    /// Applies one response (see [`state::State::apply`]); publishes and saves the result
+    /// once the first full sync is done.
+    pub fn apply(
+        &mut self,
+        resp: &muon_api::v1::DiscoveryResponse,
+        full: bool,
+    ) -> Result<state::Applied, String> {
+        let applied = self.state.apply(resp, full)?;
+        if self.serving || self.state.synced() {
+            if !self.serving {
+                info!("first full sync with the control plane");
+            }
+            self.serving = true;
+            self.publish(Source::ControlPlane);
+            if let Err(e) = self.cache.save(self.state.snapshot()) {
+                warn!(error = %e, "cannot save the tables to the state directory");
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Serves the saved tables unless tables are already served. Returns whether it did.
+    pub fn load_saved(&mut self) -> bool {
+        if self.serving {
+            return false;
+        }
+        let saved = match self.cache.load() {
+            Ok(Some(saved)) => saved,
+            Ok(None) => {
+                warn!(path = %self.cache.path().display(), "control plane unreachable and no saved tables; not ready until the first sync");
+                return false;
+            }
+            Err(e) => {
+                error!(error = %e, "control plane unreachable and the saved tables are unusable; not ready until the first sync");
+                return false;
+            }
+        };
+        let mut state = state::State::new();
+        for kind in &saved.kinds {
+            match state.apply(kind, true) {
+                Ok(a) if a.rejected.is_empty() => {}
+                Ok(a) => {
+                    warn!(type_url = %kind.type_url, rejected = a.rejected.len(), "saved resources rejected")
+                }
+                Err(e) => warn!(error = %e, "saved kind skipped"),
+            }
+        }
+        self.state = state;
+        self.serving = true;
+        warn!(path = %self.cache.path().display(), "control plane unreachable: serving the saved tables");
+        self.publish(Source::Saved);
+        true
+    }
+
+    fn publish(&mut self, source: Source) {
+        let table = self.state.table();
+        let dump = self.state.dump();
+        self.publisher.publish_from(table, source, Some(dump));
+    }
+}

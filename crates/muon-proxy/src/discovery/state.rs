@@ -1,0 +1,381 @@
+//! What the control plane has sent, per kind: the last good version of every resource and
+//! the version of the last response accepted whole. Responses are applied here, resource by
+//! resource: what is valid replaces or removes what was there, what is not is rejected with
+//! its reason while its last good version stays (ztunnel's `handle_single_resource`).
+//!
+//! Pure and synchronous: the client feeds it responses, the cache feeds it saved state, and
+//! `routes` gets a [`ServiceTable`] out of it.
+
+use super::convert;
+use muon_api::v1::{kinds, resource::Kind, DiscoveryResponse, Resource};
+use muon_core::{Endpoint, ServiceEntry, ServiceTable};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+
+/// One kind's accepted resources.
+#[derive(Debug, Default, Clone)]
+pub struct KindState {
+    /// The version of the last response accepted without rejections ("" = none yet).
+    pub version: String,
+    /// Set once a response of this kind arrived (or was loaded from disk).
+    pub received: bool,
+    /// By resource name: the resource as sent, for `/config_dump` and the disk cache.
+    pub resources: BTreeMap<String, Resource>,
+}
+
+/// A resource that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub name: String,
+    pub reason: String,
+}
+
+/// The outcome of one response.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub rejected: Vec<Rejected>,
+}
+
+/// Every kind, plus the converted services and endpoints the table is built from.
+#[derive(Debug, Default)]
+pub struct State {
+    kinds: BTreeMap<&'static str, KindState>,
+    services: BTreeMap<String, ServiceEntry>,
+    endpoints: BTreeMap<String, Vec<Endpoint>>,
+}
+
+impl State {
+    pub fn new() -> Self {
+        State {
+            kinds: kinds::ALL
+                .into_iter()
+                .map(|k| (k, KindState::default()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn kind(&self, type_url: &str) -> Option<&KindState> {
+        self.kinds.get(type_url)
+    }
+
+    /// Every kind received at least once: the first full sync is done.
+    pub fn synced(&self) -> bool {
+        self.kinds.values().all(|k| k.received)
+    }
+
+    /// Applies one response. `full`: it is the complete state of its kind (the first response
+    /// of a stream, or a saved state): names it does not mention are removed. Otherwise it is
+    /// incremental: `resources` are added or changed, `removed_resources` removed.
+    ///
+    /// Returns `Err` (and changes nothing) for a `type_url` the proxy does not know.
+    pub fn apply(&mut self, resp: &DiscoveryResponse, full: bool) -> Result<Applied, String> {
+        let type_url: &'static str = kinds::ALL
+            .into_iter()
+            .find(|k| *k == resp.type_url)
+            .ok_or_else(|| format!("unknown type_url {:?}", resp.type_url))?;
+        let mut applied = Applied::default();
+        let mut removed: Vec<String> = resp.removed_resources.clone();
+        if full {
+            let mentioned: std::collections::HashSet<&str> =
+                resp.resources.iter().map(|r| r.name.as_str()).collect();
+            removed.extend(
+                self.kinds[type_url]
+                    .resources
+                    .keys()
+                    .filter(|n| !mentioned.contains(n.as_str()))
+                    .cloned(),
+            );
+        }
+        for name in &removed {
+            self.remove(type_url, name);
+        }
+        // VIP:port claims of the services kept so far, to refuse a service that takes
+        // another's address (the one already serving keeps it).
+        let mut claims = (type_url == kinds::SERVICES).then(|| self.claims());
+        for res in &resp.resources {
+            if let Err(reason) = self.accept(type_url, res, claims.as_mut()) {
+                applied.rejected.push(Rejected {
+                    name: res.name.clone(),
+                    reason,
+                });
+            }
+        }
+        let kind = self.kinds.get_mut(type_url).expect("every kind is present");
+        kind.received = true;
+        if applied.rejected.is_empty() {
+            kind.version = resp.version_info.clone();
+        }
+        Ok(applied)
+    }
+
+    fn remove(&mut self, type_url: &str, name: &str) {
+        if let Some(k) = self.kinds.get_mut(type_url) {
+            k.resources.remove(name);
+        }
+        match type_url {
+            kinds::SERVICES => drop(self.services.remove(name)),
+            kinds::ENDPOINTS => drop(self.endpoints.remove(name)),
+            _ => {}
+        }
+    }
+
+    /// Checks and stores one resource, or says why it cannot be used.
+    fn accept(
+        &mut self,
+        type_url: &'static str,
+        res: &Resource,
+        claims: Option<&mut HashMap<SocketAddr, String>>,
+    ) -> Result<(), String> {
+        if res.name.is_empty() {
+            return Err("resource without a name".into());
+        }
+        let kind = res.kind.as_ref().ok_or("resource without a body")?;
+        match (type_url, kind) {
+            (kinds::SERVICES, Kind::Service(s)) => {
+                let entry = convert::service(s)?;
+                if let Some(claims) = claims {
+                    let mine: Vec<SocketAddr> = addrs(&entry).collect();
+                    if let Some((addr, owner)) = mine.iter().find_map(|a| {
+                        claims
+                            .get(a)
+                            .filter(|owner| **owner != res.name)
+                            .map(|o| (a, o))
+                    }) {
+                        return Err(format!("{addr} is already served by {owner}"));
+                    }
+                    claims.retain(|_, owner| *owner != res.name);
+                    claims.extend(mine.into_iter().map(|a| (a, res.name.clone())));
+                }
+                self.services.insert(res.name.clone(), entry);
+            }
+            (kinds::ENDPOINTS, Kind::Endpoints(e)) => {
+                let eps = convert::endpoints(e)?;
+                self.endpoints.insert(res.name.clone(), eps);
+            }
+            (kinds::ROUTES, k @ Kind::Route(_)) | (kinds::POLICIES, k @ Kind::Policy(_)) => {
+                convert::check_other(k)?;
+            }
+            _ => return Err(format!("not a resource of kind {type_url}")),
+        }
+        if let Some(k) = self.kinds.get_mut(type_url) {
+            k.resources.insert(res.name.clone(), res.clone());
+        }
+        Ok(())
+    }
+
+    fn claims(&self) -> HashMap<SocketAddr, String> {
+        self.services
+            .iter()
+            .flat_map(|(name, s)| addrs(s).map(move |a| (a, name.clone())))
+            .collect()
+    }
+
+    /// The service table the data path uses.
+    pub fn table(&self) -> ServiceTable {
+        convert::table(self.services.values(), &self.endpoints)
+    }
+
+    /// `/config_dump`'s view: per kind, the accepted version and every resource in use.
+    pub fn dump(&self) -> Value {
+        let kinds: serde_json::Map<String, Value> = self
+            .kinds
+            .iter()
+            .map(|(type_url, k)| {
+                let resources: Vec<Value> = k
+                    .resources
+                    .values()
+                    .map(|r| {
+                        let body = r.kind.as_ref().map_or(Value::Null, convert::dump);
+                        json!({"name": r.name, "version": r.version, "resource": body})
+                    })
+                    .collect();
+                (
+                    (*type_url).to_owned(),
+                    json!({"version": k.version, "resources": resources}),
+                )
+            })
+            .collect();
+        Value::Object(kinds)
+    }
+
+    /// The whole state, one full response per kind (for the disk cache).
+    pub fn snapshot(&self) -> Vec<DiscoveryResponse> {
+        self.kinds
+            .iter()
+            .filter(|(_, k)| k.received)
+            .map(|(type_url, k)| DiscoveryResponse {
+                type_url: (*type_url).to_owned(),
+                version_info: k.version.clone(),
+                nonce: String::new(),
+                resources: k.resources.values().cloned().collect(),
+                removed_resources: Vec::new(),
+            })
+            .collect()
+    }
+}
+
+fn addrs(s: &ServiceEntry) -> impl Iterator<Item = SocketAddr> + '_ {
+    s.vips
+        .iter()
+        .flat_map(|vip| s.ports.iter().map(|p| SocketAddr::new(*vip, p.port)))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use muon_api::v1;
+
+    pub fn service(name: &str, vip: &str, port: u32) -> Resource {
+        Resource {
+            name: format!("{name}.shop"),
+            version: "1".into(),
+            kind: Some(Kind::Service(v1::Service {
+                name: name.into(),
+                namespace: "shop".into(),
+                vips: vec![vip.into()],
+                ports: vec![v1::ServicePort {
+                    port,
+                    target_port: port,
+                    protocol: "tcp".into(),
+                    name: String::new(),
+                }],
+            })),
+        }
+    }
+
+    pub fn endpoints(name: &str, addrs: &[&str]) -> Resource {
+        Resource {
+            name: format!("{name}.shop"),
+            version: "1".into(),
+            kind: Some(Kind::Endpoints(v1::Endpoints {
+                service: name.into(),
+                namespace: "shop".into(),
+                endpoints: addrs
+                    .iter()
+                    .map(|a| v1::Endpoint {
+                        address: (*a).into(),
+                        workload: format!("{name}-{a}"),
+                        ready: true,
+                        ..Default::default()
+                    })
+                    .collect(),
+            })),
+        }
+    }
+
+    pub fn response(type_url: &str, version: &str, resources: Vec<Resource>) -> DiscoveryResponse {
+        DiscoveryResponse {
+            type_url: type_url.into(),
+            version_info: version.into(),
+            nonce: format!("n-{version}"),
+            resources,
+            removed_resources: vec![],
+        }
+    }
+
+    #[test]
+    fn a_bad_resource_is_rejected_and_its_last_good_version_keeps_serving() {
+        let mut st = State::new();
+        let r = st
+            .apply(
+                &response(
+                    kinds::SERVICES,
+                    "1",
+                    vec![
+                        service("web", "198.19.0.1", 80),
+                        service("db", "198.19.0.2", 5432),
+                    ],
+                ),
+                true,
+            )
+            .unwrap();
+        assert!(r.rejected.is_empty());
+        assert_eq!(st.kind(kinds::SERVICES).unwrap().version, "1");
+
+        // v2: web gets an unparsable VIP, db a port 0, api is new and fine, and thief
+        // claims the address db still serves.
+        let thief = service("thief", "198.19.0.2", 5432);
+        let r = st
+            .apply(
+                &response(
+                    kinds::SERVICES,
+                    "2",
+                    vec![
+                        service("web", "bogus", 80),
+                        service("db", "198.19.0.2", 0),
+                        service("api", "198.19.0.3", 80),
+                        thief,
+                    ],
+                ),
+                false,
+            )
+            .unwrap();
+        let names: Vec<&str> = r.rejected.iter().map(|x| x.name.as_str()).collect();
+        assert_eq!(names, ["web.shop", "db.shop", "thief.shop"]);
+        assert!(r.rejected[0].reason.contains("bogus"));
+        assert!(r.rejected[2].reason.contains("already served by db.shop"));
+        // The version of a partly rejected response is not recorded.
+        assert_eq!(st.kind(kinds::SERVICES).unwrap().version, "1");
+        let table = st.table();
+        let names: Vec<&str> = table.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["api", "db", "web"]);
+        assert_eq!(table.services[2].vips[0].to_string(), "198.19.0.1");
+        table.validate().unwrap();
+
+        // Incremental removal, then a full state that no longer mentions api.
+        let mut rm = response(kinds::SERVICES, "3", vec![]);
+        rm.removed_resources = vec!["web.shop".into()];
+        st.apply(&rm, false).unwrap();
+        assert_eq!(st.table().services.len(), 2);
+        st.apply(
+            &response(
+                kinds::SERVICES,
+                "4",
+                vec![service("db", "198.19.0.2", 5432)],
+            ),
+            true,
+        )
+        .unwrap();
+        assert_eq!(st.table().services.len(), 1);
+        assert_eq!(st.kind(kinds::SERVICES).unwrap().version, "4");
+    }
+
+    #[test]
+    fn sync_needs_every_kind_and_wrong_kinds_are_rejected() {
+        let mut st = State::new();
+        assert!(st.apply(&response("clusters", "1", vec![]), true).is_err());
+        st.apply(&response(kinds::SERVICES, "1", vec![]), true)
+            .unwrap();
+        let r = st
+            .apply(
+                &response(
+                    kinds::ENDPOINTS,
+                    "1",
+                    vec![service("web", "198.19.0.1", 80)],
+                ),
+                true,
+            )
+            .unwrap();
+        assert_eq!(r.rejected.len(), 1);
+        let r = st
+            .apply(
+                &response(
+                    kinds::ENDPOINTS,
+                    "2",
+                    vec![endpoints("web", &["198.18.0.300"])],
+                ),
+                false,
+            )
+            .unwrap();
+        assert!(r.rejected[0].reason.contains("198.18.0.300"));
+        assert!(!st.synced());
+        st.apply(&response(kinds::ROUTES, "1", vec![]), true)
+            .unwrap();
+        st.apply(&response(kinds::POLICIES, "1", vec![]), true)
+            .unwrap();
+        assert!(st.synced());
+        assert_eq!(st.snapshot().len(), 4);
+    }
+}
