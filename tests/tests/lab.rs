@@ -49,7 +49,11 @@ fn pids_of(lab: &Lab) -> Vec<i64> {
         .flat_map(|p| [p["appPid"].as_i64(), p["sidecarPid"].as_i64()])
         .flatten()
         .collect();
-    assert_eq!(pids.len(), 4, "two apps and two sidecars: {st}");
+    assert_eq!(
+        pids.len(),
+        5,
+        "the control plane, two apps and two sidecars: {st}"
+    );
     pids
 }
 
@@ -57,7 +61,11 @@ fn pids_of(lab: &Lab) -> Vec<i64> {
 fn lab_down_leaves_no_namespace_interface_or_process() {
     let lab = Lab::up("down", TWO_PODS);
     let pids = pids_of(&lab);
-    assert_eq!(netns_with_prefix(&format!("muon-{}.", lab.name)).len(), 2);
+    assert_eq!(
+        netns_with_prefix(&format!("muon-{}.", lab.name)).len(),
+        3,
+        "client, web and the control plane"
+    );
     assert!(pids.iter().all(|p| process_alive(*p)));
     let out = lab.down();
     assert!(
@@ -82,6 +90,9 @@ fn lab_down_cleans_up_after_a_killed_supervisor() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let sup_pid = i64::from(sup.id());
+    // Whatever happens below, the supervisor does not outlive the test.
+    let _guard = KillOnDrop(sup_pid);
     let state = Path::new("/run/muon/lab").join(&name).join("state.json");
     let pids: Vec<i64> = eventually("the lab to be up", Duration::from_secs(60), || {
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).ok()?).ok()?;
@@ -91,10 +102,11 @@ fn lab_down_cleans_up_after_a_killed_supervisor() {
             .flat_map(|p| [p["appPid"].as_i64(), p["sidecarPid"].as_i64()])
             .flatten()
             .collect();
-        (pids.len() == 4).then_some(pids)
+        (pids.len() == 5).then_some(pids)
     });
     sup.kill().unwrap();
     sup.wait().unwrap();
+    assert!(!process_alive(sup_pid), "the supervisor should be gone");
     let out = muonctl().args(["lab", "down", &name]).output().unwrap();
     assert!(
         out.status.success(),
@@ -102,6 +114,19 @@ fn lab_down_cleans_up_after_a_killed_supervisor() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_gone(&name, &pids);
+}
+
+/// Kills a process when dropped, also when the test panics.
+struct KillOnDrop(i64);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if process_alive(self.0) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &self.0.to_string()])
+                .status();
+        }
+    }
 }
 
 #[test]

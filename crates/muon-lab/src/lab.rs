@@ -5,10 +5,11 @@
 //! works from names alone: it removes every namespace called `muon-<lab>` or `muon-<lab>.*`.
 
 use crate::addr;
+use crate::control;
 use crate::netns;
 use crate::process::{self, Spawn};
 use crate::state::{self, LabState, PodState, ServiceState};
-use crate::topology::{check_name, Topology};
+use crate::topology::{check_name, Topology, CONTROL_PLANE_POD};
 use anyhow::{bail, Context, Result};
 use muon_core::{ports, Endpoint, ServiceEntry, ServicePort, ServiceTable};
 use std::collections::BTreeMap;
@@ -107,7 +108,7 @@ pub fn preflight() -> Result<()> {
     }
 }
 
-fn locate_binaries(opts: &UpOptions) -> Result<PathBuf> {
+fn locate_binaries(opts: &UpOptions, control_plane: bool) -> Result<PathBuf> {
     let dir = match &opts.bin_dir {
         Some(d) => d.clone(),
         None => match std::env::var_os("MUON_BIN_DIR") {
@@ -118,7 +119,7 @@ fn locate_binaries(opts: &UpOptions) -> Result<PathBuf> {
                 .to_path_buf(),
         },
     };
-    for bin in ["muon-proxy", "muon-init"] {
+    for bin in binaries(control_plane) {
         if !dir.join(bin).is_file() {
             bail!(
                 "{bin} not found in {}: build it (cargo build --bins) or pass --bin-dir / MUON_BIN_DIR",
@@ -127,6 +128,15 @@ fn locate_binaries(opts: &UpOptions) -> Result<PathBuf> {
         }
     }
     Ok(dir)
+}
+
+/// The programs a lab runs, copied into its bin directory.
+fn binaries(control_plane: bool) -> &'static [&'static str] {
+    if control_plane {
+        &["muon-proxy", "muon-init", "muon-control"]
+    } else {
+        &["muon-proxy", "muon-init"]
+    }
 }
 
 /// Brings a lab up and returns once every sidecar is ready and every service port accepts
@@ -142,7 +152,7 @@ pub fn up(opts: &UpOptions) -> Result<LabState> {
     if state::lab_dir(&name).exists() || netns::exists(&bridge_netns(&name)) {
         bail!("a lab named {name:?} is already up; stop it with `muonctl lab down {name}` or pick another --name");
     }
-    let bins = locate_binaries(opts)?;
+    let bins = locate_binaries(opts, topo.control_plane)?;
     let ipv6 = topo.ipv6.unwrap_or_else(host_has_ipv6);
     let mut lab = plan(&name, &topo, ipv6, opts)?;
     let result = create(&mut lab, &topo, &bins, opts.ready_timeout);
@@ -158,6 +168,9 @@ pub fn up(opts: &UpOptions) -> Result<LabState> {
 /// Decides names and addresses; creates nothing.
 fn plan(name: &str, topo: &Topology, ipv6: bool, opts: &UpOptions) -> Result<LabState> {
     let mut pods = Vec::new();
+    if topo.control_plane {
+        pods.push(control::plan_pod(name, ipv6)?);
+    }
     for spec in &topo.pods {
         for instance in spec.instance_names() {
             let i = pods.len();
@@ -173,6 +186,9 @@ fn plan(name: &str, topo: &Topology, ipv6: bool, opts: &UpOptions) -> Result<Lab
                 labels: spec.labels.clone(),
                 app_uid: spec.run_as_user,
                 sidecar: spec.sidecar,
+                command: spec.command.clone(),
+                env: spec.env.clone(),
+                proxy_args: spec.proxy_args.clone(),
                 app_pid: None,
                 sidecar_pid: None,
             });
@@ -201,6 +217,7 @@ fn plan(name: &str, topo: &Topology, ipv6: bool, opts: &UpOptions) -> Result<Lab
         ipv6,
         topology_file: opts.topology.display().to_string(),
         supervisor_pid: opts.supervisor.then(|| std::process::id() as i32),
+        control_plane: topo.control_plane.then(|| CONTROL_PLANE_POD.to_string()),
         pods,
         services,
     })
@@ -286,21 +303,41 @@ fn create(lab: &mut LabState, topo: &Topology, bins: &Path, timeout: Duration) -
     lab.save()?;
     // Copies, so that a rebuild while the lab runs does not change its sidecars, and so that
     // the sidecar's user can execute them wherever the build tree is.
-    for bin in ["muon-proxy", "muon-init"] {
+    for bin in binaries(lab.control_plane.is_some()) {
         let to = state::bin_dir(&lab.name).join(bin);
         std::fs::copy(bins.join(bin), &to).with_context(|| format!("copying {bin}"))?;
         std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))?;
     }
-    state::write_atomic(
-        &state::table_file(&lab.name),
-        service_table(lab, topo).to_json().as_bytes(),
-    )?;
+    if lab.control_plane.is_none() {
+        state::write_atomic(
+            &state::table_file(&lab.name),
+            service_table(lab, topo).to_json().as_bytes(),
+        )?;
+    }
 
     create_bridge(lab)?;
     for i in 0..lab.pods.len() {
         create_pod_network(lab, i)?;
     }
+    // The control plane first, with every pod and service registered, so that each sidecar's
+    // first sync already holds the whole mesh.
+    if let Some(cp) = lab.control_plane.clone() {
+        let i = lab
+            .pods
+            .iter()
+            .position(|p| p.name == cp)
+            .context("control plane pod vanished")?;
+        control::prepare(lab)?;
+        let pid = start_app(lab, &lab.pods[i])?;
+        lab.pods[i].app_pid = Some(pid);
+        lab.save()?;
+        control::wait_ready(lab, &lab.pods[i], timeout)?;
+        control::register(lab, topo)?;
+    }
     for i in 0..lab.pods.len() {
+        if lab.control_plane.as_deref() == Some(lab.pods[i].name.as_str()) {
+            continue;
+        }
         let spec = topo
             .pods
             .iter()
@@ -308,11 +345,11 @@ fn create(lab: &mut LabState, topo: &Topology, bins: &Path, timeout: Duration) -
             .context("pod template vanished")?;
         if lab.pods[i].sidecar {
             run_init(lab, i, &spec.init_args)?;
-            let pid = start_sidecar(lab, &lab.pods[i], &spec.proxy_args)?;
+            let pid = start_sidecar(lab, &lab.pods[i])?;
             lab.pods[i].sidecar_pid = Some(pid);
             lab.save()?;
         }
-        let pid = start_app(lab, &lab.pods[i], &spec.command, &spec.env)?;
+        let pid = start_app(lab, &lab.pods[i])?;
         lab.pods[i].app_pid = Some(pid);
         lab.save()?;
     }
@@ -448,18 +485,35 @@ fn run_init(lab: &LabState, i: usize, extra: &[String]) -> Result<()> {
     .with_context(|| format!("capture setup in pod {}", pod.name))
 }
 
-fn start_sidecar(lab: &LabState, pod: &PodState, extra: &[String]) -> Result<i32> {
+fn start_sidecar(lab: &LabState, pod: &PodState) -> Result<i32> {
     let mut argv = vec![
         state::bin_dir(&lab.name)
             .join("muon-proxy")
             .display()
             .to_string(),
-        "--table-file".into(),
-        state::table_file(&lab.name).display().to_string(),
         "--log-format".into(),
         "json".into(),
     ];
-    argv.extend(extra.iter().cloned());
+    match lab.control_plane_pod() {
+        Some(cp) => {
+            let dir = state::proxy_state_dir(&lab.name, &pod.name);
+            std::fs::create_dir_all(&dir)?;
+            nix::unistd::chown(
+                &dir,
+                Some(ports::PROXY_UID.into()),
+                Some(ports::PROXY_UID.into()),
+            )?;
+            argv.push("--control-plane".into());
+            argv.push(format!("http://{}:{}", cp.ip, ports::CONTROL));
+            argv.push("--state-dir".into());
+            argv.push(dir.display().to_string());
+        }
+        None => {
+            argv.push("--table-file".into());
+            argv.push(state::table_file(&lab.name).display().to_string());
+        }
+    }
+    argv.extend(pod.proxy_args.iter().cloned());
     process::spawn(&Spawn {
         netns: &pod.netns,
         uid: Some(ports::PROXY_UID),
@@ -470,22 +524,17 @@ fn start_sidecar(lab: &LabState, pod: &PodState, extra: &[String]) -> Result<i32
     })
 }
 
-fn start_app(
-    lab: &LabState,
-    pod: &PodState,
-    command: &[String],
-    extra_env: &BTreeMap<String, String>,
-) -> Result<i32> {
+fn start_app(lab: &LabState, pod: &PodState) -> Result<i32> {
     // A pod without a command still exists, like a pause container: clients exec into it.
-    let argv: Vec<String> = if command.is_empty() {
+    let argv: Vec<String> = if pod.command.is_empty() {
         vec!["sleep".into(), "infinity".into()]
     } else {
-        command.to_vec()
+        pod.command.clone()
     };
     let mut env = pod_env(pod);
     let home = state::pod_dir(&lab.name, &pod.name);
     env.insert("HOME".into(), home.display().to_string());
-    env.extend(extra_env.clone());
+    env.extend(pod.env.clone());
     process::spawn(&Spawn {
         netns: &pod.netns,
         uid: Some(pod.app_uid),
@@ -715,51 +764,58 @@ pub fn logs(name: &str, pod: &str, sidecar: bool) -> Result<PathBuf> {
 /// waits for the sidecar to be ready.
 pub fn restart(name: &str, pod_name: &str, sidecar: bool, timeout: Duration) -> Result<()> {
     let mut lab = LabState::load(name)?;
-    let topo = Topology::load(Path::new(&lab.topology_file))?;
     let pod = lab.pod(pod_name)?.clone();
-    let spec = topo
-        .pods
-        .iter()
-        .find(|s| s.name == pod.template)
-        .with_context(|| format!("pod {} is no longer in {}", pod.name, lab.topology_file))?;
-    if sidecar {
+    let what = if sidecar { "sidecar" } else { "app" };
+    let old = if sidecar {
         if !pod.sidecar {
             bail!("pod {} has no sidecar (sidecar: false)", pod.name);
         }
-        if let Some(pid) = pod.sidecar_pid {
-            process::stop(&[pid], Duration::from_secs(5));
-        }
-        let pid = start_sidecar(&lab, &pod, &spec.proxy_args)?;
-        if let Some(p) = lab.pod_mut(pod_name) {
-            p.sidecar_pid = Some(pid);
-        }
-        lab.save()?;
-        let deadline = Instant::now() + timeout;
-        while !sidecar_ready(&pod) {
-            if !process::alive(pid) {
-                let log = state::log_file(name, &pod.name, "sidecar");
-                bail!(
-                    "sidecar of {} exited; last lines:\n{}",
-                    pod.name,
-                    process::tail(&log, 15)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("sidecar of {} not ready after {timeout:?}", pod.name);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        pod.sidecar_pid
     } else {
-        if let Some(pid) = pod.app_pid {
-            process::stop(&[pid], Duration::from_secs(5));
-        }
-        let pid = start_app(&lab, &pod, &spec.command, &spec.env)?;
-        if let Some(p) = lab.pod_mut(pod_name) {
+        pod.app_pid
+    };
+    if let Some(pid) = old {
+        process::stop(&[pid], Duration::from_secs(5));
+    }
+    let pid = if sidecar {
+        start_sidecar(&lab, &pod)?
+    } else {
+        start_app(&lab, &pod)?
+    };
+    if let Some(p) = lab.pod_mut(pod_name) {
+        if sidecar {
+            p.sidecar_pid = Some(pid);
+        } else {
             p.app_pid = Some(pid);
         }
-        lab.save()?;
     }
-    Ok(())
+    lab.save()?;
+    let is_control_plane = lab.control_plane.as_deref() == Some(pod_name);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ready = if sidecar {
+            sidecar_ready(&pod)
+        } else if is_control_plane {
+            control::ready(&pod)
+        } else {
+            true
+        };
+        if ready {
+            return Ok(());
+        }
+        if !process::alive(pid) {
+            let log = state::log_file(name, &pod.name, what);
+            bail!(
+                "the {what} of {} exited; last lines:\n{}",
+                pod.name,
+                process::tail(&log, 15)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("the {what} of {} is not ready after {timeout:?}", pod.name);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[cfg(test)]
@@ -786,7 +842,7 @@ mod tests {
     #[test]
     fn service_names_win_over_a_pod_of_the_same_name() {
         let (lab, _) = lab();
-        let hosts = hosts_file(&lab, &lab.pods[0]);
+        let hosts = hosts_file(&lab, lab.pod("web-0").unwrap());
         let webs: Vec<&str> = hosts
             .lines()
             .filter(|l| l.split_whitespace().skip(1).any(|n| n == "web"))
@@ -800,7 +856,7 @@ mod tests {
             "{hosts}"
         );
         // In another namespace only the qualified names resolve.
-        let other = hosts_file(&lab, &lab.pods[2]);
+        let other = hosts_file(&lab, lab.pod("other").unwrap());
         assert!(
             other.contains("198.19.0.1\tweb.default.svc.cluster.local web.default\n"),
             "{other}"
@@ -817,6 +873,33 @@ mod tests {
         assert_eq!(svc.ports[0].target_port, 8080);
         let pods: Vec<&str> = svc.endpoints.iter().map(|e| e.pod.as_str()).collect();
         assert_eq!(pods, ["web-0", "web-1"]);
+    }
+
+    #[test]
+    fn the_control_plane_gets_the_first_address_and_registers_every_other_pod() {
+        let (lab, topo) = lab();
+        assert_eq!(
+            lab.control_plane_pod().unwrap().ip.to_string(),
+            "198.18.0.2"
+        );
+        let objects = control::objects(&lab, &topo);
+        let kinds: Vec<(String, String)> = objects
+            .iter()
+            .map(|o| (o.kind.clone(), o.metadata.as_ref().unwrap().name.clone()))
+            .collect();
+        let want = [
+            ("Service", "web"),
+            ("Workload", "web-0"),
+            ("Workload", "web-1"),
+            ("Workload", "other"),
+        ];
+        assert_eq!(kinds, want.map(|(k, n)| (k.to_string(), n.to_string())));
+        let web = muon_api::json::json_from_struct(objects[0].spec.as_ref().unwrap());
+        assert_eq!(web["ports"][0]["targetPort"], 8080);
+        assert_eq!(web["vips"][0], "198.19.0.1");
+        let w0 = muon_api::json::json_from_struct(objects[1].spec.as_ref().unwrap());
+        assert_eq!(w0["address"], "198.18.0.3");
+        assert_eq!(w0["serviceAccount"], "web");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod control;
 pub mod lab;
 pub mod netns;
 pub mod process;

@@ -23,6 +23,9 @@ pub struct LabState {
     /// `up` in the foreground: its pid, so `down` can tell it to stop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervisor_pid: Option<i32>,
+    /// The pod running muon-control, when the lab has a control plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<String>,
     pub pods: Vec<PodState>,
     pub services: Vec<ServiceState>,
 }
@@ -44,6 +47,13 @@ pub struct PodState {
     pub labels: BTreeMap<String, String>,
     pub app_uid: u32,
     pub sidecar: bool,
+    /// The app's command line and extra environment, kept so `restart` needs no topology.
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Extra flags for this pod's muon-proxy.
+    #[serde(default)]
+    pub proxy_args: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_pid: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -83,11 +93,23 @@ pub fn pod_dir(name: &str, pod: &str) -> PathBuf {
     lab_dir(name).join("pods").join(pod)
 }
 
+/// Where a sidecar keeps its last good tables (writable by the proxy's user).
+pub fn proxy_state_dir(name: &str, pod: &str) -> PathBuf {
+    lab_dir(name).join("proxy-state").join(pod)
+}
+
 pub fn bin_dir(name: &str) -> PathBuf {
     lab_dir(name).join("bin")
 }
 
 impl LabState {
+    /// The control plane's pod, if the lab has one.
+    pub fn control_plane_pod(&self) -> Option<&PodState> {
+        self.control_plane
+            .as_deref()
+            .and_then(|n| self.pods.iter().find(|p| p.name == n))
+    }
+
     pub fn load(name: &str) -> Result<LabState> {
         let path = state_file(name);
         let text = std::fs::read(&path)

@@ -19,6 +19,10 @@ pub struct Topology {
     /// Give pods and services IPv6 addresses too. Default: when the kernel has IPv6.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<bool>,
+    /// Run muon-control in a pod of its own and have the sidecars discover services from
+    /// it. `false`: sidecars read a static table file the lab writes.
+    #[serde(default = "yes")]
+    pub control_plane: bool,
 }
 
 /// One pod template; `replicas` instances are started from it.
@@ -95,6 +99,9 @@ fn yes() -> bool {
 fn default_app_uid() -> u32 {
     1000
 }
+
+/// The pod the lab runs muon-control in.
+pub const CONTROL_PLANE_POD: &str = "muon-control";
 
 /// At most this many pod instances: addresses come from one /16.
 pub const MAX_PODS: usize = 60_000;
@@ -231,6 +238,14 @@ impl Topology {
         }
         for (i, pod) in self.pods.iter().enumerate() {
             let at = ItemPath::Pod(i);
+            if pod.name == CONTROL_PLANE_POD {
+                out.push((
+                    at,
+                    format!(
+                        "the name {CONTROL_PLANE_POD:?} is reserved for the lab's control plane"
+                    ),
+                ));
+            }
             if let Err(r) = check_name(&pod.name, 40) {
                 out.push((at, format!("name {:?}: {r}", pod.name)));
             }

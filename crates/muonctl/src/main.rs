@@ -1,6 +1,12 @@
-//! `muonctl`: the command line for Muon. For now it drives the lab (`muonctl lab …`); the
-//! control plane's commands (`apply`, `get`, `proxy-status`, `config-dump`) come with it.
+//! `muonctl`: the command line for Muon: the lab (`muonctl lab …`) and the control plane's
+//! management API (`apply`, `delete`, `get`, `proxy-status`, `config-dump`).
 #![forbid(unsafe_code)]
+
+mod apply;
+mod control;
+mod get;
+mod manifest;
+mod proxy_status;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -11,6 +17,17 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "muonctl", version, about = "Muon service mesh CLI")]
 struct Cli {
+    /// The control plane's management API.
+    #[arg(
+        long,
+        global = true,
+        env = "MUON_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:15010"
+    )]
+    control_plane: String,
+    /// Talk to the control plane of this lab (and to its pods), from the host.
+    #[arg(long, global = true, env = "MUON_LAB")]
+    lab: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,6 +37,16 @@ enum Command {
     /// A local mesh on this Linux host: pods as network namespaces (root required).
     #[command(subcommand)]
     Lab(Lab),
+    /// Create or update objects from manifests, all or nothing.
+    Apply(apply::ApplyArgs),
+    /// Delete objects, by manifest or by kind and name.
+    Delete(apply::DeleteArgs),
+    /// Show services, workloads, endpoints, routes, policies or proxies.
+    Get(get::GetArgs),
+    /// Each connected sidecar: per kind SYNCED, STALE or NACKED, and its last error.
+    ProxyStatus(proxy_status::ProxyStatusArgs),
+    /// What a sidecar actually uses (its admin /config_dump).
+    ConfigDump(proxy_status::ConfigDumpArgs),
 }
 
 #[derive(Subcommand)]
@@ -120,7 +147,32 @@ fn main() {
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Lab(lab) => run_lab(lab),
+        Command::Apply(args) => via_lab(cli.lab, cli.control_plane, args, apply::apply),
+        Command::Delete(args) => via_lab(cli.lab, cli.control_plane, args, apply::delete),
+        Command::Get(args) => via_lab(cli.lab, cli.control_plane, args, get::get),
+        Command::ProxyStatus(args) => via_lab(cli.lab, cli.control_plane, args, proxy_status::run),
+        Command::ConfigDump(args) => proxy_status::config_dump(cli.lab.as_deref(), args),
     }
+}
+
+/// Runs a management command against `addr`, or, with `--lab`, against that lab's control
+/// plane: pod addresses exist only inside the lab, so the command runs on a thread that has
+/// joined the control plane pod's network namespace.
+fn via_lab<A: Send + 'static>(
+    lab: Option<String>,
+    addr: String,
+    args: A,
+    command: fn(&str, A) -> Result<i32>,
+) -> Result<i32> {
+    let Some(lab) = lab else {
+        return command(&addr, args);
+    };
+    let state = muon_lab::LabState::load(&lab)?;
+    let cp = state
+        .control_plane_pod()
+        .with_context(|| format!("lab {lab} has no control plane (controlPlane: false)"))?;
+    let addr = format!("http://{}:{}", cp.ip, muon_core::ports::CONTROL);
+    muon_lab::netns::in_netns(&cp.netns, move || command(&addr, args))
 }
 
 fn run_lab(cmd: Lab) -> Result<i32> {

@@ -1,0 +1,210 @@
+//! The lab's control plane: `muon-control` in a pod of its own (`muon-control`, namespace
+//! `muon-system`, outside the mesh), and the registration of every pod and service through
+//! its management API, the way any other source of workloads would do it.
+//!
+//! The lab runs in the host's namespace, where pod addresses do not exist; gRPC calls run on a
+//! thread that has joined the control plane pod's namespace, with a runtime of its own.
+
+use crate::addr;
+use crate::netns;
+use crate::state::{self, LabState, PodState};
+use crate::topology::{Topology, CONTROL_PLANE_POD};
+use anyhow::{bail, Context, Result};
+use muon_api::json::struct_from_json;
+use muon_api::v1::management_client::ManagementClient;
+use muon_api::v1::{ApplyRequest, Metadata, Object};
+use muon_core::ports;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// The control plane's metrics and readiness port.
+pub const METRICS_PORT: u16 = 15014;
+pub const NAMESPACE: &str = "muon-system";
+
+/// The control plane pod: the first address of the lab.
+pub fn plan_pod(lab: &str, ipv6: bool) -> Result<PodState> {
+    let data = state::lab_dir(lab).join("control");
+    let bin = state::bin_dir(lab).join("muon-control");
+    Ok(PodState {
+        name: CONTROL_PLANE_POD.into(),
+        template: CONTROL_PLANE_POD.into(),
+        namespace: NAMESPACE.into(),
+        service_account: CONTROL_PLANE_POD.into(),
+        netns: crate::lab::pod_netns(lab, CONTROL_PLANE_POD),
+        ip: addr::pod_v4(0)?,
+        ipv6: ipv6.then(|| addr::pod_v6(0)),
+        zone: None,
+        labels: BTreeMap::from([("app".into(), CONTROL_PLANE_POD.into())]),
+        app_uid: ports::PROXY_UID,
+        sidecar: false,
+        command: vec![
+            bin.display().to_string(),
+            "--grpc-addr".into(),
+            format!("0.0.0.0:{}", ports::CONTROL),
+            "--metrics-addr".into(),
+            format!("0.0.0.0:{METRICS_PORT}"),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--log-format".into(),
+            "json".into(),
+        ],
+        env: BTreeMap::new(),
+        proxy_args: Vec::new(),
+        app_pid: None,
+        sidecar_pid: None,
+    })
+}
+
+/// Creates the control plane's data directory, owned by its user.
+pub fn prepare(lab: &LabState) -> Result<()> {
+    let data = state::lab_dir(&lab.name).join("control");
+    std::fs::create_dir_all(&data)?;
+    nix::unistd::chown(
+        &data,
+        Some(ports::PROXY_UID.into()),
+        Some(ports::PROXY_UID.into()),
+    )?;
+    Ok(())
+}
+
+pub fn ready(pod: &PodState) -> bool {
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), METRICS_PORT);
+    matches!(netns::http_get_in(&pod.netns, addr, "/ready"), Ok((200, _)))
+}
+
+pub fn wait_ready(lab: &LabState, pod: &PodState, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ready(pod) {
+        if !pod.app_pid.is_some_and(crate::process::alive) {
+            let log = state::log_file(&lab.name, &pod.name, "app");
+            bail!(
+                "muon-control exited during start-up; last lines of {}:\n{}",
+                log.display(),
+                crate::process::tail(&log, 15)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("muon-control is not ready after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Runs `f` with the lab's control plane address, inside its pod's namespace.
+pub fn block_on_in_lab<F, Fut, T>(lab: &str, f: F) -> Result<T>
+where
+    F: FnOnce(String) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T>>,
+    T: Send + 'static,
+{
+    let state = LabState::load(lab)?;
+    let pod = state
+        .control_plane_pod()
+        .with_context(|| format!("lab {lab} has no control plane (controlPlane: false)"))?;
+    let addr = format!("http://{}:{}", pod.ip, ports::CONTROL);
+    netns::in_netns(&pod.netns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(f(addr))
+    })
+}
+
+/// The lab's pods and services as management objects: a `Service` per topology service, a
+/// `Workload` per pod.
+pub fn objects(lab: &LabState, topo: &Topology) -> Vec<Object> {
+    let mut out = Vec::new();
+    for (spec, st) in topo.services.iter().zip(&lab.services) {
+        let vips: Vec<String> = std::iter::once(st.vip.to_string())
+            .chain(st.vip6.map(|v| v.to_string()))
+            .collect();
+        let ports: Vec<serde_json::Value> = spec
+            .ports
+            .iter()
+            .map(|p| {
+                let mut port = json!({"port": p.port, "targetPort": p.target_port(), "protocol": p.protocol.as_str()});
+                if let Some(n) = &p.name {
+                    port["name"] = json!(n);
+                }
+                port
+            })
+            .collect();
+        out.push(object(
+            "Service",
+            &spec.name,
+            &spec.namespace,
+            BTreeMap::new(),
+            json!({"vips": vips, "ports": ports, "selector": spec.selector}),
+        ));
+    }
+    for pod in lab
+        .pods
+        .iter()
+        .filter(|p| lab.control_plane.as_deref() != Some(p.name.as_str()))
+    {
+        let mut locality = serde_json::Map::new();
+        if let Some(z) = &pod.zone {
+            locality.insert("zone".into(), json!(z));
+        }
+        if let Some(r) = topo
+            .pods
+            .iter()
+            .find(|s| s.name == pod.template)
+            .and_then(|s| s.region.clone())
+        {
+            locality.insert("region".into(), json!(r));
+        }
+        out.push(object(
+            "Workload",
+            &pod.name,
+            &pod.namespace,
+            pod.labels.clone(),
+            json!({"address": pod.ip.to_string(), "serviceAccount": pod.service_account, "locality": locality}),
+        ));
+    }
+    out
+}
+
+fn object(
+    kind: &str,
+    name: &str,
+    namespace: &str,
+    labels: BTreeMap<String, String>,
+    spec: serde_json::Value,
+) -> Object {
+    Object {
+        api_version: "muon.io/v1alpha1".into(),
+        kind: kind.into(),
+        metadata: Some(Metadata {
+            name: name.into(),
+            namespace: namespace.into(),
+            labels: labels.into_iter().collect(),
+            ..Default::default()
+        }),
+        spec: struct_from_json(&spec),
+    }
+}
+
+/// Registers every pod and service with the control plane, in one all-or-nothing apply.
+pub fn register(lab: &LabState, topo: &Topology) -> Result<()> {
+    let objects = objects(lab, topo);
+    block_on_in_lab(&lab.name, move |addr| async move {
+        let mut client = ManagementClient::connect(addr.clone())
+            .await
+            .with_context(|| format!("connecting to muon-control at {addr}"))?;
+        client
+            .apply(ApplyRequest {
+                objects,
+                dry_run: false,
+            })
+            .await
+            .map_err(|s| {
+                anyhow::anyhow!("registering the lab's pods and services: {}", s.message())
+            })?;
+        Ok(())
+    })
+}
