@@ -242,6 +242,71 @@ impl Lab {
             .collect()
     }
 
+    /// `muonctl --lab NAME ARGS…`: management commands against this lab's control plane.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        muonctl()
+            .args(["--lab", &self.name])
+            .args(args)
+            .output()
+            .expect("run muonctl")
+    }
+
+    /// Like [`Lab::ctl`], with `-f` reading `yaml` from a file.
+    pub fn ctl_with_file(&self, args: &[&str], yaml: &str) -> Output {
+        let file = self._dir.path().join(format!(
+            "manifest-{}.yaml",
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::write(&file, yaml).expect("write manifest");
+        let mut c = muonctl();
+        c.args(["--lab", &self.name])
+            .args(args)
+            .arg("-f")
+            .arg(&file);
+        c.output().expect("run muonctl")
+    }
+
+    /// `muonctl --lab NAME proxy-status -o json`.
+    pub fn proxy_status(&self) -> Vec<Value> {
+        let out = self.ctl(&["proxy-status", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "proxy-status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("proxy-status json")
+    }
+
+    /// Sends SIGKILL to a pod's app (or sidecar) and waits until it is gone.
+    pub fn kill9(&self, pod: &str, sidecar: bool) {
+        let pid = self.pod(pod)[if sidecar { "sidecarPid" } else { "appPid" }]
+            .as_i64()
+            .expect("pid");
+        let st = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(st.success());
+        eventually("the process to die", Duration::from_secs(5), || {
+            (!process_alive(pid)).then_some(())
+        });
+    }
+
+    /// `muonctl lab restart NAME POD [--sidecar]`, which waits until it is ready.
+    pub fn restart(&self, pod: &str, sidecar: bool) {
+        let mut c = muonctl();
+        c.args(["lab", "restart", &self.name, pod]);
+        if sidecar {
+            c.arg("--sidecar");
+        }
+        let out = c.output().expect("run muonctl lab restart");
+        assert!(
+            out.status.success(),
+            "restart {pod}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn down(&self) -> Output {
         muonctl()
             .args(["lab", "down", &self.name])
@@ -303,6 +368,15 @@ pub fn process_alive(pid: i64) -> bool {
                 .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
         })
         .unwrap_or(false)
+}
+
+/// Text of a command's stdout and stderr, for assertions.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 pub fn context<T>(r: Result<T>, what: &str) -> T {

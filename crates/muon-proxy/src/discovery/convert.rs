@@ -93,15 +93,55 @@ pub fn endpoints(e: &v1::Endpoints) -> Result<Vec<Endpoint>, String> {
 }
 
 /// Checks a resource the proxy does not act on yet (routes, policies) for what it can check.
+/// Regular expressions are the proxy's to compile: the control plane only checks they are
+/// not empty, so an expression this proxy cannot use is NACKed here.
 pub fn check_other(kind: &Kind) -> Result<(), String> {
     match kind {
         Kind::Route(r) if r.name.is_empty() => Err("name is empty".into()),
+        Kind::Route(r) => check_route_regexes(r),
         Kind::Policy(p) if p.name.is_empty() => Err("name is empty".into()),
         Kind::Policy(p) if !p.spec_json.is_empty() => serde_json::from_str::<Value>(&p.spec_json)
             .map(drop)
             .map_err(|e| format!("spec is not valid JSON: {e}")),
         _ => Ok(()),
     }
+}
+
+fn check_route_regexes(r: &v1::Route) -> Result<(), String> {
+    let parse = |field: String, re: &str| {
+        regex_syntax::Parser::new()
+            .parse(re)
+            .map(drop)
+            .map_err(|e| {
+                format!(
+                    "{field}: invalid regular expression {re:?}: {}",
+                    first_line(&e.to_string())
+                )
+            })
+    };
+    for (i, rule) in r.rules.iter().enumerate() {
+        for (j, m) in rule.matches.iter().enumerate() {
+            if m.path_type == "RegularExpression" {
+                parse(format!("rules[{i}].matches[{j}].path"), &m.path_value)?;
+            }
+            for (k, h) in m.headers.iter().enumerate() {
+                if h.r#type == "RegularExpression" {
+                    parse(format!("rules[{i}].matches[{j}].headers[{k}]"), &h.value)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// regex-syntax errors draw the pattern over several lines; the last line says what is wrong.
+fn first_line(text: &str) -> String {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .last()
+        .unwrap_or(text)
+        .trim()
+        .to_string()
 }
 
 /// Joins services and their endpoints (by resource name `name.namespace`) into one table.
@@ -185,6 +225,30 @@ mod tests {
                 name: String::new(),
             }],
         }
+    }
+
+    #[test]
+    fn a_route_with_a_bad_regular_expression_is_refused_with_its_field() {
+        let route = |re: &str| {
+            Kind::Route(v1::Route {
+                name: "r".into(),
+                rules: vec![v1::RouteRule {
+                    matches: vec![v1::RouteMatch {
+                        path_type: "RegularExpression".into(),
+                        path_value: re.into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        };
+        assert_eq!(check_other(&route("/items/[0-9]+")), Ok(()));
+        let err = check_other(&route("/items/([0-9]+")).unwrap_err();
+        assert!(
+            err.starts_with("rules[0].matches[0].path: invalid regular expression"),
+            "{err}"
+        );
     }
 
     #[test]
