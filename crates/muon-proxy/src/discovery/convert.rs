@@ -115,7 +115,7 @@ fn check_route_regexes(r: &v1::Route) -> Result<(), String> {
             .map_err(|e| {
                 format!(
                     "{field}: invalid regular expression {re:?}: {}",
-                    first_line(&e.to_string())
+                    last_line(&e.to_string())
                 )
             })
     };
@@ -135,10 +135,10 @@ fn check_route_regexes(r: &v1::Route) -> Result<(), String> {
 }
 
 /// regex-syntax errors draw the pattern over several lines; the last line says what is wrong.
-fn first_line(text: &str) -> String {
+fn last_line(text: &str) -> String {
     text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .last()
+        .rev()
+        .find(|l| !l.trim().is_empty())
         .unwrap_or(text)
         .trim()
         .to_string()
