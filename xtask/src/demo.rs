@@ -14,6 +14,7 @@ const REQUESTS: usize = 6;
 
 pub fn run(keep: bool) -> Result<()> {
     util::require_root("the lab creates network namespaces and iptables rules inside them")?;
+    crate::setup::ensure_packages()?;
     let bins = util::build_bins()?;
     let muonctl = bins.join("muonctl");
     let workdir = PathBuf::from("/run/muon/demo");
@@ -53,6 +54,7 @@ pub fn run(keep: bool) -> Result<()> {
         println!("  muonctl is {}", muonctl.display());
         println!("  call orders:      muonctl lab exec {LAB} client -- curl -s http://orders:8080/orders/widget");
         println!("  see the pods:     muonctl lab status {LAB}");
+        println!("  the mesh's state: muonctl --lab {LAB} proxy-status; muonctl --lab {LAB} get endpoints");
         println!("  sidecar log:      muonctl lab logs {LAB} orders --sidecar");
         println!("  stop it:          muonctl lab down {LAB}");
         return Ok(());
@@ -162,6 +164,11 @@ fn show(muonctl: &Path) -> Result<()> {
             _ => inb >= 1,
         };
         all_counted &= expected;
+    }
+    println!("\n== the control plane's view: every sidecar and what it has ACKed");
+    let (_, status) = ctl_output(muonctl, &["--lab", LAB, "proxy-status"])?;
+    for line in status.lines() {
+        println!("  {line}");
     }
     println!("\n== access log (orders' sidecar, one line per connection)");
     let (_, log) = ctl_output(muonctl, &["lab", "logs", LAB, "orders", "--sidecar"])?;

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod setup;
 mod util;
 
 use anyhow::Result;
@@ -44,10 +45,13 @@ fn main() {
 
 fn test(extra: &[String]) -> Result<()> {
     util::require_root("the end-to-end tests create network namespaces")?;
+    setup::ensure_packages()?;
+    let python = setup::ensure_test_python()?;
     let bins = util::build_bins()?;
     let mut cmd = util::cargo();
     cmd.args(["test", "--workspace", "--all-targets"]);
     cmd.env("MUON_BIN_DIR", &bins);
+    cmd.env("MUON_TEST_PYTHON", &python);
     cmd.arg("--").args(extra);
     util::status(&mut cmd)
 }
