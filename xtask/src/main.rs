@@ -1,6 +1,8 @@
 //! Project automation: `cargo xtask test | demo | bench`.
 #![forbid(unsafe_code)]
 
+mod bench;
+mod cpbench;
 mod demo;
 mod setup;
 mod util;
@@ -29,6 +31,8 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Benchmark Muon against Envoy, HAProxy, nginx and no proxy, in one run (root, Linux).
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() {
@@ -36,6 +40,7 @@ fn main() {
     let result = match cli.command {
         Cmd::Test { args } => test(&args),
         Cmd::Demo { keep } => demo::run(keep),
+        Cmd::Bench(args) => bench::run(*args),
     };
     if let Err(e) = result {
         eprintln!("xtask: {e:#}");

@@ -1,0 +1,527 @@
+//! `cargo xtask bench`: Muon against Envoy, HAProxy and nginx, and against no proxy at all,
+//! side by side in one run, on the lab's real iptables capture.
+//!
+//! One lab per scenario (see `scenarios`), all up at once; then each measurement step runs
+//! over every scenario before the next step starts, so that the scenarios compared in a
+//! table were measured minutes apart, not a quarter of an hour. The steps:
+//!
+//! 1. idle RSS of every proxy, before any load;
+//! 2. open loop at 1,000 and 5,000 requests/s (HTTP/1.1 keep-alive, 1 KiB answers), with
+//!    latency corrected for coordinated omission, the proxies' CPU time and peak RSS;
+//! 3. closed loop: maximum requests/s;
+//! 4. one TCP stream each way: MB/s.
+//!
+//! The load generator is this binary (`xtask bench load|bulk|bulk-server`, see `load`),
+//! built in release mode and run inside the client pod. Results go to
+//! `bench-results/<time>/` as `results.json` and `results.md` (see `report`).
+
+mod load;
+mod peers;
+mod procs;
+mod profile;
+mod report;
+mod scenarios;
+
+use crate::util;
+use anyhow::{bail, Context, Result};
+use report::{Meta, RunReport, ScenarioReport, StepResult};
+use scenarios::{Kind, Running};
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where the pods find the binaries the harness runs in them (world-readable).
+const BENCH_ROOT: &str = "/run/muon/bench";
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    tool: Option<Tool>,
+    /// A short run (under 3 minutes): the same steps, shorter.
+    #[arg(long)]
+    quick: bool,
+    /// What the proxies carry: l4 (TCP forwarding). http and mtls come with those features.
+    #[arg(long, value_enum, default_value_t = Mode::L4)]
+    mode: Mode,
+    /// Profile Muon under load with perf instead of comparing (writes profile.md).
+    #[arg(long)]
+    profile: bool,
+    /// Only these scenarios (comma-separated). direct always runs in a comparison: every
+    /// latency is reported against it.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenarios: Vec<Kind>,
+    /// Results directory (default: bench-results/<UTC time>/ in the workspace).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Use the release binaries already built instead of building them.
+    #[arg(long)]
+    no_build: bool,
+    /// Print the tables of an earlier run from its results.json, and do nothing else.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    report: Option<PathBuf>,
+    /// Take muon-proxy and muon-init from this directory instead of the release build (the
+    /// lab's --bin-dir), e.g. to measure a candidate fix against the same peers.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Tool {
+    /// (Runs in a pod) HTTP/1.1 load: open loop with --rate, closed loop without.
+    Load(load::LoadArgs),
+    /// (Runs in a pod) One TCP stream to a bulk server, up or down.
+    Bulk(load::BulkArgs),
+    /// (Runs in a pod) The bulk server: sink and source.
+    BulkServer(load::BulkServerArgs),
+    /// Control plane: endpoint change → every proxy's ACK, bytes per change, RSS and CPU.
+    ControlPlane(crate::cpbench::CpBenchArgs),
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// TCP forwarding (tcp_proxy, `mode tcp`, `stream`).
+    L4,
+    /// HTTP/1.1 and HTTP/2 between the proxies.
+    Http,
+    /// Mutual TLS with SPIFFE certificates between the proxies.
+    Mtls,
+}
+
+/// What every scenario needs to know about the run.
+pub struct Env {
+    pub muonctl: PathBuf,
+    /// Where muon-proxy and muon-init are (the lab's --bin-dir).
+    pub lab_bins: PathBuf,
+    /// World-readable copies of what runs in pods: muon-bench, demo-shop, envoy.
+    pub bench_bin: PathBuf,
+    pub out: PathBuf,
+    pub mode: Mode,
+}
+
+/// How long each step runs.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Plan {
+    pub warmup_s: f64,
+    pub latency_s: f64,
+    pub saturation_s: f64,
+    pub bulk_s: f64,
+    /// (requests/s, connections) of the open-loop steps.
+    pub rates: Vec<(u32, usize)>,
+    pub saturation_connections: usize,
+    /// Each step's time is split into this many rounds, and every round visits every
+    /// scenario in turn: a burst of noise from a neighbour lands on all of them, not one.
+    pub rounds: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        let rates = vec![(1000, 10), (5000, 50)];
+        if quick {
+            Plan {
+                warmup_s: 1.0,
+                latency_s: 4.0,
+                saturation_s: 4.0,
+                bulk_s: 2.0,
+                rates,
+                saturation_connections: 16,
+                rounds: 1,
+            }
+        } else {
+            Plan {
+                warmup_s: 1.0,
+                latency_s: 40.0,
+                saturation_s: 16.0,
+                bulk_s: 12.0,
+                rates,
+                saturation_connections: 16,
+                rounds: 4,
+            }
+        }
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(tool) = &args.tool {
+        return match tool {
+            Tool::Load(a) => load::run_load(a),
+            Tool::Bulk(a) => load::run_bulk(a),
+            Tool::BulkServer(a) => load::run_bulk_server(a),
+            Tool::ControlPlane(a) => crate::cpbench::run(a.clone()),
+        };
+    }
+    if let Some(path) = &args.report {
+        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let run: RunReport = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not a results.json", path.display()))?;
+        print!("{}", report::markdown(&run));
+        return Ok(());
+    }
+    match args.mode {
+        Mode::L4 => {}
+        Mode::Http => bail!("--mode http is not available yet: Muon forwards TCP only until HTTP routing lands; use --mode l4"),
+        Mode::Mtls => bail!("--mode mtls is not available yet: Muon has no mTLS until the identity work lands; use --mode l4"),
+    }
+    util::require_root(
+        "the benchmark runs in a lab: network namespaces and iptables rules inside them",
+    )?;
+    procs::install_interrupt_cleanup();
+    let started = Instant::now();
+    let env = prepare(&args)?;
+    println!("== results go to {}", env.out.display());
+    if args.profile {
+        let kinds = if args.scenarios.is_empty() {
+            vec![Kind::Muon]
+        } else {
+            args.scenarios.clone()
+        };
+        return profile::run(&env, &kinds, args.quick);
+    }
+    let mut kinds: Vec<Kind> = if args.scenarios.is_empty() {
+        Kind::ALL.to_vec()
+    } else {
+        args.scenarios.clone()
+    };
+    if !kinds.contains(&Kind::Direct) {
+        kinds.insert(0, Kind::Direct);
+    }
+    kinds.sort();
+    kinds.dedup();
+    let plan = Plan::new(args.quick);
+    let meta = Meta::collect(&env, args.quick);
+    let result = compare(&env, &kinds, &plan, meta, started);
+    // Whatever happened, no bench lab stays up.
+    for k in &kinds {
+        if Path::new("/run/muon/lab").join(k.lab()).exists() {
+            procs::lab_down(&env.muonctl, &k.lab());
+        }
+    }
+    result
+}
+
+/// Builds the release binaries, copies what pods run to BENCH_ROOT and makes the run's
+/// results directory.
+fn prepare(args: &BenchArgs) -> Result<Env> {
+    let target = util::target_dir()?;
+    let release = target.join("release");
+    if !args.no_build {
+        println!("== building the benchmarked binaries (release)");
+        // Two builds, so the generator's dependencies never change how the proxy is built.
+        util::status(util::cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "muon-proxy",
+            "-p",
+            "muon-init",
+            "-p",
+            "muonctl",
+            "-p",
+            "demo-shop",
+        ]))?;
+        util::status(util::cargo().args(["build", "--release", "-p", "xtask"]))?;
+    }
+    let bench_bin = Path::new(BENCH_ROOT).join("bin");
+    std::fs::create_dir_all(&bench_bin)?;
+    for d in [
+        Path::new("/run/muon"),
+        Path::new(BENCH_ROOT),
+        bench_bin.as_path(),
+    ] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    for (from, to) in [("demo-shop", "demo-shop"), ("xtask", "muon-bench")] {
+        let src = release.join(from);
+        if !src.is_file() {
+            bail!("{} is missing: build it (drop --no-build)", src.display());
+        }
+        peers::copy_executable(&src, &bench_bin.join(to))?;
+    }
+    let lab_bins = args.bin_dir.clone().unwrap_or_else(|| release.clone());
+    for path in [
+        release.join("muonctl"),
+        lab_bins.join("muon-proxy"),
+        lab_bins.join("muon-init"),
+    ] {
+        if !path.is_file() {
+            bail!("{} is missing: build it (drop --no-build)", path.display());
+        }
+    }
+    let out = match &args.out {
+        Some(o) => o.clone(),
+        None => util::workspace_root()
+            .join("bench-results")
+            .join(report::stamp("%Y%m%d-%H%M%S")),
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    Ok(Env {
+        muonctl: release.join("muonctl"),
+        lab_bins,
+        bench_bin,
+        out,
+        mode: args.mode,
+    })
+}
+
+fn compare(env: &Env, kinds: &[Kind], plan: &Plan, meta: Meta, started: Instant) -> Result<()> {
+    let mut reports: Vec<ScenarioReport> = kinds.iter().map(|&k| ScenarioReport::new(k)).collect();
+    let mut versions = BTreeMap::new();
+    let muon = match &args_bin_dir(env) {
+        Some(dir) => format!(
+            "{} (muon-proxy and muon-init from {dir})",
+            meta.muon_version
+        ),
+        None => meta.muon_version.clone(),
+    };
+    versions.insert("muon".to_string(), muon);
+
+    // Peers first: an install that fails takes its scenario out, not the run.
+    let mut bins = BTreeMap::new();
+    for (i, &k) in kinds.iter().enumerate() {
+        if let Some(peer) = k.peer() {
+            println!("== {}: finding or installing it", k.name());
+            match peers::install(peer, &env.bench_bin) {
+                Ok(b) => {
+                    versions.insert(k.name().to_string(), b.version.clone());
+                    bins.insert(k, b);
+                }
+                Err(e) => reports[i].fail(format!("install: {e:#}")),
+            }
+        }
+    }
+
+    let mut running: Vec<(usize, Running)> = Vec::new();
+    for (i, &k) in kinds.iter().enumerate() {
+        if reports[i].error.is_some() {
+            continue;
+        }
+        println!("== {}: starting lab {}", k.name(), k.lab());
+        let t = Instant::now();
+        match Running::start(env, k, bins.get(&k)) {
+            Ok(r) => {
+                println!("   ready in {:.1}s", t.elapsed().as_secs_f64());
+                running.push((i, r));
+            }
+            Err(e) => {
+                println!("   FAILED: {e:#}");
+                reports[i].fail(format!("start: {e:#}"));
+            }
+        }
+    }
+    if !running.iter().any(|(_, r)| r.kind == Kind::Direct) {
+        println!(
+            "   (direct did not start: latencies are reported without the added-latency baseline)"
+        );
+    }
+
+    std::thread::sleep(Duration::from_secs(1));
+    for (i, r) in &running {
+        reports[*i].rss_idle_kib = rss_now(&r.proxies);
+    }
+
+    let w = plan.warmup_s;
+    for &(rate, conns) in &plan.rates {
+        let key = format!("open_{rate}");
+        let secs = plan.latency_s / plan.rounds as f64;
+        println!(
+            "== open loop, {rate} requests/s over {conns} connections: {} round(s) of {secs}s (+{w}s warm-up) per scenario",
+            plan.rounds
+        );
+        for round in 0..plan.rounds {
+            for (i, r) in &mut running {
+                let args = load_args(r.http_target().to_string(), Some(rate), conns, secs, w);
+                let step = measure(r, &args, secs + w + 30.0, Payload::Load);
+                print_step(r.kind, &format!("#{}", round + 1), &step);
+                reports[*i].add_round(&key, step);
+            }
+        }
+    }
+    let secs = plan.saturation_s / plan.rounds as f64;
+    println!(
+        "== closed loop over {} connections: {} round(s) of {secs}s per scenario: maximum requests/s",
+        plan.saturation_connections, plan.rounds
+    );
+    for round in 0..plan.rounds {
+        for (i, r) in &mut running {
+            let args = load_args(
+                r.http_target().to_string(),
+                None,
+                plan.saturation_connections,
+                secs,
+                w.min(1.0),
+            );
+            let step = measure(r, &args, secs + 30.0, Payload::Load);
+            print_step(r.kind, &format!("#{}", round + 1), &step);
+            reports[*i].add_round("closed", step);
+        }
+    }
+    let secs = plan.bulk_s / plan.rounds as f64;
+    println!(
+        "== one TCP stream each way: {} round(s) of {secs}s per scenario",
+        plan.rounds
+    );
+    for (i, r) in &mut running {
+        if let Err(e) = r.use_port(scenarios::BULK_PORT) {
+            reports[*i].fail(format!("restarting for the bulk port: {e:#}"));
+        }
+    }
+    for round in 0..plan.rounds {
+        for (i, r) in &mut running {
+            if reports[*i].error.is_some() {
+                continue;
+            }
+            for (key, dir) in [("bulk_up", "up"), ("bulk_down", "down")] {
+                let args: Vec<String> = [
+                    "bulk",
+                    "--addr",
+                    &r.bulk_target().to_string(),
+                    "--direction",
+                    dir,
+                    "--duration",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([format!("{secs}s"), "--json".into()])
+                .collect();
+                let step = measure(r, &args, secs + 30.0, Payload::Bulk);
+                print_step(r.kind, &format!("#{} {dir}", round + 1), &step);
+                reports[*i].add_round(key, step);
+            }
+        }
+    }
+    for (i, r) in &running {
+        reports[*i].rss_end_kib = rss_now(&r.proxies);
+        if !r.proxies_alive() {
+            reports[*i].fail("a proxy exited during the run".into());
+        }
+    }
+    // Down with the labs before writing (they are also taken down by Drop on any error).
+    drop(running);
+
+    reports.iter_mut().for_each(ScenarioReport::finish);
+    let report = RunReport::new(
+        meta,
+        versions,
+        plan.clone(),
+        reports,
+        started.elapsed().as_secs_f64(),
+    );
+    let md = report::markdown(&report);
+    std::fs::write(
+        env.out.join("results.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    std::fs::write(env.out.join("results.md"), &md)?;
+    println!("\n{md}");
+    println!(
+        "wrote {0}/results.md and {0}/results.json ({1:.0}s)",
+        env.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The lab's binaries, when they are not the release build's.
+fn args_bin_dir(env: &Env) -> Option<String> {
+    (!env.lab_bins.ends_with("release")).then(|| env.lab_bins.display().to_string())
+}
+
+fn load_args(addr: String, rate: Option<u32>, conns: usize, secs: f64, warmup: f64) -> Vec<String> {
+    let mut a = vec!["load".to_string(), "--addr".into(), addr];
+    if let Some(r) = rate {
+        a.extend(["--rate".into(), r.to_string()]);
+    }
+    a.extend([
+        "--connections".into(),
+        conns.to_string(),
+        "--duration".into(),
+        format!("{secs}s"),
+        "--warmup".into(),
+        format!("{warmup}s"),
+        "--expect-size".into(),
+        "1024".into(),
+        "--json".into(),
+    ]);
+    a
+}
+
+enum Payload {
+    Load,
+    Bulk,
+}
+
+/// Runs one generator invocation in the scenario's client pod and measures the proxies
+/// around it: CPU time (utime + stime) before and after, RSS sampled every 200 ms.
+fn measure(r: &Running, args: &[String], limit_s: f64, payload: Payload) -> StepResult {
+    let ticks = |pids: &Vec<i32>| {
+        pids.iter()
+            .filter_map(|&p| procs::cpu_ticks(p))
+            .sum::<u64>()
+    };
+    let before: BTreeMap<String, u64> = r
+        .proxies
+        .iter()
+        .map(|(k, v)| (k.clone(), ticks(v)))
+        .collect();
+    let sampler = procs::RssSampler::start(r.proxies.clone(), Duration::from_millis(200));
+    let limit = Duration::from_secs_f64(limit_s);
+    let mut step = StepResult::default();
+    match payload {
+        Payload::Load => match r.run_tool::<load::LoadReport>(args, limit) {
+            Ok(l) => step.load = Some(l),
+            Err(e) => step.error = Some(format!("{e:#}")),
+        },
+        Payload::Bulk => match r.run_tool::<load::BulkReport>(args, limit) {
+            Ok(b) => step.bulk = Some(b),
+            Err(e) => step.error = Some(format!("{e:#}")),
+        },
+    }
+    step.rss_peak_kib = sampler.finish();
+    let hz = procs::clock_ticks();
+    for (side, pids) in &r.proxies {
+        let spent = ticks(pids).saturating_sub(before.get(side).copied().unwrap_or(0));
+        step.cpu_ms.insert(side.clone(), spent as f64 * 1000.0 / hz);
+    }
+    step
+}
+
+fn rss_now(proxies: &BTreeMap<String, Vec<i32>>) -> BTreeMap<String, u64> {
+    proxies
+        .iter()
+        .map(|(side, pids)| {
+            (
+                side.clone(),
+                pids.iter()
+                    .filter_map(|&p| procs::status_kib(p, "VmRSS"))
+                    .sum(),
+            )
+        })
+        .collect()
+}
+
+fn print_step(kind: Kind, label: &str, s: &StepResult) {
+    let cpu = if s.cpu_ms.is_empty() {
+        "-".to_string()
+    } else {
+        format!("{:.0} ms", s.cpu_ms.values().sum::<f64>())
+    };
+    match (&s.load, &s.bulk, &s.error) {
+        (_, _, Some(e)) => println!("   {:<8} {label:<5} error: {e}", kind.name()),
+        (Some(l), _, _) => println!(
+            "   {:<8} {label:<5} {:>7.0}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  p99.9 {:>7.3} ms  errors {}  proxy CPU {}",
+            kind.name(),
+            l.achieved_rps,
+            l.latency_us.p50 / 1000.0,
+            l.latency_us.p99 / 1000.0,
+            l.latency_us.p999 / 1000.0,
+            l.errors + l.unsent,
+            cpu
+        ),
+        (_, Some(b), _) => println!("   {:<8} {label:<5} {:>8.1} MB/s  proxy CPU {}", kind.name(), b.mb_per_s, cpu),
+        _ => {}
+    }
+}

