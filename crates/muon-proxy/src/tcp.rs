@@ -3,7 +3,12 @@
 //! Half-close is preserved (EOF from one side becomes `shutdown(Write)` on the other, and
 //! the other direction keeps flowing), a connection with no byte in either direction for
 //! the idle timeout is closed, and bytes are counted into the access record and the
-//! metrics as they pass. Each direction has one buffer, allocated once per connection.
+//! metrics as they pass.
+//!
+//! Each direction has one buffer. It starts small, so thousands of request/response
+//! connections cost little memory, and grows once to [`MAX_BUF`] when a read fills it: a bulk
+//! stream then moves 64 KiB per system call instead of 8 (the benchmark's profile showed the
+//! small buffer halving bulk throughput). It is never allocated per read.
 
 use crate::accesslog::Record;
 use crate::metrics::DirectionMetrics;
@@ -15,12 +20,14 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
-/// Size of each direction's copy buffer.
+/// Size of each direction's copy buffer when the connection starts.
 pub const BUF_SIZE: usize = 8 * 1024;
+/// What a buffer grows to once a read fills it.
+pub const MAX_BUF: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -83,21 +90,30 @@ pub async fn relay(
     rec: &mut Record,
 ) -> Outcome {
     let activity = Activity::new();
-    let mut client = Counted {
-        io: client,
+    // Borrowed halves of the sockets themselves: no lock between the two directions.
+    let (client_r, mut client_w) = client.split();
+    let (upstream_r, mut upstream_w) = upstream.split();
+    let mut client_r = Counted {
+        io: client_r,
         bytes: &mut rec.bytes_sent,
         metric: &metrics.sent,
         activity: &activity,
     };
-    let mut upstream = Counted {
-        io: upstream,
+    let mut upstream_r = Counted {
+        io: upstream_r,
         bytes: &mut rec.bytes_received,
         metric: &metrics.received,
         activity: &activity,
     };
-    let copy =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUF_SIZE, BUF_SIZE);
+    let copy = async {
+        tokio::try_join!(
+            pump(&mut client_r, &mut upstream_w),
+            pump(&mut upstream_r, &mut client_w),
+        )
+    };
     tokio::select! {
+        // Copying first: the idle timer only matters when nothing moves.
+        biased;
         r = copy => match r {
             Ok(_) => Outcome::Ok,
             Err(e) => {
@@ -106,6 +122,26 @@ pub async fn relay(
             }
         },
         () = idle(&activity, idle_timeout) => Outcome::IdleTimeout,
+    }
+}
+
+/// Copies `from` to `to` until EOF, then shuts down `to`'s write side (half-close), leaving
+/// the other direction to finish on its own.
+async fn pump<R, W>(from: &mut R, to: &mut W) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        if n == buf.len() && buf.len() < MAX_BUF {
+            buf.resize(MAX_BUF, 0);
+        }
     }
 }
 
@@ -145,15 +181,15 @@ async fn idle(activity: &Activity, timeout: Duration) {
     }
 }
 
-/// A stream whose reads are counted; writes pass straight through.
-struct Counted<'a> {
-    io: &'a mut TcpStream,
+/// A read half whose reads are counted.
+struct Counted<'a, R> {
+    io: R,
     bytes: &'a mut u64,
     metric: &'a Counter,
     activity: &'a Activity,
 }
 
-impl AsyncRead for Counted<'_> {
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<'_, R> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -161,7 +197,7 @@ impl AsyncRead for Counted<'_> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        ready!(Pin::new(&mut *this.io).poll_read(cx, buf))?;
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             *this.bytes += n;
@@ -169,23 +205,5 @@ impl AsyncRead for Counted<'_> {
             this.activity.touch();
         }
         Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Counted<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
     }
 }
