@@ -550,6 +550,41 @@ fn sidecar_ready(pod: &PodState) -> bool {
     matches!(netns::http_get_in(&pod.netns, addr, "/ready"), Ok((200, _)))
 }
 
+/// Does the sidecar's table hold every service of the lab with all its endpoints? A sidecar
+/// is ready after its first sync, which may come from a snapshot the control plane computed
+/// before the lab's registrations (pushes are debounced); `up` returns only once the mesh as
+/// registered has reached every sidecar.
+fn sidecar_has_every_service(lab: &LabState, pod: &PodState) -> bool {
+    if lab.control_plane.is_none() {
+        return true; // the table file was written whole before any sidecar started
+    }
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports::ADMIN);
+    let Ok((200, body)) = netns::http_get_in(&pod.netns, addr, "/config_dump") else {
+        return false;
+    };
+    let Ok(dump) = serde_json::from_str::<serde_json::Value>(&body) else {
+        return false;
+    };
+    let have: BTreeMap<(String, String), usize> = dump["table"]["services"]
+        .as_array()
+        .map(|services| {
+            services
+                .iter()
+                .map(|s| {
+                    let key = (
+                        s["name"].as_str().unwrap_or_default().to_string(),
+                        s["namespace"].as_str().unwrap_or_default().to_string(),
+                    );
+                    (key, s["endpoints"].as_array().map_or(0, Vec::len))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    lab.services.iter().all(|svc| {
+        have.get(&(svc.name.clone(), svc.namespace.clone())) == Some(&svc.endpoints.len())
+    })
+}
+
 /// Waits until every sidecar says ready and every service's target ports accept connections
 /// on every pod behind it; fails early, with the log's last lines, when a process dies.
 fn wait_ready(lab: &LabState, topo: &Topology, timeout: Duration) -> Result<()> {
@@ -591,7 +626,7 @@ fn wait_ready(lab: &LabState, topo: &Topology, timeout: Duration) -> Result<()> 
         pending.retain(|&(i, port)| {
             let pod = &lab.pods[i];
             match port {
-                None => !sidecar_ready(pod),
+                None => !(sidecar_ready(pod) && sidecar_has_every_service(lab, pod)),
                 // The probe runs as root, whose connections to the pod's own IP muon-init
                 // leaves uncaptured, so this checks the app itself.
                 Some(addr) => !netns::can_connect_in(&pod.netns, addr),
