@@ -7,22 +7,27 @@
 //! behind by at most one response and then gets the latest state.
 //!
 //! Per kind, a stream remembers which version of each resource it sent, and sends only the
-//! resources whose version changed plus the names that disappeared. At most one push per kind
-//! waits for its ACK; further changes are folded into the next push once it arrives (a
-//! subscription change is answered at once). A NACK records the error and leaves the
-//! sidecar's acked version alone.
+//! resources whose version changed plus the names that disappeared. To find them it compares
+//! only the names the snapshots since its last comparison changed ([`Snapshot::changed_since`]),
+//! so a change costs each stream work in proportion to the change, not to the mesh; it
+//! compares everything only on its first response, after a subscription change, or when it
+//! fell further behind than the snapshots remember. Responses carry each resource's shared
+//! encoding (`wire`), never a copy.
+//!
+//! At most one push per kind waits for its ACK; further changes are folded into the next
+//! push once it arrives (a subscription change is answered at once). A NACK records the
+//! error and leaves the sidecar's acked version alone.
 
 use crate::metrics::Metrics;
-use crate::registry::{kind_index, Registry, Snapshot};
-use muon_api::v1::{self, kinds, DiscoveryRequest, DiscoveryResponse};
+use crate::registry::{kind_index, Registry, Resource, Snapshot};
+use crate::wire::EncodedResponse;
+use muon_api::v1::{self, kinds, DiscoveryRequest};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 /// What `ListProxies` shows of one kind of one stream.
@@ -129,18 +134,9 @@ impl DiscoveryService {
     }
 }
 
-type ResponseStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl v1::discovery_server::Discovery for DiscoveryService {
-    type StreamStream = ResponseStream;
-
-    async fn stream(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream>, Status> {
-        let inbound = request.into_inner();
+impl DiscoveryService {
+    /// Starts the task that serves one discovery stream; returns what it sends.
+    pub(crate) fn open(&self, inbound: Streaming<DiscoveryRequest>) -> Responses {
         // One slot: the stream task builds a response only when the previous one was taken.
         let (tx, rx) = mpsc::channel(1);
         let svc = self.clone();
@@ -153,9 +149,12 @@ impl v1::discovery_server::Discovery for DiscoveryService {
             };
             s.run(inbound).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        rx
     }
 }
+
+/// What a stream task sends: responses, then possibly the error that ended the stream.
+pub(crate) type Responses = mpsc::Receiver<Result<EncodedResponse, Status>>;
 
 #[derive(Default)]
 struct KindState {
@@ -170,6 +169,9 @@ struct KindState {
     forced: bool,
     /// The snapshot changed since this kind was last compared.
     dirty: bool,
+    /// The snapshot (`seq`) that `sent` was last brought up to date with; `None` until the
+    /// first response and after a subscription change, when everything must be compared.
+    seen: Option<u64>,
     /// Names just subscribed that may not exist: answered as removed so the sidecar stops
     /// waiting for them.
     asked: BTreeSet<String>,
@@ -187,49 +189,85 @@ impl KindState {
         self.subscribed && (self.forced || (self.dirty && self.in_flight.is_empty()))
     }
 
-    /// The resources whose version differs from what was sent, and the names to remove.
-    fn diff(&mut self, snap: &Snapshot, idx: usize) -> (Vec<v1::Resource>, Vec<String>) {
+    /// The resources whose version differs from what was sent, the names to remove, and how
+    /// many resources were compared. When `sent` is up to date with an earlier snapshot this
+    /// snapshot still remembers, only the names changed since then are compared.
+    fn diff(&mut self, snap: &Snapshot, idx: usize) -> Diff {
         let current = &snap.kinds[idx];
-        let mut changed = Vec::new();
-        let mut send = |name: &String, res: &crate::registry::Resource| {
-            if self.sent.get(name) != Some(&res.version) {
-                self.sent.insert(name.clone(), res.version);
-                changed.push(res.proto.clone());
-            }
-        };
-        if self.wildcard {
-            for (name, res) in current {
-                send(name, res);
-            }
-        } else {
-            for name in &self.names {
-                if let Some(res) = current.get(name) {
-                    send(name, res);
+        let since = self.seen.and_then(|seq| snap.changed_since(seq, idx));
+        self.seen = Some(snap.seq);
+        let mut d = Diff::default();
+        match since {
+            Some(names) => {
+                for name in names {
+                    d.compared += 1;
+                    match current.get(name) {
+                        Some(res) if self.wants(name) => send(&mut self.sent, name, res, &mut d),
+                        _ => {
+                            if self.sent.remove(name).is_some() {
+                                d.removed.push(name.to_string());
+                            }
+                        }
+                    }
                 }
             }
-        }
-        let mut removed: Vec<String> = self
-            .sent
-            .keys()
-            .filter(|n| !current.contains_key(*n) || !self.wants(n))
-            .cloned()
-            .collect();
-        for n in &removed {
-            self.sent.remove(n);
-        }
-        for n in std::mem::take(&mut self.asked) {
-            if !current.contains_key(&n) && !removed.contains(&n) {
-                removed.push(n);
+            None => {
+                if self.wildcard {
+                    for (name, res) in current {
+                        d.compared += 1;
+                        send(&mut self.sent, name, res, &mut d);
+                    }
+                } else {
+                    for name in &self.names {
+                        d.compared += 1;
+                        if let Some(res) = current.get(name) {
+                            send(&mut self.sent, name, res, &mut d);
+                        }
+                    }
+                }
+                let wants = |n: &String| {
+                    current.contains_key(n) && (self.wildcard || self.names.contains(n))
+                };
+                d.compared += self.sent.len();
+                self.sent.retain(|n, _| {
+                    let keep = wants(n);
+                    if !keep {
+                        d.removed.push(n.clone());
+                    }
+                    keep
+                });
             }
         }
-        removed.sort();
-        (changed, removed)
+        for n in std::mem::take(&mut self.asked) {
+            if !current.contains_key(&n) && !d.removed.contains(&n) {
+                d.removed.push(n);
+            }
+        }
+        d.removed.sort();
+        d
     }
+}
+
+/// Adds `res` to the diff unless this stream already sent its version.
+fn send(sent: &mut HashMap<String, u64>, name: &str, res: &Arc<Resource>, d: &mut Diff) {
+    if sent.get(name) != Some(&res.version) {
+        sent.insert(name.to_string(), res.version);
+        d.changed.push(res.clone());
+    }
+}
+
+/// What one stream owes a sidecar of one kind.
+#[derive(Default)]
+struct Diff {
+    changed: Vec<Arc<Resource>>,
+    removed: Vec<String>,
+    /// Resources looked at to find the above (the cost of the diff).
+    compared: usize,
 }
 
 struct StreamTask<'a> {
     svc: &'a DiscoveryService,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Result<EncodedResponse, Status>>,
     kinds: [KindState; 4],
     /// Round robin over kinds, so one busy kind cannot starve the others.
     next_kind: usize,
@@ -348,6 +386,9 @@ impl StreamTask<'_> {
             k.subscribed = true;
             k.forced = true;
         }
+        if !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty() {
+            k.seen = None;
+        }
         for name in req.resource_names_subscribe {
             if name == "*" {
                 k.wildcard = true;
@@ -406,7 +447,7 @@ impl StreamTask<'_> {
     }
 
     /// Builds the next response of a ready kind, or nothing when no kind has a change.
-    fn build(&mut self, snap: &Snapshot) -> Option<DiscoveryResponse> {
+    fn build(&mut self, snap: &Snapshot) -> Option<EncodedResponse> {
         for i in 0..4 {
             let idx = (self.next_kind + i) % 4;
             let k = &mut self.kinds[idx];
@@ -415,19 +456,24 @@ impl StreamTask<'_> {
             }
             let forced = std::mem::take(&mut k.forced);
             k.dirty = false;
-            let (resources, removed) = k.diff(snap, idx);
-            if resources.is_empty() && removed.is_empty() && !forced {
+            let Diff {
+                changed,
+                removed,
+                compared,
+            } = k.diff(snap, idx);
+            self.svc.metrics.compared(kinds::ALL[idx], compared);
+            if changed.is_empty() && removed.is_empty() && !forced {
                 continue;
             }
             self.next_kind = (idx + 1) % 4;
             let nonce = self.svc.nonces.fetch_add(1, Ordering::Relaxed).to_string();
             k.in_flight.push((nonce.clone(), snap.version));
             k.status.sent_version = Some(snap.version);
-            let resp = DiscoveryResponse {
+            let resp = EncodedResponse {
                 type_url: kinds::ALL[idx].to_string(),
                 version_info: snap.version.to_string(),
                 nonce,
-                resources,
+                resources: changed.iter().map(|r| r.encoded.clone()).collect(),
                 removed_resources: removed,
             };
             let latency = match (forced, snap.changed_at) {

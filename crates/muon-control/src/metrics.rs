@@ -27,6 +27,7 @@ pub struct Metrics {
     push_bytes: Family<TypeLabels, Counter>,
     push_latency: Histogram,
     nacks: Family<TypeLabels, Counter>,
+    compared: Family<TypeLabels, Counter>,
     objects: Family<KindLabels, Gauge>,
 }
 
@@ -71,6 +72,12 @@ impl Metrics {
             "Discovery responses sidecars rejected, by resource kind",
             nacks.clone(),
         );
+        let compared = Family::<TypeLabels, Counter>::default();
+        registry.register(
+            "discovery_compared_resources",
+            "Resources discovery streams compared with what they had sent, to find what to push",
+            compared.clone(),
+        );
         let objects = Family::<KindLabels, Gauge>::default();
         registry.register(
             "objects",
@@ -84,6 +91,7 @@ impl Metrics {
             push_bytes,
             push_latency,
             nacks,
+            compared,
             objects,
         }
     }
@@ -100,6 +108,12 @@ impl Metrics {
 
     pub fn nacked(&self, type_url: &'static str) {
         self.nacks.get_or_create(&TypeLabels { type_url }).inc();
+    }
+
+    pub fn compared(&self, type_url: &'static str, resources: usize) {
+        self.compared
+            .get_or_create(&TypeLabels { type_url })
+            .inc_by(resources as u64);
     }
 
     pub fn set_objects(&self, kind: &'static str, n: usize) {
@@ -126,6 +140,7 @@ mod tests {
         let m = Metrics::new();
         m.pushed("endpoints", 10, Some(Duration::from_millis(5)));
         m.nacked("routes");
+        m.compared("services", 3);
         m.set_objects("Service", 2);
         let text = m.encode();
         for name in [
@@ -134,6 +149,7 @@ mod tests {
             "muon_control_push_bytes_total{type_url=\"endpoints\"} 10",
             "muon_control_push_latency_seconds_count 1",
             "muon_control_nacks_total{type_url=\"routes\"} 1",
+            "muon_control_discovery_compared_resources_total{type_url=\"services\"} 3",
             "muon_control_objects{kind=\"Service\"} 2",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");

@@ -14,9 +14,10 @@
 use crate::convert;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
+use bytes::Bytes;
 use muon_api::v1;
 use muon_core::resource::{Kind, Object, ObjectKey, Spec, WorkloadSpec};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch, Mutex};
@@ -93,16 +94,70 @@ pub struct Resource {
     /// The registry version at which this resource last changed.
     pub version: u64,
     pub proto: v1::Resource,
+    /// `proto`, encoded once for every stream that sends it.
+    pub encoded: Bytes,
 }
+
+impl Resource {
+    fn new(version: u64, name: String, kind: v1::resource::Kind) -> Resource {
+        let proto = v1::Resource {
+            name,
+            version: version.to_string(),
+            kind: Some(kind),
+        };
+        let encoded = prost::Message::encode_to_vec(&proto).into();
+        Resource {
+            version,
+            proto,
+            encoded,
+        }
+    }
+}
+
+/// The names of each kind that one snapshot added, changed or removed.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// The [`Snapshot::seq`] of the snapshot these changes produced.
+    pub seq: u64,
+    /// Per kind (the order of `kinds::ALL`).
+    pub names: [BTreeSet<String>; 4],
+}
+
+/// How many snapshots' [`Changes`] a snapshot remembers. A stream waiting for an ACK skips
+/// the snapshots published meanwhile; within this many it still compares only what changed.
+const HISTORY: usize = 16;
 
 /// The data-plane view at one registry version. Immutable; replaced as a whole.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub version: u64,
+    /// Counts snapshots: each is one more than its predecessor's.
+    pub seq: u64,
     /// When the oldest change in this snapshot happened (for the push latency metric).
     pub changed_at: Option<Instant>,
     /// Per kind (the order of `kinds::ALL`): resource name → resource.
     pub kinds: [BTreeMap<String, Arc<Resource>>; 4],
+    /// The changes that produced the last [`HISTORY`] snapshots, oldest first; the last one
+    /// produced this snapshot.
+    pub history: VecDeque<Arc<Changes>>,
+}
+
+impl Snapshot {
+    /// The names of kind `idx` added, changed or removed after snapshot `seq`, or `None` when
+    /// this snapshot does not remember that far back (then everything must be compared).
+    pub fn changed_since(&self, seq: u64, idx: usize) -> Option<BTreeSet<&str>> {
+        let oldest = self.history.front().map_or(self.seq, |c| c.seq);
+        if seq > self.seq || seq + 1 < oldest {
+            return None;
+        }
+        Some(
+            self.history
+                .iter()
+                .filter(|c| c.seq > seq)
+                .flat_map(|c| c.names[idx].iter().map(String::as_str))
+                .collect(),
+        )
+    }
 }
 
 struct Inner {
@@ -439,6 +494,12 @@ impl Registry {
     }
 }
 
+/// (namespace, label key, label value) → the workloads with that label, in object-key order.
+type WorkloadIndex<'a> = HashMap<
+    (&'a str, &'a str, &'a str),
+    Vec<(&'a muon_core::resource::Metadata, &'a WorkloadSpec)>,
+>;
+
 /// Computes the data-plane view; resources equal to the previous snapshot's keep their
 /// version (and their shared allocation).
 fn compute(
@@ -451,15 +512,19 @@ fn compute(
     let merged = inner.merged();
     let version = inner.version;
     let mut counts: HashMap<Kind, usize> = HashMap::new();
-    let mut workloads: HashMap<&str, Vec<(&muon_core::resource::Metadata, &WorkloadSpec)>> =
-        HashMap::new();
+    // Workloads by namespace and label, so a service's endpoints look only at the workloads
+    // that carry its selector's first label instead of every workload of the namespace.
+    let mut workloads: WorkloadIndex = HashMap::new();
     for (k, s) in &merged {
         *counts.entry(k.kind).or_default() += 1;
         if let Spec::Workload(w) = &s.object.spec {
-            workloads
-                .entry(k.namespace.as_str())
-                .or_default()
-                .push((&s.object.metadata, w));
+            let meta = &s.object.metadata;
+            for (key, value) in &meta.labels {
+                workloads
+                    .entry((k.namespace.as_str(), key.as_str(), value.as_str()))
+                    .or_default()
+                    .push((meta, w));
+            }
         }
     }
     for kind in Kind::ALL {
@@ -467,24 +532,22 @@ fn compute(
     }
     let mut snap = Snapshot {
         version,
+        seq: previous.seq + 1,
         changed_at,
         kinds: Default::default(),
+        history: Default::default(),
+    };
+    let mut changes = Changes {
+        seq: snap.seq,
+        names: Default::default(),
     };
     let mut put = |idx: usize, name: String, kind: v1::resource::Kind| {
-        let proto = v1::Resource {
-            name: name.clone(),
-            version: String::new(),
-            kind: Some(kind),
-        };
         let res = match previous.kinds[idx].get(&name) {
-            Some(old) if old.proto.kind == proto.kind => old.clone(),
-            _ => Arc::new(Resource {
-                version,
-                proto: v1::Resource {
-                    version: version.to_string(),
-                    ..proto
-                },
-            }),
+            Some(old) if old.proto.kind.as_ref() == Some(&kind) => old.clone(),
+            _ => {
+                changes.names[idx].insert(name.clone());
+                Arc::new(Resource::new(version, name.clone(), kind))
+            }
         };
         snap.kinds[idx].insert(name, res);
     };
@@ -498,7 +561,11 @@ fn compute(
                     name.clone(),
                     v1::resource::Kind::Service(convert::service_resource(meta, svc)),
                 );
-                let wl = workloads.get(k.namespace.as_str());
+                // An empty selector selects nothing; otherwise every selected workload
+                // carries its first label.
+                let wl = svc.selector.iter().next().and_then(|(key, value)| {
+                    workloads.get(&(k.namespace.as_str(), key.as_str(), value.as_str()))
+                });
                 let eps = convert::endpoints_resource(
                     meta,
                     svc,
@@ -517,6 +584,15 @@ fn compute(
             Spec::Workload(_) => {}
         }
     }
+    for (idx, kind) in snap.kinds.iter().enumerate() {
+        let removed = previous.kinds[idx]
+            .keys()
+            .filter(|n| !kind.contains_key(*n));
+        changes.names[idx].extend(removed.cloned());
+    }
+    let skip = (previous.history.len() + 1).saturating_sub(HISTORY);
+    snap.history = previous.history.iter().skip(skip).cloned().collect();
+    snap.history.push_back(Arc::new(changes));
     snap
 }
 

@@ -11,6 +11,7 @@ use crate::discovery::{DiscoveryService, Proxies};
 use crate::management::ManagementService;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::wire::DiscoveryServer;
 use anyhow::Context;
 use muon_api::v1;
 use std::net::SocketAddr;
@@ -68,14 +69,15 @@ impl Server {
         }
         tasks.spawn(crate::http::serve(http, metrics.clone(), stop.clone()));
 
-        let discovery = v1::discovery_server::DiscoveryServer::new(DiscoveryService::new(
-            registry.clone(),
-            proxies.clone(),
-            metrics.clone(),
-            stop.clone(),
-        ))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+        let discovery = DiscoveryServer::new(
+            DiscoveryService::new(
+                registry.clone(),
+                proxies.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ),
+            MAX_MESSAGE,
+        );
         let management = v1::management_server::ManagementServer::new(ManagementService::new(
             registry.clone(),
             proxies.clone(),

@@ -723,6 +723,85 @@ async fn a_slow_proxy_gets_only_the_latest_state() {
     server.shutdown().await;
 }
 
+/// Resources discovery streams compared to work out their pushes, over all kinds.
+fn compared(server: &Server) -> u64 {
+    let text = server.metrics.encode();
+    text.lines()
+        .filter(|l| l.starts_with("muon_control_discovery_compared_resources_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_change_to_one_service_compares_and_sends_only_that_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let mut c = mgmt(&server).await;
+    let services = 20;
+    let mut objects = Vec::new();
+    for i in 0..services {
+        let name = format!("s{i:02}");
+        objects.push(service(&name, &format!("198.19.1.{i}")));
+        objects.push(workload(
+            &format!("{name}-1"),
+            &name,
+            &format!("198.18.1.{i}"),
+            1,
+        ));
+    }
+    apply(&mut c, objects).await.unwrap();
+    eventually(|| async { (server.registry.snapshot().kinds[1].len() == services).then_some(()) })
+        .await;
+
+    let mut p = Proxy::connect(&server).await;
+    for kind in kinds::ALL {
+        p.subscribe(kind, &["*"]).await;
+    }
+    for _ in kinds::ALL {
+        let r = p.recv().await;
+        p.ack(&r).await;
+    }
+    p.expect_nothing(Duration::from_millis(300)).await;
+
+    // One service's endpoints change: that one resource is compared and sent, and no other
+    // kind sends anything.
+    let before = compared(&server);
+    apply(&mut c, vec![workload("s07-1", "s07", "198.18.1.7", 2)])
+        .await
+        .unwrap();
+    let update = p.recv().await;
+    assert_eq!(update.type_url, kinds::ENDPOINTS);
+    assert_eq!(names(&update), ["s07.default"]);
+    assert!(update.removed_resources.is_empty());
+    p.ack(&update).await;
+    p.expect_nothing(Duration::from_millis(300)).await;
+    assert_eq!(compared(&server) - before, 1);
+
+    // Two changes while the proxy holds its ACK (it skips a snapshot): the push compares
+    // and sends just those two.
+    let before = compared(&server);
+    apply(&mut c, vec![workload("s03-1", "s03", "198.18.1.3", 3)])
+        .await
+        .unwrap();
+    let first = p.recv().await;
+    assert_eq!(names(&first), ["s03.default"]);
+    apply(&mut c, vec![workload("s11-1", "s11", "198.18.1.11", 3)])
+        .await
+        .unwrap();
+    p.expect_nothing(Duration::from_millis(300)).await;
+    apply(&mut c, vec![workload("s15-1", "s15", "198.18.1.15", 3)])
+        .await
+        .unwrap();
+    p.expect_nothing(Duration::from_millis(300)).await;
+    p.ack(&first).await;
+    let latest = p.recv().await;
+    assert_eq!(names(&latest), ["s11.default", "s15.default"]);
+    p.ack(&latest).await;
+    p.expect_nothing(Duration::from_millis(300)).await;
+    assert_eq!(compared(&server) - before, 3);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn on_demand_subscription_returns_just_that_service() {
     let dir = tempfile::tempdir().unwrap();
