@@ -5,7 +5,8 @@
 //! Every response carries `server: muon-proxy`; unknown paths get 404. Neither server ever
 //! blocks the data path: they only read the shared routes, metrics and drain state.
 
-use crate::config::Config;
+use crate::config::{Config, DiscoveryMode};
+use crate::discovery::on_demand::OnDemand;
 use crate::drain::{Drain, Phase};
 use crate::metrics::Metrics;
 use crate::routes::SharedRoutes;
@@ -49,6 +50,9 @@ pub struct State {
     pub drain: Arc<Drain>,
     /// The effective flags, serialised once at start.
     pub flags: serde_json::Value,
+    pub discovery_mode: DiscoveryMode,
+    /// On demand: the endpoints subscriptions, for `/config_dump`.
+    pub on_demand: Option<Arc<OnDemand>>,
 }
 
 impl State {
@@ -63,7 +67,15 @@ impl State {
             metrics,
             drain,
             flags: serde_json::to_value(config).unwrap_or_default(),
+            discovery_mode: config.discovery_mode,
+            on_demand: None,
         }
+    }
+
+    /// Shows the data path's on-demand subscriptions in `/config_dump`.
+    pub fn with_on_demand(mut self, on_demand: Option<Arc<OnDemand>>) -> Self {
+        self.on_demand = on_demand;
+        self
     }
 
     /// Ready once a table is loaded (listeners are bound before the servers start) and
@@ -145,14 +157,23 @@ pub fn route(kind: Kind, state: &State, req: &Request<Incoming>) -> Response<Ful
 }
 
 /// `{"version": n, "source": "file"|"control-plane"|"saved"|null, "table": {...} | null,
-/// "resources": {<kind>: {"version", "resources": [...]}} | null, "flags": {...}}`
+/// "resources": {<kind>: {"version", "resources": [...]}} | null,
+/// "discovery": {"mode": "all"|"on-demand", "subscribed": [names], "pending": [names]},
+/// "flags": {...}}`. `subscribed` and `pending` (not answered yet) are the endpoints names
+/// subscribed on demand; both are absent in `all` mode.
 pub fn config_dump(state: &State) -> String {
     let routes = state.routes.load();
+    let mut discovery = serde_json::json!({ "mode": state.discovery_mode });
+    if let Some(od) = &state.on_demand {
+        discovery["subscribed"] = od.subscribed().into();
+        discovery["pending"] = od.pending().into();
+    }
     let dump = serde_json::json!({
         "version": routes.as_ref().map_or(0, |r| r.version),
         "source": routes.as_ref().map(|r| r.source),
         "table": routes.as_ref().map(|r| &r.table),
         "resources": routes.as_ref().and_then(|r| r.resources.as_ref()),
+        "discovery": discovery,
         "flags": &state.flags,
     });
     let mut body = serde_json::to_string_pretty(&dump).unwrap_or_default();

@@ -79,8 +79,8 @@ pub struct Args {
     /// control plane cannot be reached at start.
     #[arg(long, env = "MUON_STATE_DIR", default_value = "/var/lib/muon-proxy")]
     pub state_dir: String,
-    /// all: subscribe to every service, endpoints, route and policy. (on-demand, endpoints
-    /// per service on first use, is not implemented yet and is refused.)
+    /// all: subscribe to every service, endpoints, route and policy. on-demand: every service,
+    /// route and policy, but a service's endpoints only once a connection goes to it.
     #[arg(long, env = "MUON_DISCOVERY_MODE", default_value = "all")]
     pub discovery_mode: String,
     /// allow-any: destinations no service claims pass through. registry-only: refused.
@@ -106,6 +106,9 @@ pub struct Args {
 pub enum DiscoveryMode {
     /// `*` for every kind.
     All,
+    /// `*` for services, routes and policies; endpoints by name, the first time an outbound
+    /// connection goes to their service (`discovery::on_demand`).
+    OnDemand,
 }
 
 /// What happens to an outbound connection no service claims.
@@ -221,11 +224,11 @@ impl Config {
         };
         let discovery_mode = match args.discovery_mode.as_str() {
             "all" => Some(DiscoveryMode::All),
-            "on-demand" => p.fail(
+            "on-demand" => Some(DiscoveryMode::OnDemand),
+            other => p.fail(
                 "--discovery-mode",
-                "on-demand is not implemented yet; use all".into(),
+                format!("{other:?} is not one of: all, on-demand"),
             ),
-            other => p.fail("--discovery-mode", format!("{other:?} is not one of: all")),
         };
         let outbound_policy = match args.outbound_policy.as_str() {
             "allow-any" => Some(OutboundPolicy::AllowAny),
@@ -526,6 +529,14 @@ mod tests {
         }
         assert!(err.to_string().contains("--table-file"), "{err}");
         assert!(parse(&["--control-plane", "http://cp"]).is_err());
+        let c = parse(&[
+            "--control-plane",
+            "cp:15010",
+            "--discovery-mode",
+            "on-demand",
+        ])
+        .unwrap();
+        assert_eq!(c.discovery_mode, DiscoveryMode::OnDemand);
     }
 
     #[test]

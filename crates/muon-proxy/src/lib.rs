@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! app ─► iptables REDIRECT ─► listen (accept, SO_ORIGINAL_DST, loop guard, overload)
-//!          ├─ outbound: routes lookup ─► balance ─► tcp::connect(endpoint) ─► tcp::relay
+//!          ├─ outbound: routes lookup (on demand, a first miss subscribes and waits)
+//!          │            ─► balance ─► tcp::connect(endpoint) ─► tcp::relay
 //!          └─ inbound:  tcp::connect(app, source 127.0.0.6 / ::6)      ─► tcp::relay
 //!        every connection ends in accesslog::finish (one `access` event + metrics)
 //! ```
@@ -122,6 +123,9 @@ pub struct Shared {
     pub idle_timeout: Duration,
     /// What to do with destinations no service claims.
     pub outbound_policy: config::OutboundPolicy,
+    /// `--discovery-mode on-demand` with a control plane: where a connection to a service
+    /// whose endpoints are not known yet subscribes and waits. Touched only on that miss.
+    pub on_demand: Option<Arc<discovery::on_demand::OnDemand>>,
     pub identity: Identity,
     /// One permit per open proxied connection, across both directions.
     pub limit: Arc<Semaphore>,
@@ -135,9 +139,13 @@ impl Shared {
         routes: routes::SharedRoutes,
         metrics: Arc<metrics::Metrics>,
     ) -> Self {
+        let on_demand = (config.control_plane.is_some()
+            && config.discovery_mode == config::DiscoveryMode::OnDemand)
+            .then(|| Arc::new(discovery::on_demand::OnDemand::new(metrics.clone())));
         Shared {
             routes,
             metrics,
+            on_demand,
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
             outbound_policy: config.outbound_policy,

@@ -76,6 +76,7 @@ pub struct Metrics {
     discovery_connected: Gauge,
     discovery_updates: Family<UpdateLabels, Counter>,
     discovery_reconnects: Counter,
+    on_demand_subscriptions: Counter,
 }
 
 impl Default for Metrics {
@@ -145,6 +146,13 @@ impl Metrics {
             discovery_reconnects.clone(),
         );
 
+        let on_demand_subscriptions = Counter::default();
+        registry.register(
+            "muon_discovery_on_demand_subscriptions",
+            "Services whose endpoints were subscribed on demand (first connection to each)",
+            on_demand_subscriptions.clone(),
+        );
+
         // One statement per lookup: `get_or_create` returns a read guard, and a second
         // lookup in the same statement would wait for the write lock forever.
         let direction = |direction: Direction| {
@@ -180,6 +188,7 @@ impl Metrics {
             discovery_connected,
             discovery_updates,
             discovery_reconnects,
+            on_demand_subscriptions,
         }
     }
 
@@ -197,6 +206,10 @@ impl Metrics {
 
     pub fn discovery_reconnect(&self) {
         self.discovery_reconnects.inc();
+    }
+
+    pub fn on_demand_subscription(&self) {
+        self.on_demand_subscriptions.inc();
     }
 
     pub fn direction(&self, d: Direction) -> &DirectionMetrics {

@@ -5,22 +5,32 @@
 //! A destination no service claims passes through to where the app was going (or, with
 //! `--outbound-policy registry-only`, is refused); a service without endpoints gets its
 //! client closed.
+//!
+//! On demand (`--discovery-mode on-demand`) a service's endpoints may not be known yet: the
+//! first connection to it subscribes and waits, up to `--connect-timeout`, for the answer
+//! (`discovery::on_demand`), then looks the destination up again. Once answered, the lookup
+//! is the same lock-free read as always.
 
 use crate::accesslog::Record;
 use crate::config::OutboundPolicy;
+use crate::routes::Target;
 use crate::{balance, tcp, Direction, Outcome, Shared};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::debug;
 
 /// Proxies one outbound connection whose original destination is `rec.dst`.
 pub async fn handle(shared: &Shared, mut client: TcpStream, rec: &mut Record) -> Outcome {
-    // Clone the target out so the table guard is not held across awaits.
-    let target = shared
-        .routes
-        .load()
+    let mut target = lookup(shared, rec.dst);
+    let miss = target
         .as_ref()
-        .and_then(|routes| routes.lookup(rec.dst).cloned());
+        .filter(|t| !t.endpoints_known)
+        .map(|t| t.service.clone());
+    if let (Some(service), Some(on_demand)) = (miss, &shared.on_demand) {
+        on_demand.wait(&service, shared.connect_timeout).await;
+        target = lookup(shared, rec.dst);
+    }
 
     let mut upstream = match target {
         None if shared.outbound_policy == OutboundPolicy::RegistryOnly => {
@@ -69,4 +79,14 @@ pub async fn handle(shared: &Shared, mut client: TcpStream, rec: &mut Record) ->
         rec,
     )
     .await
+}
+
+/// The target of `dst` in the current routes, cloned out so that the table guard is not held
+/// across awaits.
+fn lookup(shared: &Shared, dst: SocketAddr) -> Option<Arc<Target>> {
+    shared
+        .routes
+        .load()
+        .as_ref()
+        .and_then(|routes| routes.lookup(dst).cloned())
 }

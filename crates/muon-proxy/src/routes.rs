@@ -1,8 +1,8 @@
 //! The outbound lookup table: virtual IP:port → service target, compiled once per table
 //! version and published with `ArcSwapOption`, so the data path reads it without a lock.
 //!
-//! `None` means "no table yet": the proxy is not ready. Writers are `discovery` (today the
-//! table file, later the control-plane client); readers are `outbound` and `admin`.
+//! `None` means "no table yet": the proxy is not ready. The writer is `discovery` (the table
+//! file or the control-plane client); readers are `outbound` and `admin`.
 
 use crate::balance::RoundRobin;
 use arc_swap::ArcSwapOption;
@@ -29,6 +29,9 @@ pub struct Target {
     pub backends: Vec<Backend>,
     /// Shared by every VIP of this service port.
     pub rr: RoundRobin,
+    /// `backends` is what the source says (possibly none). False only in on-demand mode for
+    /// a service whose endpoints were never subscribed: `outbound` subscribes first.
+    pub endpoints_known: bool,
 }
 
 /// Where a table came from, for `/config_dump`.
@@ -61,9 +64,16 @@ impl Routes {
     /// Compiles a validated table (`ServiceTable::from_json` guarantees each VIP:port is
     /// claimed once; should two claim it anyway, the first wins).
     pub fn new(version: u64, table: ServiceTable) -> Self {
+        Self::compile(version, table, |_| true)
+    }
+
+    /// [`Routes::new`], where `known("name.namespace")` says whether the source has answered
+    /// for that service's endpoints (see `discovery::on_demand`).
+    pub fn compile(version: u64, table: ServiceTable, known: impl Fn(&str) -> bool) -> Self {
         let mut by_dst = HashMap::new();
         for svc in &table.services {
             let service: Arc<str> = format!("{}.{}", svc.name, svc.namespace).into();
+            let endpoints_known = known(&service);
             for port in &svc.ports {
                 let target = Arc::new(Target {
                     service: service.clone(),
@@ -77,6 +87,7 @@ impl Routes {
                         })
                         .collect(),
                     rr: RoundRobin::default(),
+                    endpoints_known,
                 });
                 for vip in &svc.vips {
                     by_dst
@@ -134,5 +145,13 @@ mod tests {
         assert_eq!(tls.target_port, 8443);
         assert!(routes.lookup("198.19.0.1:81".parse().unwrap()).is_none());
         assert_eq!(routes.services(), 1);
+        assert!(v4.endpoints_known);
+        let on_demand = Routes::compile(2, routes.table.clone(), |name| name != "web.shop");
+        assert!(
+            !on_demand
+                .lookup("198.19.0.1:80".parse().unwrap())
+                .unwrap()
+                .endpoints_known
+        );
     }
 }

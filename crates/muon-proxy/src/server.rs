@@ -50,18 +50,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let routes: SharedRoutes = Arc::new(ArcSwapOption::empty());
     let drain = Arc::new(Drain::new());
     let shared = Arc::new(Shared::new(&config, routes.clone(), metrics.clone()));
-    let state = Arc::new(admin::State::new(
-        &config,
-        routes.clone(),
-        metrics.clone(),
-        drain.clone(),
-    ));
+    let state = Arc::new(
+        admin::State::new(&config, routes.clone(), metrics.clone(), drain.clone())
+            .with_on_demand(shared.on_demand.clone()),
+    );
 
     let mut background = JoinSet::new();
     background.spawn(discovery::run(
         config.clone(),
         hup,
-        Publisher::new(routes, metrics),
+        Publisher::new(routes, metrics).with_on_demand(shared.on_demand.clone()),
     ));
     background.spawn(admin::serve(health, Kind::Health, state.clone()));
     background.spawn(admin::serve(admin, Kind::Admin, state));

@@ -15,6 +15,7 @@ use muon_proxy::metrics::Metrics;
 use muon_proxy::routes::SharedRoutes;
 use muon_proxy::{outbound, Direction, Outcome, Shared};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -71,8 +72,50 @@ impl Conn {
     }
 }
 
+/// What the fake knows for on-demand subscriptions, shared with the test.
+#[derive(Clone)]
+struct OnDemandAnswers {
+    /// Endpoints by name; a subscribed name not here is answered as removed (as muon-control
+    /// does, so that a sidecar never waits for a name that does not exist).
+    endpoints: Arc<Mutex<BTreeMap<String, Resource>>>,
+    /// The names of every subscription the fake answered, one entry per request.
+    subscriptions: Arc<Mutex<Vec<Vec<String>>>>,
+    /// Answers are held while this is false.
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl OnDemandAnswers {
+    fn new() -> Self {
+        OnDemandAnswers {
+            endpoints: Arc::default(),
+            subscriptions: Arc::default(),
+            open: tokio::sync::watch::Sender::new(true),
+        }
+    }
+
+    fn subscriptions(&self) -> Vec<Vec<String>> {
+        self.subscriptions.lock().unwrap().clone()
+    }
+
+    /// Answers a named subscription like muon-control: the subscribed resources that exist,
+    /// the other names as removed.
+    fn answer(&self, names: &[String], nonce: String) -> DiscoveryResponse {
+        let known = self.endpoints.lock().unwrap();
+        let (found, missing): (Vec<&String>, Vec<&String>) =
+            names.iter().partition(|n| known.contains_key(*n));
+        DiscoveryResponse {
+            type_url: kinds::ENDPOINTS.into(),
+            version_info: nonce.clone(),
+            nonce,
+            resources: found.into_iter().map(|n| known[n].clone()).collect(),
+            removed_resources: missing.into_iter().cloned().collect(),
+        }
+    }
+}
+
 struct Fake {
     conns: std::sync::mpsc::Sender<Conn>,
+    on_demand: OnDemandAnswers,
 }
 
 #[tonic::async_trait]
@@ -85,14 +128,45 @@ impl Discovery for Fake {
     ) -> Result<Response<Self::StreamStream>, Status> {
         let mut incoming = req.into_inner();
         let (req_tx, req_rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(16);
+        // Weak: dropping the test's `Conn` still ends the stream.
+        let responses = tx.downgrade();
+        let on_demand = self.on_demand.clone();
         tokio::spawn(async move {
+            // The initial request of each kind goes to the test, which scripts the answer.
+            // Later subscriptions (on demand) are answered here, and their ACKs swallowed.
+            let mut kinds_seen = std::collections::HashSet::new();
+            let mut answered = 0;
             while let Ok(Some(r)) = incoming.message().await {
+                let first = kinds_seen.insert(r.type_url.clone());
+                if !first && r.response_nonce.is_empty() && !r.resource_names_subscribe.is_empty() {
+                    on_demand
+                        .subscriptions
+                        .lock()
+                        .unwrap()
+                        .push(r.resource_names_subscribe.clone());
+                    let mut open = on_demand.open.subscribe();
+                    let _ = open.wait_for(|o| *o).await;
+                    answered += 1;
+                    let resp =
+                        on_demand.answer(&r.resource_names_subscribe, format!("od-{answered}"));
+                    let Some(responses) = responses.upgrade() else {
+                        break;
+                    };
+                    if responses.send(Ok(resp)).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                if r.response_nonce.starts_with("od-") {
+                    assert!(r.error_detail.is_none(), "on-demand answer NACKed: {r:?}");
+                    continue;
+                }
                 if req_tx.send(r).is_err() {
                     break;
                 }
             }
         });
-        let (tx, rx) = mpsc::channel(16);
         let _ = self.conns.send(Conn {
             requests: req_rx,
             responses: tx,
@@ -106,6 +180,7 @@ impl Discovery for Fake {
 struct ControlPlane {
     addr: SocketAddr,
     conns: std::sync::mpsc::Receiver<Conn>,
+    on_demand: OnDemandAnswers,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -119,15 +194,21 @@ impl ControlPlane {
         let (tx, conns) = std::sync::mpsc::channel();
         let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
         let addr = listener.local_addr().unwrap();
+        let on_demand = OnDemandAnswers::new();
+        let fake = Fake {
+            conns: tx,
+            on_demand: on_demand.clone(),
+        };
         rt.spawn(async move {
             let _ = tonic::transport::Server::builder()
-                .add_service(DiscoveryServer::new(Fake { conns: tx }))
+                .add_service(DiscoveryServer::new(fake))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
                 .await;
         });
         ControlPlane {
             addr,
             conns,
+            on_demand,
             rt: Some(rt),
         }
     }
@@ -255,9 +336,10 @@ fn start_client(config: Config) -> (Arc<Shared>, tokio::runtime::Runtime) {
     let routes: SharedRoutes = Arc::new(ArcSwapOption::empty());
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared::new(&config, routes.clone(), metrics.clone()));
+    let publisher = Publisher::new(routes, metrics).with_on_demand(shared.on_demand.clone());
     rt.spawn(async move {
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
-        discovery::run(config, hup, Publisher::new(routes, metrics)).await;
+        discovery::run(config, hup, publisher).await;
     });
     (shared, rt)
 }
@@ -279,28 +361,29 @@ fn backends() -> u16 {
 
 /// Connects through `outbound::handle` as if the app had dialled `dst`; returns who answered.
 fn call(rt: &tokio::runtime::Runtime, shared: &Arc<Shared>, dst: &str) -> (Outcome, String) {
-    let shared = shared.clone();
+    rt.block_on(call_async(shared.clone(), dst))
+}
+
+async fn call_async(shared: Arc<Shared>, dst: &str) -> (Outcome, String) {
     let dst: SocketAddr = dst.parse().unwrap();
-    rt.block_on(async move {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut app = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, src) = l.accept().await.unwrap();
-        let task = tokio::spawn(async move {
-            let mut rec = Record::new(Direction::Outbound, src, dst);
-            outbound::handle(&shared, server, &mut rec).await
-        });
-        use tokio::io::AsyncReadExt;
-        let mut got = String::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), app.read_to_string(&mut got)).await;
-        drop(app);
-        let outcome = tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .unwrap()
-            .unwrap();
-        (outcome, got)
-    })
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, src) = l.accept().await.unwrap();
+    let task = tokio::spawn(async move {
+        let mut rec = Record::new(Direction::Outbound, src, dst);
+        outbound::handle(&shared, server, &mut rec).await
+    });
+    use tokio::io::AsyncReadExt;
+    let mut got = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), app.read_to_string(&mut got)).await;
+    drop(app);
+    let outcome = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+    (outcome, got)
 }
 
 fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
@@ -497,6 +580,390 @@ fn registry_only_refuses_destinations_no_service_claims() {
 }
 
 // ---------------------------------------------------------------------------------------
+// On demand: endpoints subscribed per service, on the first connection to it.
+
+const WEB: &str = "198.19.0.1:80";
+const GONE: &str = "198.19.0.2:80";
+
+/// The first full state in on-demand mode: every service (web, and gone, whose endpoints the
+/// control plane does not have), no endpoints yet. Ready only once the (empty) named
+/// endpoints subscription was answered too. The fake answers `web.shop` with 127.0.0.1.
+fn on_demand_sync(cp: &ControlPlane, conn: &mut Conn, shared: &Shared, port: u16) {
+    cp.on_demand
+        .endpoints
+        .lock()
+        .unwrap()
+        .insert("web.shop".into(), endpoints("web", &["127.0.0.1"]));
+    let subs = conn.subscriptions();
+    for sub in &subs {
+        let want: &[&str] = if sub.type_url == kinds::ENDPOINTS {
+            &[]
+        } else {
+            &["*"]
+        };
+        assert_eq!(sub.resource_names_subscribe, want, "{sub:?}");
+    }
+    let port = u32::from(port);
+    let first: [(&str, Vec<Resource>); 3] = [
+        (
+            kinds::SERVICES,
+            vec![
+                service("web", "198.19.0.1", 80, port),
+                service("gone", "198.19.0.2", 80, port),
+            ],
+        ),
+        (kinds::ROUTES, vec![]),
+        (kinds::POLICIES, vec![]),
+    ];
+    for (kind, resources) in first {
+        assert!(conn
+            .exchange(response(kind, "1", resources))
+            .error_detail
+            .is_none());
+    }
+    assert!(
+        shared.routes.load().is_none(),
+        "published before the endpoints subscription was answered"
+    );
+    assert!(conn
+        .exchange(response(kinds::ENDPOINTS, "1", vec![]))
+        .error_detail
+        .is_none());
+    assert!(shared.routes.load().is_some(), "first full sync published");
+}
+
+fn on_demand_subscriptions(shared: &Shared) -> String {
+    let text = shared.metrics.encode();
+    text.lines()
+        .find(|l| l.starts_with("muon_discovery_on_demand_subscriptions_total "))
+        .unwrap_or_else(|| panic!("no on-demand metric in\n{text}"))
+        .to_owned()
+}
+
+#[test]
+fn on_demand_subscribes_once_per_service_and_resubscribes_after_a_reconnect() {
+    let port = backends();
+    let cp = ControlPlane::start("127.0.0.1:0".parse().unwrap());
+    let state = tempfile::tempdir().unwrap();
+    let (shared, rt) = start_client(config(&[
+        "--control-plane",
+        &cp.url(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--discovery-mode",
+        "on-demand",
+        "--connect-timeout",
+        "3s",
+    ]));
+    let mut conn = cp.accept();
+    on_demand_sync(&cp, &mut conn, &shared, port);
+    let routes = shared.routes.load_full().unwrap();
+    assert!(!routes.lookup(WEB.parse().unwrap()).unwrap().endpoints_known);
+
+    // The first connection to web subscribes to its endpoints, waits for them, and goes
+    // there; the second finds them in the table and subscribes to nothing.
+    assert_eq!(call(&rt, &shared, WEB), (Outcome::Ok, "one".into()));
+    assert_eq!(cp.on_demand.subscriptions(), [["web.shop"]]);
+    assert_eq!(call(&rt, &shared, WEB), (Outcome::Ok, "one".into()));
+    assert_eq!(cp.on_demand.subscriptions().len(), 1);
+    assert_eq!(
+        on_demand_subscriptions(&shared),
+        "muon_discovery_on_demand_subscriptions_total 1"
+    );
+    let routes = shared.routes.load_full().unwrap();
+    assert!(routes.lookup(WEB.parse().unwrap()).unwrap().endpoints_known);
+
+    // gone's endpoints do not exist: the control plane answers the name as removed, and the
+    // connection ends at once as no_endpoints instead of waiting out the deadline. Once
+    // answered, later connections do not ask again.
+    let started = Instant::now();
+    assert_eq!(
+        call(&rt, &shared, GONE),
+        (Outcome::NoEndpoints, String::new())
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        call(&rt, &shared, GONE),
+        (Outcome::NoEndpoints, String::new())
+    );
+    assert_eq!(cp.on_demand.subscriptions(), [["web.shop"], ["gone.shop"]]);
+
+    // A subscribed service follows changes like any other.
+    let ack = conn.exchange(response(
+        kinds::ENDPOINTS,
+        "2",
+        vec![endpoints("web", &["127.0.0.2"])],
+    ));
+    assert!(ack.error_detail.is_none());
+    assert_eq!(call(&rt, &shared, WEB), (Outcome::Ok, "two".into()));
+
+    // What was subscribed is saved with the tables.
+    let cache = discovery::cache::Cache::new(state.path().to_owned());
+    wait_for("saved subscriptions", Duration::from_secs(5), || {
+        cache.load().ok().flatten().map(|s| s.on_demand)
+            == Some(vec!["gone.shop".into(), "web.shop".into()])
+    });
+
+    // The control plane goes away: the subscribed service keeps its last endpoints.
+    let addr = cp.addr;
+    drop(conn);
+    drop(cp);
+    wait_for("disconnected", Duration::from_secs(10), || {
+        shared
+            .metrics
+            .encode()
+            .contains("muon_discovery_connected 0")
+    });
+    assert_eq!(call(&rt, &shared, WEB), (Outcome::Ok, "two".into()));
+
+    // Back: the new stream's initial endpoints request lists every name subscribed, and
+    // nothing needs subscribing again.
+    let cp = ControlPlane::start(addr);
+    let mut conn = cp.accept();
+    let subs = conn.subscriptions();
+    assert_eq!(subs[1].resource_names_subscribe, ["gone.shop", "web.shop"]);
+    for sub in [&subs[0], &subs[2], &subs[3]] {
+        assert_eq!(sub.resource_names_subscribe, ["*"]);
+    }
+    let full: [(&str, Vec<Resource>); 4] = [
+        (
+            kinds::SERVICES,
+            vec![service("web", "198.19.0.1", 80, u32::from(port))],
+        ),
+        (kinds::ENDPOINTS, vec![endpoints("web", &["127.0.0.1"])]),
+        (kinds::ROUTES, vec![]),
+        (kinds::POLICIES, vec![]),
+    ];
+    for (kind, res) in full {
+        assert!(conn
+            .exchange(response(kind, "10", res))
+            .error_detail
+            .is_none());
+    }
+    assert_eq!(call(&rt, &shared, WEB), (Outcome::Ok, "one".into()));
+    assert!(cp.on_demand.subscriptions().is_empty());
+    assert_eq!(
+        on_demand_subscriptions(&shared),
+        "muon_discovery_on_demand_subscriptions_total 2"
+    );
+    rt.shutdown_background();
+}
+
+#[test]
+fn on_demand_concurrent_first_connections_share_one_subscription() {
+    let port = backends();
+    let cp = ControlPlane::start("127.0.0.1:0".parse().unwrap());
+    let state = tempfile::tempdir().unwrap();
+    let (shared, rt) = start_client(config(&[
+        "--control-plane",
+        &cp.url(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--discovery-mode",
+        "on-demand",
+    ]));
+    let mut conn = cp.accept();
+    on_demand_sync(&cp, &mut conn, &shared, port);
+
+    // The control plane holds its answer until both connections are waiting.
+    cp.on_demand.open.send_replace(false);
+    let answers = cp.on_demand.clone();
+    let (a, b, ()) = rt.block_on(async {
+        tokio::join!(
+            call_async(shared.clone(), WEB),
+            call_async(shared.clone(), WEB),
+            async {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while answers.subscriptions().is_empty() {
+                    assert!(Instant::now() < deadline, "no subscription");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                answers.open.send_replace(true);
+            },
+        )
+    });
+    assert_eq!(a, (Outcome::Ok, "one".into()));
+    assert_eq!(b, (Outcome::Ok, "one".into()));
+    assert_eq!(cp.on_demand.subscriptions(), [["web.shop"]]);
+    assert_eq!(
+        on_demand_subscriptions(&shared),
+        "muon_discovery_on_demand_subscriptions_total 1"
+    );
+    rt.shutdown_background();
+}
+
+// ---------------------------------------------------------------------------------------
+// On demand against the real control plane (`target/debug/muon-control`).
+
+/// A `muon-control` process serving `--config-dir`; killed on drop.
+struct RealControlPlane(Child);
+
+impl RealControlPlane {
+    fn start(grpc: SocketAddr, config_dir: &std::path::Path, data_dir: &std::path::Path) -> Self {
+        // `cargo xtask test` builds every binary first and says where (MUON_BIN_DIR); a bare
+        // `cargo test` finds it next to this test's own directory if it was built.
+        let dir = std::env::var_os("MUON_BIN_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                let exe = std::env::current_exe().unwrap();
+                exe.parent()
+                    .and_then(|deps| deps.parent())
+                    .unwrap()
+                    .to_path_buf()
+            });
+        let bin = dir.join("muon-control");
+        assert!(
+            bin.exists(),
+            "{} is missing: run `cargo xtask test`, or `cargo build -p muon-control` first",
+            bin.display()
+        );
+        let child = Command::new(bin)
+            .args(["--grpc-addr", &grpc.to_string()])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--config-dir")
+            .arg(config_dir)
+            .args(["--debounce", "10ms", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn muon-control");
+        RealControlPlane(child)
+    }
+}
+
+impl Drop for RealControlPlane {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// web (one workload at `web_ip`) and gone (no workload), both on `port`.
+fn write_mesh(dir: &std::path::Path, port: u16, web_ip: &str) {
+    let yaml = format!(
+        "apiVersion: muon.io/v1alpha1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  vips: [198.19.0.1]
+  ports: [{{port: 80, targetPort: {port}}}]
+  selector: {{app: web}}
+---
+apiVersion: muon.io/v1alpha1
+kind: Service
+metadata: {{name: gone, namespace: shop}}
+spec:
+  vips: [198.19.0.2]
+  ports: [{{port: 80, targetPort: {port}}}]
+  selector: {{app: gone}}
+---
+apiVersion: muon.io/v1alpha1
+kind: Workload
+metadata: {{name: web-0, namespace: shop, labels: {{app: web}}}}
+spec: {{address: {web_ip}}}
+"
+    );
+    std::fs::write(dir.join("mesh.yaml"), yaml).unwrap();
+}
+
+fn metric(shared: &Shared, prefix: &str) -> u64 {
+    let text = shared.metrics.encode();
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{prefix} missing from\n{text}"))
+}
+
+#[test]
+fn on_demand_against_muon_control_subscribes_once_and_resubscribes_after_its_restart() {
+    let port = backends();
+    let dirs = tempfile::tempdir().unwrap();
+    let (config_dir, data_dir, state_dir) = (
+        dirs.path().join("config"),
+        dirs.path().join("data"),
+        dirs.path().join("state"),
+    );
+    std::fs::create_dir_all(&config_dir).unwrap();
+    write_mesh(&config_dir, port, "127.0.0.1");
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cp = RealControlPlane::start(grpc, &config_dir, &data_dir);
+    let (shared, rt) = start_client(config(&[
+        "--control-plane",
+        &format!("http://{grpc}"),
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+        "--discovery-mode",
+        "on-demand",
+        "--connect-timeout",
+        "3s",
+    ]));
+    wait_for("web in the table", Duration::from_secs(20), || {
+        shared
+            .routes
+            .load()
+            .as_ref()
+            .is_some_and(|r| r.lookup(WEB.parse().unwrap()).is_some())
+    });
+    let routes = shared.routes.load_full().unwrap();
+    assert!(!routes.lookup(WEB.parse().unwrap()).unwrap().endpoints_known);
+    assert!(routes.table.services.iter().all(|s| s.endpoints.is_empty()));
+
+    let subscriptions = "muon_discovery_on_demand_subscriptions_total ";
+    assert_eq!(call(&rt, &shared, WEB), (Outcome::Ok, "one".into()));
+    assert_eq!(call(&rt, &shared, WEB), (Outcome::Ok, "one".into()));
+    assert_eq!(metric(&shared, subscriptions), 1);
+    let started = Instant::now();
+    assert_eq!(
+        call(&rt, &shared, GONE),
+        (Outcome::NoEndpoints, String::new())
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(metric(&shared, subscriptions), 2);
+
+    // The control plane restarts with web's workload moved: the client's new stream
+    // subscribes to web again (a full state without it would leave web no endpoints).
+    let acks = r#"muon_discovery_updates_total{type_url="endpoints",result="ack"} "#;
+    let before = metric(&shared, acks);
+    drop(cp);
+    write_mesh(&config_dir, port, "127.0.0.2");
+    let _cp = RealControlPlane::start(grpc, &config_dir, &data_dir);
+    wait_for(
+        "the endpoints of the new stream",
+        Duration::from_secs(20),
+        || {
+            metric(&shared, acks) > before
+                && shared
+                    .metrics
+                    .encode()
+                    .contains("muon_discovery_connected 1")
+        },
+    );
+    wait_for("web moved", Duration::from_secs(10), || {
+        call(&rt, &shared, WEB) == (Outcome::Ok, "two".into())
+    });
+    assert_eq!(
+        metric(&shared, subscriptions),
+        2,
+        "re-subscribed, not counted again"
+    );
+    rt.shutdown_background();
+}
+
+// ---------------------------------------------------------------------------------------
 // The real binary.
 
 const BIN: &str = env!("CARGO_BIN_EXE_muon-proxy");
@@ -672,6 +1139,82 @@ fn binary_is_ready_after_the_first_sync_and_restarts_from_saved_tables_during_an
     assert_eq!(proxy.ready(), 200);
     let logs = proxy.lines.lock().unwrap().join("\n");
     assert!(logs.contains("serving the saved tables"), "{logs}");
+}
+
+#[test]
+fn binary_on_demand_restores_its_subscriptions_and_shows_them_in_config_dump() {
+    let cp = ControlPlane::start("127.0.0.1:0".parse().unwrap());
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap().to_owned();
+    // Subscribed before a restart.
+    discovery::cache::Cache::new(state.path().to_owned())
+        .save(&discovery::cache::Saved {
+            kinds: vec![],
+            on_demand: vec!["web.shop".into()],
+        })
+        .unwrap();
+    let url = cp.url();
+    let args = [
+        "--control-plane",
+        &url,
+        "--state-dir",
+        &state_dir,
+        "--discovery-mode",
+        "on-demand",
+    ];
+    let mut proxy = Proxy::start(&args);
+
+    let mut conn = cp.accept();
+    let subs = conn.subscriptions();
+    assert_eq!(subs[1].resource_names_subscribe, ["web.shop"]);
+    conn.exchange(response(
+        kinds::SERVICES,
+        "1",
+        vec![
+            service("web", "198.19.0.1", 80, 8080),
+            service("db", "198.19.0.2", 5432, 5432),
+        ],
+    ));
+    conn.exchange(response(kinds::ROUTES, "1", vec![]));
+    conn.exchange(response(kinds::POLICIES, "1", vec![]));
+    conn.exchange(response(
+        kinds::ENDPOINTS,
+        "1",
+        vec![endpoints("web", &["198.18.0.2"])],
+    ));
+    wait_for("/ready", Duration::from_secs(5), || proxy.ready() == 200);
+
+    let dump = proxy.dump();
+    assert_eq!(dump["flags"]["discovery_mode"], "on-demand");
+    assert_eq!(dump["discovery"]["mode"], "on-demand");
+    assert_eq!(
+        dump["discovery"]["subscribed"],
+        serde_json::json!(["web.shop"])
+    );
+    assert_eq!(dump["discovery"]["pending"], serde_json::json!([]));
+    assert_eq!(dump["table"]["services"][1]["name"], "web");
+    assert_eq!(dump["table"]["services"][1]["endpoints"][0]["pod"], "web-0");
+    let metrics = proxy.metrics();
+    assert!(
+        metrics.contains("muon_discovery_on_demand_subscriptions_total 0"),
+        "restored names are not new subscriptions: {metrics}"
+    );
+
+    // Restarted during an outage: the saved tables serve, with web's endpoints known.
+    drop(conn);
+    drop(cp);
+    drop(proxy);
+    proxy = Proxy::start(&args);
+    wait_for("/ready from saved tables", Duration::from_secs(10), || {
+        proxy.ready() == 200
+    });
+    let dump = proxy.dump();
+    assert_eq!(dump["source"], "saved");
+    assert_eq!(
+        dump["discovery"]["subscribed"],
+        serde_json::json!(["web.shop"])
+    );
+    assert_eq!(dump["table"]["services"][1]["endpoints"][0]["pod"], "web-0");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! plane is unreachable can still serve.
 //!
 //! One file, `tables.pb`: the state as one full `DiscoveryResponse` per kind, protobuf
-//! encoded. It is written to a temporary file, synced and renamed over the old one, so a
+//! encoded, plus (on demand) the names whose endpoints were subscribed. It is written to a temporary file, synced and renamed over the old one, so a
 //! crash leaves either the old or the new state, never half of one. Loading re-applies it
 //! through the same checks as a live response.
 
@@ -18,6 +18,10 @@ const FILE: &str = "tables.pb";
 pub struct Saved {
     #[prost(message, repeated, tag = "1")]
     pub kinds: Vec<DiscoveryResponse>,
+    /// `--discovery-mode on-demand`: the endpoints names subscribed and answered, restored
+    /// as subscribed (empty in `all` mode, and in files written before on-demand existed).
+    #[prost(string, repeated, tag = "2")]
+    pub on_demand: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +55,7 @@ impl Cache {
 
     /// Replaces the saved state atomically. Plain blocking I/O: the file is small and local,
     /// and it is written only when a response changed something.
-    pub fn save(&self, kinds: Vec<DiscoveryResponse>) -> Result<(), CacheError> {
+    pub fn save(&self, saved: &Saved) -> Result<(), CacheError> {
         let path = self.path();
         let io = |source| CacheError::Io {
             path: path.clone(),
@@ -59,7 +63,7 @@ impl Cache {
         };
         std::fs::create_dir_all(&self.dir).map_err(io)?;
         let tmp = self.dir.join(format!("{FILE}.tmp"));
-        let bytes = Saved { kinds }.encode_to_vec();
+        let bytes = saved.encode_to_vec();
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(&bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
@@ -99,13 +103,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::new(dir.path().join("sub"));
         assert!(cache.load().unwrap().is_none());
-        let kinds = vec![response(
-            kinds::SERVICES,
-            "7",
-            vec![service("web", "198.19.0.1", 80)],
-        )];
-        cache.save(kinds.clone()).unwrap();
-        assert_eq!(cache.load().unwrap().unwrap().kinds, kinds);
+        let saved = Saved {
+            kinds: vec![response(
+                kinds::SERVICES,
+                "7",
+                vec![service("web", "198.19.0.1", 80)],
+            )],
+            on_demand: vec!["web.shop".into()],
+        };
+        cache.save(&saved).unwrap();
+        assert_eq!(cache.load().unwrap().unwrap(), saved);
         assert!(!cache.dir().join("tables.pb.tmp").exists());
         std::fs::write(cache.path(), b"\xff\xff\xff").unwrap();
         assert!(matches!(cache.load(), Err(CacheError::Decode { .. })));

@@ -7,10 +7,18 @@
 //! version accepted whole, `error_detail` naming every rejected resource and why). The first
 //! response of each kind on a stream is the full state of that kind.
 //!
+//! In on-demand mode the initial `endpoints` request names the services subscribed so far
+//! (possibly none) instead of `*`, and while the stream is open the client also sends the
+//! names the data path asks for ([`OnDemand`]), one `resource_names_subscribe` request as
+//! they come. After applying an `endpoints` response it releases whoever waits for a name the
+//! response mentions.
+//!
 //! When the stream fails or ends, the client waits (exponential backoff with jitter: 100 ms
-//! doubling to 15 s, ±50 %) and starts a new session, which re-subscribes and receives the
-//! full state again. Meanwhile the last good tables keep serving.
+//! doubling to 15 s, ±50 %) and starts a new session, which re-subscribes (on demand: every
+//! name subscribed so far) and receives the full state again. Meanwhile the last good tables
+//! keep serving.
 
+use super::on_demand::OnDemand;
 use super::{lock, Applier};
 use crate::config::{Config, DiscoveryMode};
 use muon_api::v1::discovery_client::DiscoveryClient;
@@ -65,10 +73,14 @@ impl Settings {
         }
     }
 
-    /// The initial subscription of each kind: everything.
-    fn subscription(&self, _type_url: &str) -> Vec<String> {
-        match self.mode {
-            DiscoveryMode::All => vec!["*".to_owned()],
+    /// The initial subscription of each kind: everything, except on demand for endpoints:
+    /// the names subscribed so far.
+    fn subscription(&self, type_url: &str, on_demand: Option<&OnDemand>) -> Vec<String> {
+        match (self.mode, type_url) {
+            (DiscoveryMode::OnDemand, kinds::ENDPOINTS) => {
+                on_demand.map(OnDemand::resubscribe).unwrap_or_default()
+            }
+            _ => vec!["*".to_owned()],
         }
     }
 }
@@ -119,12 +131,13 @@ async fn session(
         Err(e) => return SessionError::Connect(settings.addr.clone(), error_chain(&e)),
     };
     let mut client = DiscoveryClient::new(channel);
+    let on_demand = lock(applier).on_demand().cloned();
     let (tx, rx) = mpsc::channel(OUTBOX);
     for (i, type_url) in kinds::ALL.into_iter().enumerate() {
         let req = DiscoveryRequest {
             node: (i == 0).then(|| settings.node.clone()),
             type_url: type_url.to_owned(),
-            resource_names_subscribe: settings.subscription(type_url),
+            resource_names_subscribe: settings.subscription(type_url, on_demand.as_deref()),
             ..Default::default()
         };
         // Room for every kind: the channel is empty and larger than `kinds::ALL`.
@@ -139,7 +152,19 @@ async fn session(
     info!(addr = %settings.addr, node = %settings.node.id, "discovery stream open");
     let mut seen: HashSet<String> = HashSet::new();
     loop {
-        let resp = match stream.message().await {
+        let message = tokio::select! {
+            m = stream.message() => m,
+            () = unsent(on_demand.as_deref()) => {
+                let Some(req) = on_demand.as_deref().and_then(subscribe_request) else {
+                    continue;
+                };
+                if tx.send(req).await.is_err() {
+                    return SessionError::Closed;
+                }
+                continue;
+            }
+        };
+        let resp = match message {
             Ok(Some(resp)) => resp,
             Ok(None) => return SessionError::Closed,
             Err(status) => return status.into(),
@@ -148,10 +173,37 @@ async fn session(
         backoff.reset();
         let full = seen.insert(resp.type_url.clone());
         let reply = respond(applier, &resp, full);
+        if let (Some(od), kinds::ENDPOINTS) = (&on_demand, resp.type_url.as_str()) {
+            // After the publish in `respond`: whoever is released finds the answer.
+            let mentioned = resp.resources.iter().map(|r| r.name.as_str());
+            od.answered(mentioned.chain(resp.removed_resources.iter().map(String::as_str)));
+        }
         if tx.send(reply).await.is_err() {
             return SessionError::Closed;
         }
     }
+}
+
+/// Resolves when the data path subscribed to names; never without on-demand subscriptions.
+async fn unsent(on_demand: Option<&OnDemand>) {
+    match on_demand {
+        Some(od) => od.unsent().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The request that adds the names subscribed since the last one, if any.
+fn subscribe_request(on_demand: &OnDemand) -> Option<DiscoveryRequest> {
+    let names = on_demand.take_unsent();
+    if names.is_empty() {
+        return None;
+    }
+    info!(services = ?names, "subscribing to endpoints on demand");
+    Some(DiscoveryRequest {
+        type_url: kinds::ENDPOINTS.to_owned(),
+        resource_names_subscribe: names,
+        ..Default::default()
+    })
 }
 
 /// Applies a response and builds its ACK or NACK.

@@ -5,7 +5,9 @@
 //!   control plane), or nothing at all (the empty table: everything passes through);
 //! - [`client`]: `--control-plane`, one discovery stream per sidecar. Responses go through
 //!   [`state`] (per-resource checks, [`convert`] into the proxy's model) and every applied
-//!   change is saved by [`cache`] for a restart during an outage.
+//!   change is saved by [`cache`] for a restart during an outage. With
+//!   `--discovery-mode on-demand`, endpoints are subscribed per service by [`on_demand`],
+//!   the first time the data path needs them.
 //!
 //! Either way the result is published by [`Publisher`]: a new [`Routes`] is compiled off the
 //! data path and swapped in with one atomic store. Readers never block and never wait for
@@ -15,11 +17,12 @@ pub mod cache;
 pub mod client;
 pub mod convert;
 pub mod file;
+pub mod on_demand;
 pub mod state;
 
 pub use file::{Change, LoadError, TableFile, POLL_INTERVAL};
 
-use crate::config::Config;
+use crate::config::{Config, DiscoveryMode};
 use crate::metrics::Metrics;
 use crate::routes::{Routes, SharedRoutes, Source};
 use muon_core::ServiceTable;
@@ -27,7 +30,7 @@ use std::fmt::Display;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::signal::unix::Signal;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How long a starting sidecar waits for its first full sync before it serves the tables
 /// saved in `--state-dir` (it keeps trying to connect in the background).
@@ -38,6 +41,9 @@ pub struct Publisher {
     routes: SharedRoutes,
     metrics: Arc<Metrics>,
     version: u64,
+    /// On-demand mode: the subscriptions the data path asks for (the same as
+    /// [`crate::Shared::on_demand`]).
+    on_demand: Option<Arc<on_demand::OnDemand>>,
 }
 
 impl Publisher {
@@ -46,24 +52,33 @@ impl Publisher {
             routes,
             metrics,
             version: 0,
+            on_demand: None,
         }
+    }
+
+    /// Links the publisher to the data path's on-demand subscriptions.
+    pub fn with_on_demand(mut self, on_demand: Option<Arc<on_demand::OnDemand>>) -> Self {
+        self.on_demand = on_demand;
+        self
     }
 
     /// Publishes a table from the table file.
     pub fn publish(&mut self, table: ServiceTable) {
-        self.publish_from(table, Source::File, None);
+        self.publish_from(table, Source::File, None, |_| true);
     }
 
-    /// Compiles `table` and swaps it in.
+    /// Compiles `table` and swaps it in. `known` says which services' endpoints are known
+    /// (see [`Routes::compile`]).
     pub fn publish_from(
         &mut self,
         table: ServiceTable,
         source: Source,
         resources: Option<serde_json::Value>,
+        known: impl Fn(&str) -> bool,
     ) {
         self.version += 1;
         let services = table.services.len();
-        let routes = Routes::new(self.version, table).with_source(source, resources);
+        let routes = Routes::compile(self.version, table, known).with_source(source, resources);
         self.routes.store(Some(Arc::new(routes)));
         self.metrics.table_loaded(services);
         info!(services, version = self.version, source = ?source, "service table loaded");
@@ -78,18 +93,29 @@ impl Publisher {
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
+
+    pub fn on_demand(&self) -> Option<&Arc<on_demand::OnDemand>> {
+        self.on_demand.as_ref()
+    }
 }
 
 /// Runs the configured source until the process exits.
-pub async fn run(config: Config, hup: Signal, publisher: Publisher) {
+pub async fn run(config: Config, hup: Signal, mut publisher: Publisher) {
     match &config.control_plane {
         None => file::run(config.table_file.clone(), hup, publisher).await,
         Some(addr) => {
             let settings = client::Settings::from_config(&config, addr.clone());
-            let applier = Arc::new(Mutex::new(Applier::new(
-                publisher,
-                cache::Cache::new(config.state_dir.clone()),
-            )));
+            publisher.on_demand = match config.discovery_mode {
+                DiscoveryMode::All => None,
+                // Unlinked (no data path asks): endpoints of nothing, but still by name.
+                DiscoveryMode::OnDemand => publisher.on_demand.take().or_else(|| {
+                    let metrics = publisher.metrics.clone();
+                    Some(Arc::new(on_demand::OnDemand::new(metrics)))
+                }),
+            };
+            let applier = Applier::new(publisher, cache::Cache::new(config.state_dir.clone()));
+            applier.restore_subscriptions();
+            let applier = Arc::new(Mutex::new(applier));
             tokio::join!(
                 client::run(settings, applier.clone()),
                 fall_back_to_saved(applier, STARTUP_WAIT),
@@ -119,7 +145,8 @@ pub fn lock(applier: &Mutex<Applier>) -> std::sync::MutexGuard<'_, Applier> {
 
 /// Turns control-plane state into published tables: applies responses, publishes, saves.
 /// Shared (behind a mutex, never held across an await) by the stream and the start-up
-/// fallback; nothing on the data path touches it.
+/// fallback; nothing on the data path touches it. In on-demand mode its state knows which
+/// endpoints were answered (compiled into the routes), and `on_demand` which were asked for.
 pub struct Applier {
     state: state::State,
     publisher: Publisher,
@@ -129,12 +156,20 @@ pub struct Applier {
 }
 
 impl Applier {
+    /// The state is on demand when the publisher carries the data path's subscriptions.
     pub fn new(publisher: Publisher, cache: cache::Cache) -> Self {
         Applier {
-            state: state::State::new(),
+            state: Self::empty_state(&publisher),
             publisher,
             cache,
             serving: false,
+        }
+    }
+
+    fn empty_state(publisher: &Publisher) -> state::State {
+        match publisher.on_demand {
+            Some(_) => state::State::on_demand(),
+            None => state::State::new(),
         }
     }
 
@@ -144,6 +179,29 @@ impl Applier {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         self.publisher.metrics()
+    }
+
+    pub fn on_demand(&self) -> Option<&Arc<on_demand::OnDemand>> {
+        self.publisher.on_demand()
+    }
+
+    /// On demand, at start: the names subscribed before a restart are subscribed again by
+    /// the first stream, so the services this app talks to do not pay the first-connection
+    /// wait again.
+    pub fn restore_subscriptions(&self) {
+        let Some(od) = self.on_demand() else { return };
+        match self.cache.load() {
+            Ok(Some(saved)) if !saved.on_demand.is_empty() => {
+                info!(
+                    services = saved.on_demand.len(),
+                    "on demand: subscribing again to the endpoints saved before the restart"
+                );
+                od.restore(saved.on_demand);
+            }
+            Ok(_) => {}
+            // Reported when the saved tables are needed (`load_saved`).
+            Err(e) => debug!(error = %e, "no saved on-demand subscriptions"),
+        }
     }
 
     /// Applies one response (see [`state::State::apply`]); publishes and saves the result
@@ -160,7 +218,11 @@ impl Applier {
             }
             self.serving = true;
             self.publish(Source::ControlPlane);
-            if let Err(e) = self.cache.save(self.state.snapshot()) {
+            let saved = cache::Saved {
+                kinds: self.state.snapshot(),
+                on_demand: self.state.answered(),
+            };
+            if let Err(e) = self.cache.save(&saved) {
                 warn!(error = %e, "cannot save the tables to the state directory");
             }
         }
@@ -183,7 +245,7 @@ impl Applier {
                 return false;
             }
         };
-        let mut state = state::State::new();
+        let mut state = Self::empty_state(&self.publisher);
         for kind in &saved.kinds {
             match state.apply(kind, true) {
                 Ok(a) if a.rejected.is_empty() => {}
@@ -192,6 +254,12 @@ impl Applier {
                 }
                 Err(e) => warn!(error = %e, "saved kind skipped"),
             }
+        }
+        if let Some(od) = self.on_demand() {
+            // Served as answered: the saved endpoints (or none) are all there is until the
+            // control plane is back, and the next stream subscribes to them again.
+            od.restore(saved.on_demand.iter().cloned());
+            state.mark_answered(saved.on_demand);
         }
         self.state = state;
         self.serving = true;
@@ -203,6 +271,10 @@ impl Applier {
     fn publish(&mut self, source: Source) {
         let table = self.state.table();
         let dump = self.state.dump();
-        self.publisher.publish_from(table, source, Some(dump));
+        let state = &self.state;
+        self.publisher
+            .publish_from(table, source, Some(dump), |name| {
+                state.endpoints_known(name)
+            });
     }
 }

@@ -10,7 +10,7 @@ use super::convert;
 use muon_api::v1::{kinds, resource::Kind, DiscoveryResponse, Resource};
 use muon_core::{Endpoint, ServiceEntry, ServiceTable};
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 
 /// One kind's accepted resources.
@@ -43,6 +43,10 @@ pub struct State {
     kinds: BTreeMap<&'static str, KindState>,
     services: BTreeMap<String, ServiceEntry>,
     endpoints: BTreeMap<String, Vec<Endpoint>>,
+    /// On-demand mode only: the endpoints names the control plane has answered for (sent
+    /// their endpoints, or reported them removed). Every other service's endpoints are
+    /// unknown, not empty.
+    answered: Option<BTreeSet<String>>,
 }
 
 impl State {
@@ -53,6 +57,36 @@ impl State {
                 .map(|k| (k, KindState::default()))
                 .collect(),
             ..Default::default()
+        }
+    }
+
+    /// A state for `--discovery-mode on-demand`: endpoints are known per name, once answered.
+    pub fn on_demand() -> Self {
+        State {
+            answered: Some(BTreeSet::new()),
+            ..State::new()
+        }
+    }
+
+    /// Whether the endpoints of `name` ("service.namespace") are known: always, unless on
+    /// demand and never answered.
+    pub fn endpoints_known(&self, name: &str) -> bool {
+        self.answered.as_ref().is_none_or(|a| a.contains(name))
+    }
+
+    /// On demand: the names answered so far (saved with the tables, so that a restart
+    /// subscribes to them again). Empty otherwise.
+    pub fn answered(&self) -> Vec<String> {
+        self.answered
+            .iter()
+            .flat_map(|a| a.iter().cloned())
+            .collect()
+    }
+
+    /// On demand: records names as answered (loaded from the saved state).
+    pub fn mark_answered(&mut self, names: impl IntoIterator<Item = String>) {
+        if let Some(a) = self.answered.as_mut() {
+            a.extend(names);
         }
     }
 
@@ -90,6 +124,12 @@ impl State {
         }
         for name in &removed {
             self.remove(type_url, name);
+        }
+        if type_url == kinds::ENDPOINTS {
+            // Every name a response mentions is answered, even a rejected one (it keeps its
+            // last good version, or none): nothing is left to wait for.
+            let mentioned = resp.resources.iter().map(|r| &r.name);
+            self.mark_answered(mentioned.chain(&resp.removed_resources).cloned());
         }
         // VIP:port claims of the services kept so far, to refuse a service that takes
         // another's address (the one already serving keeps it).
@@ -377,5 +417,39 @@ pub(crate) mod tests {
             .unwrap();
         assert!(st.synced());
         assert_eq!(st.snapshot().len(), 4);
+        assert!(
+            st.endpoints_known("anything.shop"),
+            "all mode knows every name"
+        );
+    }
+
+    #[test]
+    fn on_demand_endpoints_are_known_once_answered_even_as_removed() {
+        let mut st = State::on_demand();
+        assert!(!st.endpoints_known("web.shop"));
+        st.apply(&response(kinds::ENDPOINTS, "1", vec![]), true)
+            .unwrap();
+        assert!(!st.endpoints_known("web.shop"));
+        st.apply(
+            &response(
+                kinds::ENDPOINTS,
+                "2",
+                vec![endpoints("web", &["198.18.0.2"])],
+            ),
+            false,
+        )
+        .unwrap();
+        let mut gone = response(kinds::ENDPOINTS, "3", vec![]);
+        gone.removed_resources = vec!["gone.shop".into()];
+        st.apply(&gone, false).unwrap();
+        assert!(st.endpoints_known("web.shop"));
+        assert!(st.endpoints_known("gone.shop"));
+        assert!(!st.endpoints_known("db.shop"));
+        assert_eq!(st.answered(), ["gone.shop", "web.shop"]);
+        // A full state that no longer mentions web removes its endpoints; web stays
+        // answered (its endpoints are now known to be none).
+        st.apply(&response(kinds::ENDPOINTS, "4", vec![]), true)
+            .unwrap();
+        assert!(st.endpoints_known("web.shop"));
     }
 }
