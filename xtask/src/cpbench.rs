@@ -1332,21 +1332,4 @@ mod tests {
             (50, 100, 1000, 5)
         );
     }
-
-    /// `cargo test -p xtask -- --ignored cpbench_quick_run` (needs the release muon-control).
-    #[test]
-    #[ignore]
-    fn cpbench_quick_run() {
-        let args = CpBenchArgs {
-            proxies: None,
-            services: None,
-            endpoints: None,
-            changes: None,
-            connections: 10,
-            quick: true,
-            out: None,
-            no_build: true,
-        };
-        run(args).unwrap();
-    }
 }
