@@ -208,8 +208,37 @@ pub fn copy_executable(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Debian starts a package's service on install (nginx would listen on the host's port 80);
+/// the peers run only inside the lab's pods, so services are held back for the install by a
+/// `policy-rc.d` that refuses every start (invoke-rc.d's documented hook), removed afterwards.
+struct NoServiceStarts(Option<PathBuf>);
+
+impl NoServiceStarts {
+    fn new() -> Self {
+        let path = PathBuf::from("/usr/sbin/policy-rc.d");
+        if path.exists() {
+            return NoServiceStarts(None); // someone else's policy: leave it alone
+        }
+        let written = std::fs::write(
+            &path,
+            "#!/bin/sh\n# muon bench: no service starts during install\nexit 101\n",
+        )
+        .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)));
+        NoServiceStarts(written.is_ok().then_some(path))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 fn apt_install(packages: &[&str]) -> Result<()> {
     println!("   installing {} with apt-get", packages.join(" "));
+    let _no_starts = NoServiceStarts::new();
     let install = || {
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
