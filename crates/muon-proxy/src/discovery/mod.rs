@@ -246,7 +246,17 @@ impl Applier {
             }
         };
         let mut state = Self::empty_state(&self.publisher);
-        for kind in &saved.kinds {
+        // Kinds that already arrived on the live stream stay as they are (the stream treats
+        // its next responses for them as updates); only the missing kinds come from disk.
+        let live = self.state.snapshot();
+        let from_disk: Vec<_> = saved
+            .kinds
+            .iter()
+            .filter(|k| !live.iter().any(|l| l.type_url == k.type_url))
+            .cloned()
+            .collect();
+        let live_answered = self.state.answered();
+        for kind in live.iter().chain(&from_disk) {
             match state.apply(kind, true) {
                 Ok(a) if a.rejected.is_empty() => {}
                 Ok(a) => {
@@ -261,6 +271,7 @@ impl Applier {
             od.restore(saved.on_demand.iter().cloned());
             state.mark_answered(saved.on_demand);
         }
+        state.mark_answered(live_answered);
         self.state = state;
         self.serving = true;
         warn!(path = %self.cache.path().display(), "control plane unreachable: serving the saved tables");
@@ -276,5 +287,59 @@ impl Applier {
             .publish_from(table, source, Some(dump), |name| {
                 state.endpoints_known(name)
             });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use muon_api::v1::kinds;
+    use state::tests::{endpoints, response, service};
+
+    fn applier(dir: &std::path::Path) -> Applier {
+        let routes: SharedRoutes = Arc::new(arc_swap::ArcSwapOption::empty());
+        Applier::new(
+            Publisher::new(routes, Arc::new(Metrics::new())),
+            cache::Cache::new(dir.to_path_buf()),
+        )
+    }
+
+    #[test]
+    fn saved_tables_fill_in_only_the_kinds_the_live_stream_has_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        // Saved before: an old service and its endpoints, and routes and policies.
+        let cache = cache::Cache::new(dir.path().to_path_buf());
+        let saved = cache::Saved {
+            kinds: vec![
+                response(kinds::SERVICES, "1", vec![service("old", "198.19.0.9", 80)]),
+                response(
+                    kinds::ENDPOINTS,
+                    "1",
+                    vec![endpoints("old", &["198.18.0.9"])],
+                ),
+                response(kinds::ROUTES, "1", vec![]),
+                response(kinds::POLICIES, "1", vec![]),
+            ],
+            on_demand: Vec::new(),
+        };
+        cache.save(&saved).unwrap();
+        // The live stream has sent services (the old one is gone) but not endpoints yet.
+        let mut a = applier(dir.path());
+        let live = response(kinds::SERVICES, "7", vec![service("web", "198.19.0.1", 80)]);
+        a.apply(&live, true).unwrap();
+        assert!(a.load_saved());
+        let services = a.state().kind(kinds::SERVICES).unwrap();
+        assert_eq!(services.version, "7", "the live services stay");
+        assert!(services.resources.contains_key("web.shop"));
+        assert!(
+            !services.resources.contains_key("old.shop"),
+            "a deleted service came back from disk"
+        );
+        let eps = a.state().kind(kinds::ENDPOINTS).unwrap();
+        assert!(
+            eps.received && eps.resources.contains_key("old.shop"),
+            "missing kinds come from disk"
+        );
     }
 }
