@@ -216,3 +216,44 @@ fn a_pod_that_does_not_start_fails_up_and_leaves_nothing() {
     );
     assert_gone(&name, &[]);
 }
+
+#[test]
+fn a_second_up_with_the_same_name_is_refused_and_leaves_the_first_lab_alone() {
+    muon_tests::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("t.yaml");
+    std::fs::write(&file, TWO_PODS).unwrap();
+    let name = Lab::unique_name("twice");
+    let up = || {
+        muonctl()
+            .args(["lab", "up", "--detach", "--name", &name, "-f"])
+            .arg(&file)
+            .spawn()
+            .unwrap()
+    };
+    // Both at once: exactly one may win the name.
+    let (mut a, mut b) = (up(), up());
+    let (ra, rb) = (a.wait().unwrap(), b.wait().unwrap());
+    assert!(
+        ra.success() != rb.success(),
+        "exactly one `up` wins: {ra} / {rb}"
+    );
+    let status = muonctl()
+        .args(["lab", "status", &name, "-o", "json"])
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let sidecars: Vec<&str> = st[0]["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["sidecar"].as_str())
+        .collect();
+    assert_eq!(
+        sidecars.iter().filter(|s| **s == "ready").count(),
+        2,
+        "the winner's lab is intact: {st}"
+    );
+    let out = muonctl().args(["lab", "down", &name]).output().unwrap();
+    assert!(out.status.success());
+}

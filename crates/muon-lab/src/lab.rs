@@ -149,20 +149,35 @@ pub fn up(opts: &UpOptions) -> Result<LabState> {
         .clone()
         .unwrap_or_else(|| default_name(&opts.topology));
     check_name(&name, 20).map_err(|r| anyhow::anyhow!("lab name {name:?}: {r}"))?;
-    if state::lab_dir(&name).exists() || netns::exists(&bridge_netns(&name)) {
-        bail!("a lab named {name:?} is already up; stop it with `muonctl lab down {name}` or pick another --name");
+    let taken = || {
+        anyhow::anyhow!("a lab named {name:?} is already up; stop it with `muonctl lab down {name}` or pick another --name")
+    };
+    if netns::exists(&bridge_netns(&name)) {
+        return Err(taken());
     }
-    let bins = locate_binaries(opts, topo.control_plane)?;
-    let ipv6 = topo.ipv6.unwrap_or_else(host_has_ipv6);
-    let mut lab = plan(&name, &topo, ipv6, opts)?;
-    let result = create(&mut lab, &topo, &bins, opts.ready_timeout);
-    if let Err(e) = result {
+    // Claims the name atomically: of two `up`s with the same name, one gets the directory
+    // and the other stops here, before it could tear down what the first one builds.
+    std::fs::create_dir_all(state::LAB_ROOT)?;
+    match std::fs::create_dir(state::lab_dir(&name)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(taken()),
+        Err(e) => {
+            return Err(e).with_context(|| format!("creating {}", state::lab_dir(&name).display()))
+        }
+    }
+    let built = (|| {
+        let bins = locate_binaries(opts, topo.control_plane)?;
+        let ipv6 = topo.ipv6.unwrap_or_else(host_has_ipv6);
+        let mut lab = plan(&name, &topo, ipv6, opts)?;
+        create(&mut lab, &topo, &bins, opts.ready_timeout)?;
+        Ok::<_, anyhow::Error>(lab)
+    })();
+    built.map_err(|e| {
         let _ = down(&name);
-        return Err(e.context(format!(
+        e.context(format!(
             "lab {name} did not come up; everything it created was removed"
-        )));
-    }
-    Ok(lab)
+        ))
+    })
 }
 
 /// Decides names and addresses; creates nothing.
@@ -663,7 +678,7 @@ pub fn down(name: &str) -> Result<DownReport> {
     let state = LabState::load(name).ok();
     if let Some(pid) = state.as_ref().and_then(|s| s.supervisor_pid) {
         // A foreground `up` is waiting; it would tear down too, but we do it here and now.
-        if pid != std::process::id() as i32 && process::alive(pid) {
+        if pid != std::process::id() as i32 && process::is_supervisor(pid) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGTERM,
@@ -809,7 +824,7 @@ pub fn restart(name: &str, pod_name: &str, sidecar: bool, timeout: Duration) -> 
     } else {
         pod.app_pid
     };
-    if let Some(pid) = old {
+    if let Some(pid) = old.filter(|&pid| process::alive_in_netns(pid, &pod.netns)) {
         process::stop(&[pid], Duration::from_secs(5));
     }
     let pid = if sidecar {

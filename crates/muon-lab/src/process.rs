@@ -103,6 +103,33 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// Is `pid` a live process inside network namespace `ns`? Pids are reused: a pid recorded in
+/// a state file hours ago may belong to a host process now, and the lab runs as root, so it
+/// signals a recorded pid only when the process is still in the lab's namespace.
+pub fn alive_in_netns(pid: i32, ns: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(proc_ns), Ok(lab_ns)) = (
+        std::fs::metadata(format!("/proc/{pid}/ns/net")),
+        std::fs::metadata(crate::netns::netns_path(ns)),
+    ) else {
+        return false;
+    };
+    alive(pid) && proc_ns.ino() == lab_ns.ino() && proc_ns.dev() == lab_ns.dev()
+}
+
+/// Is `pid` a running `muonctl lab up`? (The foreground supervisor runs in the host's
+/// namespace, so the namespace check above does not apply to it; if it is not, nothing is
+/// lost: a supervisor also stops by itself once its lab's state directory is gone.)
+pub fn is_supervisor(pid: i32) -> bool {
+    let exe_is_muonctl = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .is_ok_and(|p| p.file_name().is_some_and(|n| n == "muonctl"));
+    let runs_up = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+        args.windows(2).any(|w| w[0] == b"lab" && w[1] == b"up")
+    });
+    alive(pid) && exe_is_muonctl && runs_up
+}
+
 /// Reaps any of our children that have exited, so they do not linger as zombies while a
 /// foreground `lab up` keeps running.
 pub fn reap_children() {
