@@ -91,6 +91,16 @@ fn timestamp(t: SystemTime) -> prost_types::Timestamp {
 
 type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
 
+/// Runs a registry write on a task of its own, so that a dropped request (client deadline,
+/// disconnect) cannot cancel it between the durable write and the in-memory commit.
+async fn run_to_completion<T: Send + 'static>(
+    write: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(write)
+        .await
+        .map_err(|e| Status::internal(format!("the registry write failed: {e}")))
+}
+
 #[tonic::async_trait]
 impl v1::management_server::Management for ManagementService {
     async fn apply(
@@ -113,10 +123,13 @@ impl v1::management_server::Management for ManagementService {
         if !problems.is_empty() {
             return Err(Status::invalid_argument(problems.join("\n")));
         }
-        let outcome = self
-            .registry
-            .apply(objects, req.dry_run)
-            .await
+        // Run to completion even if the caller goes away: once the store has the change on
+        // disk, the registry must take it too (a half-finished apply would be undone on disk
+        // by the next one).
+        let registry = self.registry.clone();
+        let dry_run = req.dry_run;
+        let outcome = run_to_completion(async move { registry.apply(objects, dry_run).await })
+            .await?
             .map_err(status)?;
         if !req.dry_run {
             for (k, result) in &outcome.results {
@@ -143,7 +156,10 @@ impl v1::management_server::Management for ManagementService {
             .iter()
             .map(|r| key(&r.kind, &r.namespace, &r.name))
             .collect::<Result<Vec<_>, _>>()?;
-        let outcome = self.registry.delete(keys).await.map_err(status)?;
+        let registry = self.registry.clone();
+        let outcome = run_to_completion(async move { registry.delete(keys).await })
+            .await?
+            .map_err(status)?;
         for (k, _) in &outcome.results {
             info!(object = %k, version = outcome.version, "deleted");
         }
