@@ -136,7 +136,11 @@ where
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
-            return to.shutdown().await;
+            // A peer that already reset cannot be half-closed; the copy itself is complete.
+            return match to.shutdown().await {
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                other => other,
+            };
         }
         to.write_all(&buf[..n]).await?;
         if n == buf.len() && buf.len() < MAX_BUF {
