@@ -439,10 +439,12 @@ fn sync_update_nack_and_reconnect_drive_the_outbound_table() {
         call(&rt, &shared, "198.19.0.1:80"),
         (Outcome::Ok, "one".into())
     );
-    assert!(
-        state.path().join("tables.pb").exists(),
-        "saved after the sync"
-    );
+    // Saved by a background writer: within moments, not before `exchange` returns.
+    let saved_by = std::time::Instant::now() + Duration::from_secs(5);
+    while !state.path().join("tables.pb").exists() {
+        assert!(std::time::Instant::now() < saved_by, "saved after the sync");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     // An endpoint change swaps the table: the next connection goes to the new endpoint.
     let ack = conn.exchange(response(

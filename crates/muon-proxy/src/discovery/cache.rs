@@ -53,8 +53,8 @@ impl Cache {
         self.dir.join(FILE)
     }
 
-    /// Replaces the saved state atomically. Plain blocking I/O: the file is small and local,
-    /// and it is written only when a response changed something.
+    /// Replaces the saved state atomically. Blocking I/O (write, fsync, rename): call it from
+    /// a [`Writer`], never from the runtime.
     pub fn save(&self, saved: &Saved) -> Result<(), CacheError> {
         let path = self.path();
         let io = |source| CacheError::Io {
@@ -89,6 +89,73 @@ impl Cache {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+/// Saves on a thread of its own, newest state only: the proxy's runtime never waits for the
+/// disk (with one worker, an fsync there would stall every connection), and a burst of
+/// updates costs one write of the last state, not one per update.
+pub struct Writer {
+    slot: std::sync::Arc<Slot>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The newest state not yet written, and whether the writer should stop.
+    pending: std::sync::Mutex<(Option<Saved>, bool)>,
+    wake: std::sync::Condvar,
+}
+
+impl Writer {
+    pub fn new(cache: Cache) -> Self {
+        let slot = std::sync::Arc::new(Slot::default());
+        let mine = slot.clone();
+        let thread = std::thread::Builder::new()
+            .name("muon-cache".into())
+            .spawn(move || loop {
+                let next = {
+                    let Ok(mut guard) = mine.pending.lock() else {
+                        return;
+                    };
+                    while guard.0.is_none() && !guard.1 {
+                        guard = match mine.wake.wait(guard) {
+                            Ok(g) => g,
+                            Err(_) => return,
+                        };
+                    }
+                    match guard.0.take() {
+                        Some(saved) => saved,
+                        None => return, // stopping, nothing left to write
+                    }
+                };
+                if let Err(e) = cache.save(&next) {
+                    tracing::warn!(error = %e, "cannot save the tables to the state directory");
+                }
+            })
+            .ok();
+        Writer { slot, thread }
+    }
+
+    /// Queues `saved` to be written, replacing any state not yet written.
+    pub fn save_latest(&self, saved: Saved) {
+        if let Ok(mut guard) = self.slot.pending.lock() {
+            guard.0 = Some(saved);
+            self.slot.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for Writer {
+    /// Writes what is pending, then stops the thread.
+    fn drop(&mut self) {
+        if let Ok(mut guard) = self.slot.pending.lock() {
+            guard.1 = true;
+            self.slot.wake.notify_one();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -151,6 +151,7 @@ pub struct Applier {
     state: state::State,
     publisher: Publisher,
     cache: cache::Cache,
+    writer: cache::Writer,
     /// Tables are being served: after the first full sync, or from the saved state.
     serving: bool,
 }
@@ -161,6 +162,7 @@ impl Applier {
         Applier {
             state: Self::empty_state(&publisher),
             publisher,
+            writer: cache::Writer::new(cache.clone()),
             cache,
             serving: false,
         }
@@ -222,9 +224,7 @@ impl Applier {
                 kinds: self.state.snapshot(),
                 on_demand: self.state.answered(),
             };
-            if let Err(e) = self.cache.save(&saved) {
-                warn!(error = %e, "cannot save the tables to the state directory");
-            }
+            self.writer.save_latest(saved);
         }
         Ok(applied)
     }
