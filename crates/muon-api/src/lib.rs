@@ -10,12 +10,5 @@ pub mod v1 {
     /// The encoded file descriptor set, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("muon_descriptor");
 
-    /// Discovery resource kinds (`type_url` values).
-    pub mod kinds {
-        pub const SERVICES: &str = "services";
-        pub const ENDPOINTS: &str = "endpoints";
-        pub const ROUTES: &str = "routes";
-        pub const POLICIES: &str = "policies";
-        pub const ALL: [&str; 4] = [SERVICES, ENDPOINTS, ROUTES, POLICIES];
-    }
+    pub mod kinds;
 }

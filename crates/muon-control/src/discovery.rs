@@ -19,9 +19,10 @@
 //! error and leaves the sidecar's acked version alone.
 
 use crate::metrics::Metrics;
-use crate::registry::{kind_index, Registry, Resource, Snapshot};
+use crate::registry::{Registry, Resource, Snapshot};
 use crate::wire::EncodedResponse;
-use muon_api::v1::{self, kinds, DiscoveryRequest};
+use muon_api::v1::kinds::{self, PerKind, ResourceKind};
+use muon_api::v1::{self, DiscoveryRequest};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,8 +62,7 @@ impl KindStatus {
 pub struct ProxyStatus {
     pub node: v1::Node,
     pub connected_at: SystemTime,
-    /// In the order of `kinds::ALL`.
-    pub kinds: [KindStatus; 4],
+    pub kinds: PerKind<KindStatus>,
 }
 
 /// The connected sidecars, for `ListProxies`. Each stream updates its own entry.
@@ -192,9 +192,9 @@ impl KindState {
     /// The resources whose version differs from what was sent, the names to remove, and how
     /// many resources were compared. When `sent` is up to date with an earlier snapshot this
     /// snapshot still remembers, only the names changed since then are compared.
-    fn diff(&mut self, snap: &Snapshot, idx: usize) -> Diff {
-        let current = &snap.kinds[idx];
-        let since = self.seen.and_then(|seq| snap.changed_since(seq, idx));
+    fn diff(&mut self, snap: &Snapshot, kind: ResourceKind) -> Diff {
+        let current = &snap.kinds[kind];
+        let since = self.seen.and_then(|seq| snap.changed_since(seq, kind));
         self.seen = Some(snap.seq);
         let mut d = Diff::default();
         match since {
@@ -268,7 +268,7 @@ struct Diff {
 struct StreamTask<'a> {
     svc: &'a DiscoveryService,
     tx: mpsc::Sender<Result<EncodedResponse, Status>>,
-    kinds: [KindState; 4],
+    kinds: PerKind<KindState>,
     /// Round robin over kinds, so one busy kind cannot starve the others.
     next_kind: usize,
 }
@@ -335,7 +335,7 @@ impl StreamTask<'_> {
         self.handle(first)?;
         self.publish(registration);
         loop {
-            let can_send = self.kinds.iter().any(KindState::ready);
+            let can_send = self.kinds.values().any(KindState::ready);
             let tx = self.tx.clone();
             tokio::select! {
                 biased;
@@ -354,7 +354,7 @@ impl StreamTask<'_> {
                     if changed.is_err() {
                         return Err(Status::unavailable("the control plane is shutting down"));
                     }
-                    for k in self.kinds.iter_mut().filter(|k| k.subscribed) {
+                    for k in self.kinds.values_mut().filter(|k| k.subscribed) {
                         k.dirty = true;
                     }
                 }
@@ -372,14 +372,14 @@ impl StreamTask<'_> {
 
     /// Applies one request: a subscription change, an ACK or a NACK.
     fn handle(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
-        let Some(idx) = kind_index(&req.type_url) else {
+        let Some(kind) = ResourceKind::from_type_url(&req.type_url) else {
             return Err(Status::invalid_argument(format!(
                 "unknown type_url {:?}; expected one of {}",
                 req.type_url,
                 kinds::ALL.join(", ")
             )));
         };
-        let k = &mut self.kinds[idx];
+        let k = &mut self.kinds[kind];
         if !k.subscribed {
             // The first request of a kind is answered with its full state, even when empty,
             // so the sidecar knows it is in sync.
@@ -419,7 +419,7 @@ impl StreamTask<'_> {
         let (_, version) = k.in_flight.remove(pos);
         match req.error_detail {
             Some(err) => {
-                let type_url = kinds::ALL[idx];
+                let type_url = kind.type_url();
                 warn!(type_url, version, error = %err.message, resources = ?err.resources, "NACK");
                 k.status.nacked = true;
                 k.status.last_error = err.message;
@@ -437,7 +437,7 @@ impl StreamTask<'_> {
     /// Copies this stream's state to what `ListProxies` reads.
     fn publish(&self, registration: &Registration) {
         let mut entry = lock(&registration.entry);
-        for (status, k) in entry.kinds.iter_mut().zip(&self.kinds) {
+        for (status, k) in entry.kinds.values_mut().zip(self.kinds.values()) {
             *status = KindStatus {
                 subscribed: k.subscribed,
                 pending: k.forced || k.dirty || !k.in_flight.is_empty(),
@@ -448,9 +448,9 @@ impl StreamTask<'_> {
 
     /// Builds the next response of a ready kind, or nothing when no kind has a change.
     fn build(&mut self, snap: &Snapshot) -> Option<EncodedResponse> {
-        for i in 0..4 {
-            let idx = (self.next_kind + i) % 4;
-            let k = &mut self.kinds[idx];
+        for i in 0..kinds::COUNT {
+            let kind = ResourceKind::ALL[(self.next_kind + i) % kinds::COUNT];
+            let k = &mut self.kinds[kind];
             if !k.ready() {
                 continue;
             }
@@ -460,17 +460,17 @@ impl StreamTask<'_> {
                 changed,
                 removed,
                 compared,
-            } = k.diff(snap, idx);
-            self.svc.metrics.compared(kinds::ALL[idx], compared);
+            } = k.diff(snap, kind);
+            self.svc.metrics.compared(kind.type_url(), compared);
             if changed.is_empty() && removed.is_empty() && !forced {
                 continue;
             }
-            self.next_kind = (idx + 1) % 4;
+            self.next_kind = (kind.index() + 1) % kinds::COUNT;
             let nonce = self.svc.nonces.fetch_add(1, Ordering::Relaxed).to_string();
             k.in_flight.push((nonce.clone(), snap.version));
             k.status.sent_version = Some(snap.version);
             let resp = EncodedResponse {
-                type_url: kinds::ALL[idx].to_string(),
+                type_url: kind.type_url().to_string(),
                 version_info: snap.version.to_string(),
                 nonce,
                 resources: changed.iter().map(|r| r.encoded.clone()).collect(),
@@ -482,7 +482,7 @@ impl StreamTask<'_> {
             };
             self.svc
                 .metrics
-                .pushed(kinds::ALL[idx], prost::Message::encoded_len(&resp), latency);
+                .pushed(kind.type_url(), prost::Message::encoded_len(&resp), latency);
             return Some(resp);
         }
         None

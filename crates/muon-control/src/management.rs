@@ -9,7 +9,7 @@
 use crate::convert::{object_from_proto, object_to_proto};
 use crate::discovery::Proxies;
 use crate::registry::{Outcome, Registry, RegistryError};
-use muon_api::v1::{self, kinds};
+use muon_api::v1;
 use muon_core::resource::{Kind, ObjectKey, DEFAULT_NAMESPACE};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -212,12 +212,12 @@ impl v1::management_server::Management for ManagementService {
                 service_account: p.node.service_account,
                 proxy_version: p.node.version,
                 connected_at: Some(timestamp(p.connected_at)),
-                kinds: kinds::ALL
+                kinds: p
+                    .kinds
                     .iter()
-                    .zip(p.kinds.iter())
                     .filter(|(_, k)| k.subscribed)
-                    .map(|(type_url, k)| v1::KindStatus {
-                        type_url: type_url.to_string(),
+                    .map(|(kind, k)| v1::KindStatus {
+                        type_url: kind.type_url().to_string(),
                         sent_version: version(k.sent_version),
                         acked_version: version(k.acked_version),
                         state: k.state().to_string(),

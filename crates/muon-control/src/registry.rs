@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use bytes::Bytes;
 use muon_api::v1;
+use muon_api::v1::kinds::{PerKind, ResourceKind};
 use muon_core::resource::{Kind, Object, ObjectKey, Spec, WorkloadSpec};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -83,11 +84,6 @@ pub struct Outcome {
     pub version: u64,
 }
 
-/// Index of a discovery kind in [`Snapshot::kinds`].
-pub fn kind_index(type_url: &str) -> Option<usize> {
-    v1::kinds::ALL.iter().position(|k| *k == type_url)
-}
-
 /// One data-plane resource, shared by every stream that sends it.
 #[derive(Debug)]
 pub struct Resource {
@@ -119,8 +115,7 @@ impl Resource {
 pub struct Changes {
     /// The [`Snapshot::seq`] of the snapshot these changes produced.
     pub seq: u64,
-    /// Per kind (the order of `kinds::ALL`).
-    pub names: [BTreeSet<String>; 4],
+    pub names: PerKind<BTreeSet<String>>,
 }
 
 /// How many snapshots' [`Changes`] a snapshot remembers. A stream waiting for an ACK skips
@@ -135,17 +130,17 @@ pub struct Snapshot {
     pub seq: u64,
     /// When the oldest change in this snapshot happened (for the push latency metric).
     pub changed_at: Option<Instant>,
-    /// Per kind (the order of `kinds::ALL`): resource name → resource.
-    pub kinds: [BTreeMap<String, Arc<Resource>>; 4],
+    /// Per kind: resource name → resource.
+    pub kinds: PerKind<BTreeMap<String, Arc<Resource>>>,
     /// The changes that produced the last [`HISTORY`] snapshots, oldest first; the last one
     /// produced this snapshot.
     pub history: VecDeque<Arc<Changes>>,
 }
 
 impl Snapshot {
-    /// The names of kind `idx` added, changed or removed after snapshot `seq`, or `None` when
+    /// The names of `kind` added, changed or removed after snapshot `seq`, or `None` when
     /// this snapshot does not remember that far back (then everything must be compared).
-    pub fn changed_since(&self, seq: u64, idx: usize) -> Option<BTreeSet<&str>> {
+    pub fn changed_since(&self, seq: u64, kind: ResourceKind) -> Option<BTreeSet<&str>> {
         let oldest = self.history.front().map_or(self.seq, |c| c.seq);
         if seq > self.seq || seq + 1 < oldest {
             return None;
@@ -154,7 +149,7 @@ impl Snapshot {
             self.history
                 .iter()
                 .filter(|c| c.seq > seq)
-                .flat_map(|c| c.names[idx].iter().map(String::as_str))
+                .flat_map(|c| c.names[kind].iter().map(String::as_str))
                 .collect(),
         )
     }
@@ -541,15 +536,16 @@ fn compute(
         seq: snap.seq,
         names: Default::default(),
     };
-    let mut put = |idx: usize, name: String, kind: v1::resource::Kind| {
-        let res = match previous.kinds[idx].get(&name) {
+    let mut put = |name: String, kind: v1::resource::Kind| {
+        let of = resource_kind(&kind);
+        let res = match previous.kinds[of].get(&name) {
             Some(old) if old.proto.kind.as_ref() == Some(&kind) => old.clone(),
             _ => {
-                changes.names[idx].insert(name.clone());
+                changes.names[of].insert(name.clone());
                 Arc::new(Resource::new(version, name.clone(), kind))
             }
         };
-        snap.kinds[idx].insert(name, res);
+        snap.kinds[of].insert(name, res);
     };
     for (k, s) in &merged {
         let meta = &s.object.metadata;
@@ -557,7 +553,6 @@ fn compute(
         match &s.object.spec {
             Spec::Service(svc) => {
                 put(
-                    0,
                     name.clone(),
                     v1::resource::Kind::Service(convert::service_resource(meta, svc)),
                 );
@@ -572,11 +567,10 @@ fn compute(
                     wl.into_iter().flatten().copied(),
                     trust_domain,
                 );
-                put(1, name, v1::resource::Kind::Endpoints(eps));
+                put(name, v1::resource::Kind::Endpoints(eps));
             }
             Spec::HttpRoute(r) => {
                 put(
-                    2,
                     name,
                     v1::resource::Kind::Route(convert::route_resource(meta, r)),
                 );
@@ -584,16 +578,24 @@ fn compute(
             Spec::Workload(_) => {}
         }
     }
-    for (idx, kind) in snap.kinds.iter().enumerate() {
-        let removed = previous.kinds[idx]
-            .keys()
-            .filter(|n| !kind.contains_key(*n));
-        changes.names[idx].extend(removed.cloned());
+    for (of, now) in snap.kinds.iter() {
+        let removed = previous.kinds[of].keys().filter(|n| !now.contains_key(*n));
+        changes.names[of].extend(removed.cloned());
     }
     let skip = (previous.history.len() + 1).saturating_sub(HISTORY);
     snap.history = previous.history.iter().skip(skip).cloned().collect();
     snap.history.push_back(Arc::new(changes));
     snap
+}
+
+/// The discovery kind a resource is sent as.
+pub fn resource_kind(kind: &v1::resource::Kind) -> ResourceKind {
+    match kind {
+        v1::resource::Kind::Service(_) => ResourceKind::Services,
+        v1::resource::Kind::Endpoints(_) => ResourceKind::Endpoints,
+        v1::resource::Kind::Route(_) => ResourceKind::Routes,
+        v1::resource::Kind::Policy(_) => ResourceKind::Policies,
+    }
 }
 
 /// Two services may not claim the same virtual IP and port: a sidecar could not tell which

@@ -2,6 +2,7 @@
 //! loopback with the generated tonic clients.
 
 use muon_api::json::{json_from_struct, struct_from_json};
+use muon_api::v1::kinds::ResourceKind;
 use muon_api::v1::{
     self, discovery_client::DiscoveryClient, kinds, management_client::ManagementClient,
     DiscoveryRequest, DiscoveryResponse,
@@ -552,7 +553,10 @@ async fn mesh(server: &Server) -> ManagementClient<Channel> {
     .await
     .unwrap();
     // Let the debouncer publish the snapshot.
-    eventually(|| async { (server.registry.snapshot().kinds[1].len() == 2).then_some(()) }).await;
+    eventually(|| async {
+        (server.registry.snapshot().kinds[ResourceKind::Endpoints].len() == 2).then_some(())
+    })
+    .await;
     c
 }
 
@@ -750,8 +754,10 @@ async fn a_change_to_one_service_compares_and_sends_only_that_service() {
         ));
     }
     apply(&mut c, objects).await.unwrap();
-    eventually(|| async { (server.registry.snapshot().kinds[1].len() == services).then_some(()) })
-        .await;
+    eventually(|| async {
+        (server.registry.snapshot().kinds[ResourceKind::Endpoints].len() == services).then_some(())
+    })
+    .await;
 
     let mut p = Proxy::connect(&server).await;
     for kind in kinds::ALL {
