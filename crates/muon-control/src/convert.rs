@@ -76,7 +76,10 @@ pub fn service_resource(meta: &Metadata, s: &ServiceSpec) -> v1::Service {
             .map(|p| v1::ServicePort {
                 port: p.port,
                 target_port: p.target_port(),
-                protocol: p.protocol().as_str().to_string(),
+                protocol: p
+                    .protocol()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default(),
                 name: p.name.clone().unwrap_or_default(),
             })
             .collect(),
@@ -109,6 +112,7 @@ pub fn endpoints_resource<'a>(
                     wm.namespace, w.service_account
                 ),
                 ready: w.ready,
+                meshed: w.meshed,
             })
             .collect(),
     }

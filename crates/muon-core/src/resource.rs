@@ -137,14 +137,12 @@ pub struct ServicePortSpec {
     /// The workloads' port; defaults to `port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<u32>,
-    #[serde(default = "default_protocol")]
-    pub protocol: String,
+    /// `tcp`, `http`, `http2`, `grpc`, `tls` or `opaque`. Absent: sidecars detect the
+    /// protocol from the first bytes of each connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-}
-
-fn default_protocol() -> String {
-    Protocol::Tcp.as_str().to_string()
 }
 
 impl ServicePortSpec {
@@ -152,14 +150,10 @@ impl ServicePortSpec {
         self.target_port.unwrap_or(self.port)
     }
 
-    /// The protocol (valid once the object is validated; `tcp` otherwise).
-    pub fn protocol(&self) -> Protocol {
-        parse_protocol(&self.protocol).unwrap_or_default()
+    /// The declared protocol (valid once the object is validated); `None`: detect.
+    pub fn protocol(&self) -> Option<Protocol> {
+        self.protocol.as_deref().and_then(Protocol::parse)
     }
-}
-
-fn parse_protocol(s: &str) -> Option<Protocol> {
-    Protocol::ALL.into_iter().find(|p| p.as_str() == s)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -180,6 +174,10 @@ pub struct WorkloadSpec {
     pub weight: u32,
     #[serde(default = "default_true")]
     pub ready: bool,
+    /// The workload runs a Muon sidecar, so other sidecars reach it over the mesh's own
+    /// protocol (pooled HTTP/2 today). A workload without one gets each app's protocol.
+    #[serde(default)]
+    pub meshed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -786,14 +784,15 @@ fn validate_service(check: &mut Check<'_>, s: &ServiceSpec) {
         if let Some(t) = p.target_port {
             check.port(&format!("{field}.targetPort"), t);
         }
-        if parse_protocol(&p.protocol).is_none() {
-            check.fail(
-                format!("{field}.protocol"),
-                format!(
-                    "unknown protocol {:?}; expected one of tcp, http, http2, grpc, tls, opaque",
-                    p.protocol
-                ),
-            );
+        if let Some(proto) = p.protocol.as_deref() {
+            if Protocol::parse(proto).is_none() {
+                check.fail(
+                    format!("{field}.protocol"),
+                    format!(
+                        "unknown protocol {proto:?}; expected one of tcp, http, http2, grpc, tls, opaque"
+                    ),
+                );
+            }
         }
         if let Some(name) = &p.name {
             check.dns_label(&format!("{field}.name"), name);
@@ -816,7 +815,7 @@ fn validate_workload(check: &mut Check<'_>, w: &WorkloadSpec) {
             check.dns_label(&format!("spec.ports[{i}].name"), name);
         }
         if let Some(proto) = &p.protocol {
-            if parse_protocol(proto).is_none() {
+            if Protocol::parse(proto).is_none() {
                 check.fail(
                     format!("spec.ports[{i}].protocol"),
                     format!(
@@ -1079,7 +1078,7 @@ mod tests {
             panic!("not a service")
         };
         assert_eq!(s.ports[0].target_port(), 8080);
-        assert_eq!(s.ports[0].protocol(), Protocol::Http);
+        assert_eq!(s.ports[0].protocol(), Some(Protocol::Http));
         let mut v = service();
         v["metadata"] = json!({"name": "web"});
         assert_eq!(parse(v).unwrap().metadata.namespace, "default");

@@ -1,6 +1,6 @@
-//! The service table: which virtual IPs and ports belong to which service, and the endpoints
-//! behind each. Until the control plane exists, the lab writes this table as a JSON file and
-//! the proxy reads it; this type is that seam and nothing more.
+//! The static service table: which virtual IPs and ports belong to which service, and the
+//! endpoints behind each. It is the format of the proxy's `--table-file` (tests, and a lab
+//! with `controlPlane: false`) and nothing more: the control plane sends resources instead.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -32,8 +32,9 @@ pub struct ServiceEntry {
 pub struct ServicePort {
     pub port: u16,
     pub target_port: u16,
-    #[serde(default)]
-    pub protocol: Protocol,
+    /// Declared; absent: the sidecar detects it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
 }
 
 /// One instance behind a service.
@@ -45,13 +46,17 @@ pub struct Endpoint {
     pub pod: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// Runs a Muon sidecar.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub meshed: bool,
 }
 
-/// The application protocol a port speaks. The foundation forwards all of them as TCP.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// The application protocol a port speaks, as declared. `tcp` and `opaque` are carried as
+/// bytes without looking at them; `tls` is passed through untouched; `http`, `http2` and
+/// `grpc` are proxied as HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
-    #[default]
     Tcp,
     Http,
     Http2,
@@ -69,6 +74,11 @@ impl Protocol {
         Protocol::Tls,
         Protocol::Opaque,
     ];
+
+    /// A protocol by the name users write (`http`, `grpc`, …).
+    pub fn parse(name: &str) -> Option<Protocol> {
+        Self::ALL.into_iter().find(|p| p.as_str() == name)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -143,12 +153,13 @@ mod tests {
             ports: vec![ServicePort {
                 port,
                 target_port: port,
-                protocol: Protocol::Http,
+                protocol: Some(Protocol::Http),
             }],
             endpoints: vec![Endpoint {
                 ip: "198.18.0.2".parse().unwrap(),
                 pod: "a".into(),
                 zone: None,
+                meshed: true,
             }],
         }
     }

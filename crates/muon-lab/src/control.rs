@@ -126,7 +126,10 @@ pub fn objects(lab: &LabState, topo: &Topology) -> Vec<Object> {
             .ports
             .iter()
             .map(|p| {
-                let mut port = json!({"port": p.port, "targetPort": p.target_port(), "protocol": p.protocol.as_str()});
+                let mut port = json!({"port": p.port, "targetPort": p.target_port()});
+                if let Some(proto) = p.protocol {
+                    port["protocol"] = json!(proto.as_str());
+                }
                 if let Some(n) = &p.name {
                     port["name"] = json!(n);
                 }
@@ -163,7 +166,12 @@ pub fn objects(lab: &LabState, topo: &Topology) -> Vec<Object> {
             &pod.name,
             &pod.namespace,
             pod.labels.clone(),
-            json!({"address": pod.ip.to_string(), "serviceAccount": pod.service_account, "locality": locality}),
+            json!({
+                "address": pod.ip.to_string(),
+                "serviceAccount": pod.service_account,
+                "locality": locality,
+                "meshed": pod.sidecar,
+            }),
         ));
     }
     out

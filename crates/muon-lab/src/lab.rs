@@ -267,6 +267,7 @@ pub fn service_table(lab: &LabState, topo: &Topology) -> ServiceTable {
                     ip: IpAddr::V4(p.ip),
                     pod: p.name.clone(),
                     zone: p.zone.clone(),
+                    meshed: p.sidecar,
                 })
                 .collect(),
         })

@@ -81,8 +81,9 @@ pub struct PortSpec {
     /// Default: `port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<u16>,
-    #[serde(default)]
-    pub protocol: Protocol,
+    /// Absent: the sidecars detect the protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
@@ -449,7 +450,7 @@ services:
         assert!(t.pods[1].sidecar);
         assert_eq!(t.pods[1].instance_names(), vec!["client"]);
         assert_eq!(t.services[0].ports[0].target_port(), 8080);
-        assert_eq!(t.services[0].ports[0].protocol, Protocol::Http);
+        assert_eq!(t.services[0].ports[0].protocol, Some(Protocol::Http));
         assert!(t.services[0].selects(web));
         assert!(!t.services[0].selects(&t.pods[1]));
     }

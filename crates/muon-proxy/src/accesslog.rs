@@ -6,7 +6,7 @@
 //! fields at the top level of the object.
 
 use crate::config::LogFormat;
-use crate::{Direction, Identity, Outcome, Shared};
+use crate::{Direction, Outcome, PodInfo, Shared};
 use std::fmt;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -54,10 +54,10 @@ impl Record {
 /// Ends a connection: closes its metrics and writes its access event.
 pub fn finish(shared: &Shared, rec: &Record, outcome: Outcome) {
     shared.metrics.closed(rec.direction, outcome);
-    emit(&shared.identity, rec, outcome);
+    emit(&shared.pod, rec, outcome);
 }
 
-fn emit(me: &Identity, rec: &Record, outcome: Outcome) {
+fn emit(me: &PodInfo, rec: &Record, outcome: Outcome) {
     let duration_ms = u64::try_from(rec.started.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::info!(
         target: "access",

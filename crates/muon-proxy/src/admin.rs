@@ -6,10 +6,10 @@
 //! blocks the data path: they only read the shared routes, metrics and drain state.
 
 use crate::config::{Config, DiscoveryMode};
-use crate::discovery::on_demand::OnDemand;
+use crate::discovery::{self, on_demand::OnDemand};
 use crate::drain::{Drain, Phase};
 use crate::metrics::Metrics;
-use crate::routes::SharedRoutes;
+use crate::table::SharedTable;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -45,7 +45,9 @@ impl Kind {
 
 /// What the handlers read.
 pub struct State {
-    pub routes: SharedRoutes,
+    pub table: SharedTable,
+    /// Where `/config_dump` gets the resources as received.
+    pub discovery: discovery::Handle,
     pub metrics: Arc<Metrics>,
     pub drain: Arc<Drain>,
     /// The effective flags, serialised once at start.
@@ -58,12 +60,14 @@ pub struct State {
 impl State {
     pub fn new(
         config: &Config,
-        routes: SharedRoutes,
+        table: SharedTable,
+        discovery: discovery::Handle,
         metrics: Arc<Metrics>,
         drain: Arc<Drain>,
     ) -> Self {
         State {
-            routes,
+            table,
+            discovery,
             metrics,
             drain,
             flags: serde_json::to_value(config).unwrap_or_default(),
@@ -81,7 +85,7 @@ impl State {
     /// Ready once a table is loaded (listeners are bound before the servers start) and
     /// until draining starts.
     pub fn ready(&self) -> bool {
-        self.routes.load().is_some() && self.drain.phase() == Phase::Serving
+        self.table.load().is_some() && self.drain.phase() == Phase::Serving
     }
 }
 
@@ -113,7 +117,7 @@ pub async fn serve(listener: TcpListener, kind: Kind, state: Arc<State>) {
                 conns.spawn(async move {
                     let service = hyper::service::service_fn(|req| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(route(kind, &state, &req)) }
+                        async move { Ok::<_, Infallible>(route(kind, &state, &req).await) }
                     });
                     let served = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
@@ -129,7 +133,7 @@ pub async fn serve(listener: TcpListener, kind: Kind, state: Arc<State>) {
 }
 
 /// The whole routing table of both servers.
-pub fn route(kind: Kind, state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn route(kind: Kind, state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
     match (kind, req.uri().path()) {
         (Kind::Health, "/live") if get => text(StatusCode::OK, "live\n"),
@@ -141,7 +145,7 @@ pub fn route(kind: Kind, state: &State, req: &Request<Incoming>) -> Response<Ful
             respond(StatusCode::OK, OPENMETRICS, state.metrics.encode())
         }
         (Kind::Admin, "/config_dump") if get => {
-            respond(StatusCode::OK, "application/json", config_dump(state))
+            respond(StatusCode::OK, "application/json", config_dump(state).await)
         }
         (Kind::Admin, "/drain") if req.method() == Method::POST => {
             if state.drain.start() {
@@ -156,13 +160,16 @@ pub fn route(kind: Kind, state: &State, req: &Request<Incoming>) -> Response<Ful
     }
 }
 
-/// `{"version": n, "source": "file"|"control-plane"|"saved"|null, "table": {...} | null,
+/// `{"version": n, "source": "file"|"control-plane"|"saved"|null,
+/// "table": {"services": [...], "inbound": [...]} | null,
 /// "resources": {<kind>: {"version", "resources": [...]}} | null,
 /// "discovery": {"mode": "all"|"on-demand", "subscribed": [names], "pending": [names]},
-/// "flags": {...}}`. `subscribed` and `pending` (not answered yet) are the endpoints names
-/// subscribed on demand; both are absent in `all` mode.
-pub fn config_dump(state: &State) -> String {
-    let routes = state.routes.load();
+/// "flags": {...}}`. `table` is what the data path uses, `resources` what the control plane
+/// sent (rendered now, on the discovery worker). `subscribed` and `pending` (not answered
+/// yet) are the endpoints names subscribed on demand; both are absent in `all` mode.
+pub async fn config_dump(state: &State) -> String {
+    let routes = state.table.load_full();
+    let resources = state.discovery.resources().await;
     let mut discovery = serde_json::json!({ "mode": state.discovery_mode });
     if let Some(od) = &state.on_demand {
         discovery["subscribed"] = od.subscribed().into();
@@ -171,8 +178,8 @@ pub fn config_dump(state: &State) -> String {
     let dump = serde_json::json!({
         "version": routes.as_ref().map_or(0, |r| r.version),
         "source": routes.as_ref().map(|r| r.source),
-        "table": routes.as_ref().map(|r| &r.table),
-        "resources": routes.as_ref().and_then(|r| r.resources.as_ref()),
+        "table": routes.as_ref().map(|r| r.dump()),
+        "resources": resources,
         "discovery": discovery,
         "flags": &state.flags,
     });

@@ -1,18 +1,20 @@
-//! Muon's sidecar proxy: the transparent TCP data plane of one pod.
+//! Muon's sidecar proxy: the transparent data plane of one pod.
 //!
 //! The data path, one module per stage:
 //!
 //! ```text
 //! app ─► iptables REDIRECT ─► listen (accept, SO_ORIGINAL_DST, loop guard, overload)
-//!          ├─ outbound: routes lookup (on demand, a first miss subscribes and waits)
+//!          ├─ outbound: plan (table lookup; on demand, a first miss subscribes and waits)
 //!          │            ─► balance ─► tcp::connect(endpoint) ─► tcp::relay
-//!          └─ inbound:  tcp::connect(app, source 127.0.0.6 / ::6)      ─► tcp::relay
+//!          └─ inbound:  plan ─► tcp::connect(app, source 127.0.0.6 / ::6) ─► tcp::relay
 //!        every connection ends in accesslog::finish (one `access` event + metrics)
 //! ```
 //!
-//! Around it: `discovery` feeds `routes` (swapped atomically, read without locks), `admin`
-//! serves health, metrics and the admin API, `drain` coordinates shutdown, `server` wires it
-//! all together and `config` turns flags into a validated [`config::Config`].
+//! Around it: `discovery` turns what the control plane sends into the [`model`], compiles it
+//! into a [`table`] (on a thread of its own; swapped atomically, read without locks) and
+//! carries per-endpoint state across tables ([`endpoint`]); `admin` serves health, metrics
+//! and the admin API, `drain` coordinates shutdown, `server` wires it all together and
+//! `config` turns flags into a validated [`config::Config`].
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
@@ -21,12 +23,14 @@ pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod drain;
+pub mod endpoint;
 pub mod inbound;
 pub mod listen;
 pub mod metrics;
+pub mod model;
 pub mod outbound;
-pub mod routes;
 pub mod server;
+pub mod table;
 pub mod tcp;
 
 use std::sync::atomic::AtomicBool;
@@ -107,9 +111,9 @@ impl Outcome {
     }
 }
 
-/// Who this proxy is, stamped on every access event.
+/// The pod this proxy serves, stamped on every access event.
 #[derive(Debug, Clone, Default)]
-pub struct Identity {
+pub struct PodInfo {
     pub pod: Arc<str>,
     pub namespace: Arc<str>,
 }
@@ -117,7 +121,7 @@ pub struct Identity {
 /// Everything a connection task reads. Built once; shared by `Arc`; nothing in it is
 /// mutated on the per-connection path except atomics.
 pub struct Shared {
-    pub routes: routes::SharedRoutes,
+    pub table: table::SharedTable,
     pub metrics: Arc<metrics::Metrics>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
@@ -126,7 +130,7 @@ pub struct Shared {
     /// `--discovery-mode on-demand` with a control plane: where a connection to a service
     /// whose endpoints are not known yet subscribes and waits. Touched only on that miss.
     pub on_demand: Option<Arc<discovery::on_demand::OnDemand>>,
-    pub identity: Identity,
+    pub pod: PodInfo,
     /// One permit per open proxied connection, across both directions.
     pub limit: Arc<Semaphore>,
     /// Set once the inbound path has warned that `::6` is unavailable.
@@ -136,25 +140,38 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         config: &config::Config,
-        routes: routes::SharedRoutes,
+        table: table::SharedTable,
         metrics: Arc<metrics::Metrics>,
     ) -> Self {
         let on_demand = (config.control_plane.is_some()
             && config.discovery_mode == config::DiscoveryMode::OnDemand)
             .then(|| Arc::new(discovery::on_demand::OnDemand::new(metrics.clone())));
         Shared {
-            routes,
+            table,
             metrics,
             on_demand,
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
             outbound_policy: config.outbound_policy,
-            identity: Identity {
+            pod: PodInfo {
                 pod: config.pod_name.as_str().into(),
                 namespace: config.pod_namespace.as_str().into(),
             },
             limit: Arc::new(Semaphore::new(config.max_connections)),
             v6_source_warned: AtomicBool::new(false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_are_listed_in_declaration_order() {
+        // `metrics` indexes its pre-resolved counters by `outcome as usize`.
+        for (i, o) in Outcome::ALL.into_iter().enumerate() {
+            assert_eq!(o as usize, i, "{o:?}");
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::discovery::{self, Publisher};
 use crate::drain::Drain;
 use crate::listen::{self, BindError};
 use crate::metrics::Metrics;
-use crate::routes::SharedRoutes;
+use crate::table::SharedTable;
 use crate::{Direction, Shared};
 use arc_swap::ArcSwapOption;
 use std::io;
@@ -32,6 +32,8 @@ pub enum Error {
     Bind(#[from] BindError),
     #[error("installing signal handlers: {0}")]
     Signals(io::Error),
+    #[error("starting the discovery thread: {0}")]
+    Discovery(io::Error),
 }
 
 /// Runs the proxy until it has drained. Returns `Ok` after a clean drain.
@@ -47,20 +49,20 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let admin = listen::bind(config.admin_addr)?;
 
     let metrics = Arc::new(Metrics::new());
-    let routes: SharedRoutes = Arc::new(ArcSwapOption::empty());
+    let table: SharedTable = Arc::new(ArcSwapOption::empty());
     let drain = Arc::new(Drain::new());
-    let shared = Arc::new(Shared::new(&config, routes.clone(), metrics.clone()));
+    let shared = Arc::new(Shared::new(&config, table.clone(), metrics.clone()));
+    let publisher =
+        Publisher::new(table.clone(), metrics.clone()).with_on_demand(shared.on_demand.clone());
+    let (source, discovering) =
+        discovery::start(&config, hup, publisher).map_err(Error::Discovery)?;
     let state = Arc::new(
-        admin::State::new(&config, routes.clone(), metrics.clone(), drain.clone())
+        admin::State::new(&config, table, source, metrics.clone(), drain.clone())
             .with_on_demand(shared.on_demand.clone()),
     );
 
     let mut background = JoinSet::new();
-    background.spawn(discovery::run(
-        config.clone(),
-        hup,
-        Publisher::new(routes, metrics).with_on_demand(shared.on_demand.clone()),
-    ));
+    background.spawn(discovering);
     background.spawn(admin::serve(health, Kind::Health, state.clone()));
     background.spawn(admin::serve(admin, Kind::Admin, state));
 

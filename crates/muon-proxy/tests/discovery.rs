@@ -12,7 +12,7 @@ use muon_proxy::accesslog::Record;
 use muon_proxy::config::{Args, Config};
 use muon_proxy::discovery::{self, Publisher};
 use muon_proxy::metrics::Metrics;
-use muon_proxy::routes::SharedRoutes;
+use muon_proxy::table::SharedTable;
 use muon_proxy::{outbound, Direction, Outcome, Shared};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -333,13 +333,14 @@ fn start_client(config: Config) -> (Arc<Shared>, tokio::runtime::Runtime) {
         .enable_all()
         .build()
         .unwrap();
-    let routes: SharedRoutes = Arc::new(ArcSwapOption::empty());
+    let table: SharedTable = Arc::new(ArcSwapOption::empty());
     let metrics = Arc::new(Metrics::new());
-    let shared = Arc::new(Shared::new(&config, routes.clone(), metrics.clone()));
-    let publisher = Publisher::new(routes, metrics).with_on_demand(shared.on_demand.clone());
+    let shared = Arc::new(Shared::new(&config, table.clone(), metrics.clone()));
+    let publisher = Publisher::new(table, metrics).with_on_demand(shared.on_demand.clone());
     rt.spawn(async move {
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
-        discovery::run(config, hup, publisher).await;
+        let (_, run) = discovery::start(&config, hup, publisher).unwrap();
+        run.await;
     });
     (shared, rt)
 }
@@ -424,7 +425,7 @@ fn sync_update_nack_and_reconnect_drive_the_outbound_table() {
         vec![service("web", "198.19.0.1", 80, u32::from(port))],
     ));
     assert!(
-        shared.routes.load().is_none(),
+        shared.table.load().is_none(),
         "published before the full sync"
     );
     for kind in [kinds::ENDPOINTS, kinds::ROUTES, kinds::POLICIES] {
@@ -434,7 +435,7 @@ fn sync_update_nack_and_reconnect_drive_the_outbound_table() {
         };
         conn.exchange(response(kind, "1", res));
     }
-    assert!(shared.routes.load().is_some(), "first full sync published");
+    assert!(shared.table.load().is_some(), "first full sync published");
     assert_eq!(
         call(&rt, &shared, "198.19.0.1:80"),
         (Outcome::Ok, "one".into())
@@ -480,7 +481,7 @@ fn sync_update_nack_and_reconnect_drive_the_outbound_table() {
         call(&rt, &shared, "198.19.0.1:80"),
         (Outcome::Ok, "two".into())
     );
-    let routes = shared.routes.load_full().unwrap();
+    let routes = shared.table.load_full().unwrap();
     assert!(routes.lookup("198.19.0.9:80".parse().unwrap()).is_some());
     let text = shared.metrics.encode();
     for want in [
@@ -495,7 +496,7 @@ fn sync_update_nack_and_reconnect_drive_the_outbound_table() {
     let mut rm = response(kinds::SERVICES, "3", vec![]);
     rm.removed_resources = vec!["api.shop".into()];
     assert!(conn.exchange(rm).error_detail.is_none());
-    let routes = shared.routes.load_full().unwrap();
+    let routes = shared.table.load_full().unwrap();
     assert!(routes.lookup("198.19.0.9:80".parse().unwrap()).is_none());
 
     // The control plane dies: the last good table keeps serving...
@@ -538,7 +539,7 @@ fn sync_update_nack_and_reconnect_drive_the_outbound_table() {
         call(&rt, &shared, "198.19.0.5:80"),
         (Outcome::Ok, "one".into())
     );
-    let routes = shared.routes.load_full().unwrap();
+    let routes = shared.table.load_full().unwrap();
     assert!(
         routes.lookup("198.19.0.1:80".parse().unwrap()).is_none(),
         "a full state replaces what the previous stream had"
@@ -624,14 +625,14 @@ fn on_demand_sync(cp: &ControlPlane, conn: &mut Conn, shared: &Shared, port: u16
             .is_none());
     }
     assert!(
-        shared.routes.load().is_none(),
+        shared.table.load().is_none(),
         "published before the endpoints subscription was answered"
     );
     assert!(conn
         .exchange(response(kinds::ENDPOINTS, "1", vec![]))
         .error_detail
         .is_none());
-    assert!(shared.routes.load().is_some(), "first full sync published");
+    assert!(shared.table.load().is_some(), "first full sync published");
 }
 
 fn on_demand_subscriptions(shared: &Shared) -> String {
@@ -659,8 +660,8 @@ fn on_demand_subscribes_once_per_service_and_resubscribes_after_a_reconnect() {
     ]));
     let mut conn = cp.accept();
     on_demand_sync(&cp, &mut conn, &shared, port);
-    let routes = shared.routes.load_full().unwrap();
-    assert!(!routes.lookup(WEB.parse().unwrap()).unwrap().endpoints_known);
+    let routes = shared.table.load_full().unwrap();
+    assert!(!routes.lookup(WEB.parse().unwrap()).unwrap().backends.known);
 
     // The first connection to web subscribes to its endpoints, waits for them, and goes
     // there; the second finds them in the table and subscribes to nothing.
@@ -672,8 +673,8 @@ fn on_demand_subscribes_once_per_service_and_resubscribes_after_a_reconnect() {
         on_demand_subscriptions(&shared),
         "muon_discovery_on_demand_subscriptions_total 1"
     );
-    let routes = shared.routes.load_full().unwrap();
-    assert!(routes.lookup(WEB.parse().unwrap()).unwrap().endpoints_known);
+    let routes = shared.table.load_full().unwrap();
+    assert!(routes.lookup(WEB.parse().unwrap()).unwrap().backends.known);
 
     // gone's endpoints do not exist: the control plane answers the name as removed, and the
     // connection ends at once as no_endpoints instead of waiting out the deadline. Once
@@ -911,14 +912,15 @@ fn on_demand_against_muon_control_subscribes_once_and_resubscribes_after_its_res
     ]));
     wait_for("web in the table", Duration::from_secs(20), || {
         shared
-            .routes
+            .table
             .load()
             .as_ref()
             .is_some_and(|r| r.lookup(WEB.parse().unwrap()).is_some())
     });
-    let routes = shared.routes.load_full().unwrap();
-    assert!(!routes.lookup(WEB.parse().unwrap()).unwrap().endpoints_known);
-    assert!(routes.table.services.iter().all(|s| s.endpoints.is_empty()));
+    let routes = shared.table.load_full().unwrap();
+    let web = routes.lookup(WEB.parse().unwrap()).unwrap();
+    assert!(!web.backends.known);
+    assert!(web.backends.endpoints.is_empty());
 
     let subscriptions = "muon_discovery_on_demand_subscriptions_total ";
     assert_eq!(call(&rt, &shared, WEB), (Outcome::Ok, "one".into()));

@@ -9,7 +9,7 @@ use muon_proxy::accesslog::Record;
 use muon_proxy::config::{Args, Config};
 use muon_proxy::drain::Drain;
 use muon_proxy::metrics::Metrics;
-use muon_proxy::routes::Routes;
+use muon_proxy::table::Table;
 use muon_proxy::{inbound, listen, outbound, Direction, Outcome, Shared};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,7 +42,9 @@ fn table(target_port: u16, endpoints: &[(&str, &str)]) -> ServiceTable {
 }
 
 fn shared(config: &Config, table: ServiceTable) -> Arc<Shared> {
-    let routes = Arc::new(ArcSwapOption::from_pointee(Routes::new(1, table)));
+    let routes = Arc::new(ArcSwapOption::from_pointee(Table::from_service_table(
+        &table,
+    )));
     Arc::new(Shared::new(config, routes, Arc::new(Metrics::new())))
 }
 

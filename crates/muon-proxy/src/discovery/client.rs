@@ -19,13 +19,14 @@
 //! keep serving.
 
 use super::on_demand::OnDemand;
-use super::{lock, Applier};
+use super::{Applier, Worker};
 use crate::config::{Config, DiscoveryMode};
+use crate::metrics::Metrics;
 use muon_api::v1::discovery_client::DiscoveryClient;
 use muon_api::v1::{kinds, DiscoveryRequest, DiscoveryResponse, ErrorDetail, Locality, Node};
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
@@ -95,14 +96,27 @@ pub enum SessionError {
     Stream(#[from] tonic::Status),
     #[error("the control plane closed the stream")]
     Closed,
+    #[error(transparent)]
+    Worker(#[from] super::worker::Gone),
 }
 
 /// Keeps a session going for the life of the process.
-pub async fn run(settings: Settings, applier: Arc<Mutex<Applier>>) {
-    let metrics = lock(&applier).metrics().clone();
+pub async fn run(
+    settings: Settings,
+    worker: Worker<Applier>,
+    metrics: Arc<Metrics>,
+    on_demand: Option<Arc<OnDemand>>,
+) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
-        let err = session(&settings, &applier, &mut backoff).await;
+        let err = session(
+            &settings,
+            &worker,
+            &metrics,
+            on_demand.as_deref(),
+            &mut backoff,
+        )
+        .await;
         metrics.discovery_connected(false);
         let pause = backoff.next_pause();
         warn!(addr = %settings.addr, error = %err, retry_in = ?pause, "discovery stream down; keeping the last good tables");
@@ -114,7 +128,9 @@ pub async fn run(settings: Settings, applier: Arc<Mutex<Applier>>) {
 /// One stream, until it fails.
 async fn session(
     settings: &Settings,
-    applier: &Mutex<Applier>,
+    worker: &Worker<Applier>,
+    metrics: &Metrics,
+    on_demand: Option<&OnDemand>,
     backoff: &mut Backoff,
 ) -> SessionError {
     let endpoint = match Endpoint::from_shared(settings.addr.clone()) {
@@ -131,13 +147,12 @@ async fn session(
         Err(e) => return SessionError::Connect(settings.addr.clone(), error_chain(&e)),
     };
     let mut client = DiscoveryClient::new(channel);
-    let on_demand = lock(applier).on_demand().cloned();
     let (tx, rx) = mpsc::channel(OUTBOX);
     for (i, type_url) in kinds::ALL.into_iter().enumerate() {
         let req = DiscoveryRequest {
             node: (i == 0).then(|| settings.node.clone()),
             type_url: type_url.to_owned(),
-            resource_names_subscribe: settings.subscription(type_url, on_demand.as_deref()),
+            resource_names_subscribe: settings.subscription(type_url, on_demand),
             ..Default::default()
         };
         // Room for every kind: the channel is empty and larger than `kinds::ALL`.
@@ -147,15 +162,14 @@ async fn session(
         Ok(r) => r.into_inner(),
         Err(status) => return status.into(),
     };
-    let metrics = lock(applier).metrics().clone();
     metrics.discovery_connected(true);
     info!(addr = %settings.addr, node = %settings.node.id, "discovery stream open");
     let mut seen: HashSet<String> = HashSet::new();
     loop {
         let message = tokio::select! {
             m = stream.message() => m,
-            () = unsent(on_demand.as_deref()) => {
-                let Some(req) = on_demand.as_deref().and_then(subscribe_request) else {
+            () = unsent(on_demand) => {
+                let Some(req) = on_demand.and_then(subscribe_request) else {
                     continue;
                 };
                 if tx.send(req).await.is_err() {
@@ -172,8 +186,12 @@ async fn session(
         // A response means the control plane is really there: start the backoff over.
         backoff.reset();
         let full = seen.insert(resp.type_url.clone());
-        let reply = respond(applier, &resp, full);
-        if let (Some(od), kinds::ENDPOINTS) = (&on_demand, resp.type_url.as_str()) {
+        // Off the runtime: applying and compiling may take a while on a big mesh.
+        let (reply, resp) = match worker.call(move |a| (respond(a, &resp, full), resp)).await {
+            Ok(r) => r,
+            Err(e) => return e.into(),
+        };
+        if let (Some(od), kinds::ENDPOINTS) = (on_demand, resp.type_url.as_str()) {
             // After the publish in `respond`: whoever is released finds the answer.
             let mentioned = resp.resources.iter().map(|r| r.name.as_str());
             od.answered(mentioned.chain(resp.removed_resources.iter().map(String::as_str)));
@@ -206,9 +224,8 @@ fn subscribe_request(on_demand: &OnDemand) -> Option<DiscoveryRequest> {
     })
 }
 
-/// Applies a response and builds its ACK or NACK.
-fn respond(applier: &Mutex<Applier>, resp: &DiscoveryResponse, full: bool) -> DiscoveryRequest {
-    let mut applier = lock(applier);
+/// Applies a response and builds its ACK or NACK (on the worker thread).
+fn respond(applier: &mut Applier, resp: &DiscoveryResponse, full: bool) -> DiscoveryRequest {
     let result = applier.apply(resp, full);
     let metrics = applier.metrics().clone();
     let accepted = applier
@@ -216,7 +233,6 @@ fn respond(applier: &Mutex<Applier>, resp: &DiscoveryResponse, full: bool) -> Di
         .kind(&resp.type_url)
         .map(|k| k.version.clone())
         .unwrap_or_default();
-    drop(applier);
     let mut req = DiscoveryRequest {
         type_url: resp.type_url.clone(),
         response_nonce: resp.nonce.clone(),

@@ -1,18 +1,19 @@
-//! muon.v1 resources → the proxy's own model, in one place: a `Service` becomes a
-//! [`ServiceEntry`], its `Endpoints` become that entry's endpoints, and the two are joined
-//! into the [`ServiceTable`] that `routes` compiles. Each resource is checked here on its
-//! own; what cannot be used is returned as a reason, which the client NACKs.
+//! muon.v1 resources → the proxy's own model ([`crate::model`]), in one place: a `Service`
+//! becomes a [`ServiceDef`], its `Endpoints` a list of [`EndpointDef`]s. Each resource is
+//! checked here on its own; what cannot be used is returned as a reason, which the client
+//! NACKs.
 //!
 //! Also the JSON shown by `/config_dump` for each kind (prost types have no serde).
 
+use crate::model::{EndpointDef, PortDef, ServiceDef};
 use muon_api::v1::{self, resource::Kind};
-use muon_core::{Endpoint, Protocol, ServiceEntry, ServicePort, ServiceTable};
+use muon_core::Protocol;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// A service as the proxy uses it: everything but its endpoints.
-pub fn service(s: &v1::Service) -> Result<ServiceEntry, String> {
+pub fn service(s: &v1::Service) -> Result<ServiceDef, String> {
     if s.name.is_empty() {
         return Err("name is empty".into());
     }
@@ -28,16 +29,15 @@ pub fn service(s: &v1::Service) -> Result<ServiceEntry, String> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let ports = s.ports.iter().map(port).collect::<Result<Vec<_>, _>>()?;
-    Ok(ServiceEntry {
+    Ok(ServiceDef {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
         vips,
         ports,
-        endpoints: Vec::new(),
     })
 }
 
-fn port(p: &v1::ServicePort) -> Result<ServicePort, String> {
+fn port(p: &v1::ServicePort) -> Result<PortDef, String> {
     let port = u16::try_from(p.port)
         .ok()
         .filter(|&n| n != 0)
@@ -49,24 +49,24 @@ fn port(p: &v1::ServicePort) -> Result<ServicePort, String> {
             .map_err(|_| format!("port {port}: targetPort {t} is not a port from 1 to 65535"))?,
     };
     let protocol = match p.protocol.as_str() {
-        "" => Protocol::Tcp,
-        name => Protocol::ALL
-            .into_iter()
-            .find(|known| known.as_str() == name)
-            .ok_or_else(|| {
-                format!("port {port}: protocol {name:?} is not one of: tcp, http, http2, grpc, tls, opaque")
-            })?,
+        "" => None,
+        name => Some(Protocol::parse(name).ok_or_else(|| {
+            format!(
+                "port {port}: protocol {name:?} is not one of: tcp, http, http2, grpc, tls, opaque"
+            )
+        })?),
     };
-    Ok(ServicePort {
+    Ok(PortDef {
         port,
         target_port,
         protocol,
+        name: p.name.clone(),
     })
 }
 
 /// The ready endpoints of one service. Endpoints that are not ready are left out (they
 /// receive no new connections); a bad address rejects the whole resource.
-pub fn endpoints(e: &v1::Endpoints) -> Result<Vec<Endpoint>, String> {
+pub fn endpoints(e: &v1::Endpoints) -> Result<Vec<EndpointDef>, String> {
     let mut out = Vec::with_capacity(e.endpoints.len());
     for ep in &e.endpoints {
         let ip = ep.address.parse::<IpAddr>().map_err(|_| {
@@ -78,27 +78,40 @@ pub fn endpoints(e: &v1::Endpoints) -> Result<Vec<Endpoint>, String> {
         if !ep.ready {
             continue;
         }
-        let zone = ep
-            .locality
-            .as_ref()
-            .map(|l| l.zone.clone())
-            .filter(|z| !z.is_empty());
-        out.push(Endpoint {
+        let locality = |f: fn(&v1::Locality) -> &str| {
+            ep.locality
+                .as_ref()
+                .map(f)
+                .filter(|z| !z.is_empty())
+                .map(Arc::from)
+        };
+        out.push(EndpointDef {
             ip,
-            pod: ep.workload.clone(),
-            zone,
+            pod: ep.workload.as_str().into(),
+            identity: ep.identity.as_str().into(),
+            // An unset weight is the default weight, as in the Workload object.
+            weight: ep.weight.max(1),
+            zone: locality(|l| &l.zone),
+            region: locality(|l| &l.region),
+            meshed: ep.meshed,
         });
     }
     Ok(out)
 }
 
-/// Checks a resource the proxy does not act on yet (routes, policies) for what it can check.
-/// Regular expressions are the proxy's to compile: the control plane only checks they are
-/// not empty, so an expression this proxy cannot use is NACKed here.
-pub fn check_other(kind: &Kind) -> Result<(), String> {
+/// Checks a route for what the proxy can check. Regular expressions are the proxy's to
+/// compile: the control plane only checks they are not empty, so an expression this proxy
+/// cannot use is NACKed here.
+pub fn check_route(r: &v1::Route) -> Result<(), String> {
+    if r.name.is_empty() {
+        return Err("name is empty".into());
+    }
+    check_route_regexes(r)
+}
+
+/// Checks a policy the proxy does not enforce yet: it must be readable.
+pub fn check_policy(kind: &Kind) -> Result<(), String> {
     match kind {
-        Kind::Route(r) if r.name.is_empty() => Err("name is empty".into()),
-        Kind::Route(r) => check_route_regexes(r),
         Kind::Policy(p) if p.name.is_empty() => Err("name is empty".into()),
         Kind::Policy(p) if !p.spec_json.is_empty() => serde_json::from_str::<Value>(&p.spec_json)
             .map(drop)
@@ -144,23 +157,6 @@ fn last_line(text: &str) -> String {
         .to_string()
 }
 
-/// Joins services and their endpoints (by resource name `name.namespace`) into one table.
-pub fn table<'a>(
-    services: impl Iterator<Item = &'a ServiceEntry>,
-    endpoints: &BTreeMap<String, Vec<Endpoint>>,
-) -> ServiceTable {
-    ServiceTable {
-        services: services
-            .map(|s| {
-                let mut entry = s.clone();
-                let key = format!("{}.{}", s.name, s.namespace);
-                entry.endpoints = endpoints.get(&key).cloned().unwrap_or_default();
-                entry
-            })
-            .collect(),
-    }
-}
-
 /// `/config_dump`'s view of one resource, as the control plane sent it.
 pub fn dump(kind: &Kind) -> Value {
     match kind {
@@ -183,6 +179,7 @@ pub fn dump(kind: &Kind) -> Value {
                 "region": ep.locality.as_ref().map(|l| l.region.as_str()).unwrap_or_default(),
                 "identity": ep.identity,
                 "ready": ep.ready,
+                "meshed": ep.meshed,
             })).collect::<Vec<_>>(),
         }),
         Kind::Route(r) => json!({
@@ -243,8 +240,12 @@ mod tests {
                 ..Default::default()
             })
         };
-        assert_eq!(check_other(&route("/items/[0-9]+")), Ok(()));
-        let err = check_other(&route("/items/([0-9]+")).unwrap_err();
+        let route = |re: &str| match route(re) {
+            Kind::Route(r) => r,
+            _ => unreachable!(),
+        };
+        assert_eq!(check_route(&route("/items/[0-9]+")), Ok(()));
+        let err = check_route(&route("/items/([0-9]+")).unwrap_err();
         assert!(
             err.starts_with("rules[0].matches[0].path: invalid regular expression"),
             "{err}"
@@ -254,11 +255,12 @@ mod tests {
     #[test]
     fn services_with_bad_vips_ports_or_protocols_are_refused_with_the_reason() {
         let ok = service(&svc("198.19.0.1", 80, "http")).unwrap();
-        assert_eq!(ok.ports[0].protocol, Protocol::Http);
+        assert_eq!(ok.ports[0].protocol, Some(Protocol::Http));
         assert_eq!(ok.ports[0].target_port, 8080);
+        // Not declared: detected by the sidecar.
         assert_eq!(
             service(&svc("198.19.0.1", 80, "")).unwrap().ports[0].protocol,
-            Protocol::Tcp
+            None
         );
         let err = service(&svc("not-an-ip", 80, "tcp")).unwrap_err();
         assert!(err.contains("not-an-ip"), "{err}");
@@ -269,7 +271,7 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_keep_only_ready_ones_and_join_their_service() {
+    fn endpoints_keep_only_ready_ones_with_their_identity_and_locality() {
         let e = v1::Endpoints {
             service: "web".into(),
             namespace: "shop".into(),
@@ -278,11 +280,13 @@ mod tests {
                     address: "198.18.0.2".into(),
                     workload: "web-0".into(),
                     ready: true,
+                    meshed: true,
+                    weight: 3,
+                    identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
                     locality: Some(v1::Locality {
                         zone: "a".into(),
                         ..Default::default()
                     }),
-                    ..Default::default()
                 },
                 v1::Endpoint {
                     address: "198.18.0.3".into(),
@@ -295,11 +299,10 @@ mod tests {
         let eps = endpoints(&e).unwrap();
         assert_eq!(eps.len(), 1);
         assert_eq!(eps[0].zone.as_deref(), Some("a"));
-        let s = service(&svc("198.19.0.1", 80, "tcp")).unwrap();
-        let by_name = BTreeMap::from([("web.shop".to_string(), eps)]);
-        let t = table(std::iter::once(&s), &by_name);
-        assert_eq!(t.services[0].endpoints[0].pod, "web-0");
-        t.validate().unwrap();
+        assert_eq!(eps[0].region, None);
+        assert_eq!(&*eps[0].pod, "web-0");
+        assert_eq!(&*eps[0].identity, "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!((eps[0].weight, eps[0].meshed), (3, true));
 
         let mut bad = e.clone();
         bad.endpoints[0].address = "198.18.0.300".into();

@@ -1,8 +1,13 @@
 //! The table file source (`--table-file`): a JSON `ServiceTable`, polled for changes and
 //! re-read on SIGHUP. A table that fails to read or validate is rejected with an error log
-//! and the last good table keeps serving. The lab uses it until it runs a control plane.
+//! and the last good table keeps serving. Tests and a lab with `controlPlane: false` use it.
+//!
+//! The file is read and compiled on the discovery worker thread, like control-plane
+//! responses; the runtime only keeps the time.
 
-use super::Publisher;
+use super::{Publisher, Worker};
+use crate::model::{EndpointDef, Mesh, PortDef, ServiceDef};
+use crate::table::Source;
 use muon_core::{ServiceTable, TableError};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -89,44 +94,120 @@ impl TableFile {
     }
 }
 
+/// The model a static table describes.
+pub fn mesh(table: &ServiceTable) -> Mesh {
+    let mut mesh = Mesh::default();
+    for svc in &table.services {
+        let name = format!("{}.{}", svc.name, svc.namespace);
+        mesh.services.insert(
+            name.clone(),
+            ServiceDef {
+                name: svc.name.clone(),
+                namespace: svc.namespace.clone(),
+                vips: svc.vips.clone(),
+                ports: svc
+                    .ports
+                    .iter()
+                    .map(|p| PortDef {
+                        port: p.port,
+                        target_port: p.target_port,
+                        protocol: p.protocol,
+                        name: String::new(),
+                    })
+                    .collect(),
+            },
+        );
+        let endpoints = svc
+            .endpoints
+            .iter()
+            .map(|e| EndpointDef {
+                ip: e.ip,
+                pod: e.pod.as_str().into(),
+                identity: "".into(),
+                weight: 1,
+                zone: e.zone.as_deref().map(Into::into),
+                region: None,
+                meshed: e.meshed,
+            })
+            .collect();
+        mesh.endpoints.insert(name, endpoints);
+    }
+    mesh
+}
+
+/// The file source's state, owned by the worker thread.
+pub struct FileSource {
+    publisher: Publisher,
+    file: Option<TableFile>,
+    missing: bool,
+}
+
+impl FileSource {
+    pub fn new(publisher: Publisher) -> Self {
+        FileSource {
+            publisher,
+            file: None,
+            missing: false,
+        }
+    }
+
+    /// Looks at the file (always with `force`) and publishes what changed.
+    fn poll(&mut self, force: bool) {
+        let Some(file) = self.file.as_mut() else {
+            return;
+        };
+        match file.poll(force) {
+            Change::Unchanged => {}
+            Change::Missing(e) => {
+                if !self.missing || force {
+                    warn!(path = %file.path().display(), error = %e, "service table file unavailable; waiting for it");
+                }
+                self.missing = true;
+            }
+            Change::Loaded(table) => {
+                self.missing = false;
+                self.publisher.publish(&mesh(&table), Source::File);
+            }
+            Change::Rejected(err) => {
+                self.missing = false;
+                self.publisher.reject(&err);
+            }
+        }
+    }
+}
+
 /// Watches `file` (polling, plus SIGHUP) and publishes each good table until dropped.
 /// Without a file, publishes the empty table once (every destination passes through).
-pub async fn run(file: Option<PathBuf>, mut hup: Signal, mut publisher: Publisher) {
+pub async fn run(file: Option<PathBuf>, mut hup: Signal, worker: Worker<FileSource>) {
     let Some(path) = file else {
-        publisher.publish(ServiceTable::default());
+        let _ = worker
+            .call(|s| s.publisher.publish(&Mesh::default(), Source::File))
+            .await;
         while hup.recv().await.is_some() {
             info!("SIGHUP: no --table-file, nothing to reload");
         }
         return;
     };
-    let mut file = TableFile::new(path);
+    let shown = path.display().to_string();
+    if worker
+        .call(move |s| s.file = Some(TableFile::new(path)))
+        .await
+        .is_err()
+    {
+        return;
+    }
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut missing = false;
     loop {
         let force = tokio::select! {
             _ = tick.tick() => false,
             Some(()) = hup.recv() => {
-                info!(path = %file.path().display(), "SIGHUP: re-reading the service table");
+                info!(path = %shown, "SIGHUP: re-reading the service table");
                 true
             }
         };
-        match file.poll(force) {
-            Change::Unchanged => {}
-            Change::Missing(e) => {
-                if !missing || force {
-                    warn!(path = %file.path().display(), error = %e, "service table file unavailable; waiting for it");
-                }
-                missing = true;
-            }
-            Change::Loaded(table) => {
-                missing = false;
-                publisher.publish(table);
-            }
-            Change::Rejected(err) => {
-                missing = false;
-                publisher.reject(&err);
-            }
+        if worker.call(move |s| s.poll(force)).await.is_err() {
+            return;
         }
     }
 }
@@ -135,7 +216,7 @@ pub async fn run(file: Option<PathBuf>, mut hup: Signal, mut publisher: Publishe
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
-    use crate::routes::SharedRoutes;
+    use crate::table::SharedTable;
     use arc_swap::ArcSwapOption;
     use std::sync::Arc;
 
@@ -147,7 +228,7 @@ mod tests {
             Change::Unchanged => "unchanged",
             Change::Missing(_) => "missing",
             Change::Loaded(t) => {
-                publisher.publish(t);
+                publisher.publish(&mesh(&t), Source::File);
                 "loaded"
             }
             Change::Rejected(e) => {
@@ -161,7 +242,7 @@ mod tests {
     fn invalid_table_file_keeps_the_last_good_table() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("table.json");
-        let routes: SharedRoutes = Arc::new(ArcSwapOption::empty());
+        let routes: SharedTable = Arc::new(ArcSwapOption::empty());
         let metrics = Arc::new(Metrics::new());
         let mut publisher = Publisher::new(routes.clone(), metrics.clone());
         let mut file = TableFile::new(path.clone());
@@ -194,7 +275,7 @@ mod tests {
         let now = routes.load_full().unwrap();
         assert_eq!(now.version, 2);
         let target = now.lookup("198.19.0.1:80".parse().unwrap()).unwrap();
-        assert_eq!(&*target.backends[0].pod, "web-1");
+        assert_eq!(&*target.backends.endpoints[0].pod, "web-1");
 
         let text = metrics.encode();
         assert!(

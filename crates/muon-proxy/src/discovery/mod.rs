@@ -1,17 +1,18 @@
-//! Where service tables come from, and the one writer of the shared routes.
+//! Where the tables come from, and the one writer of the shared table.
 //!
 //! Two sources, never both (the flags refuse the combination):
-//! - [`file`]: `--table-file`, a JSON table polled for changes (the lab, until it runs a
-//!   control plane), or nothing at all (the empty table: everything passes through);
+//! - [`file`]: `--table-file`, a static JSON `ServiceTable` polled for changes (tests, and
+//!   setups without a control plane), or nothing at all (the empty table: everything passes
+//!   through);
 //! - [`client`]: `--control-plane`, one discovery stream per sidecar. Responses go through
 //!   [`state`] (per-resource checks, [`convert`] into the proxy's model) and every applied
 //!   change is saved by [`cache`] for a restart during an outage. With
 //!   `--discovery-mode on-demand`, endpoints are subscribed per service by [`on_demand`],
 //!   the first time the data path needs them.
 //!
-//! Either way the result is published by [`Publisher`]: a new [`Routes`] is compiled off the
-//! data path and swapped in with one atomic store. Readers never block and never wait for
-//! this module.
+//! Either way the source's state lives on a [`Worker`] thread, and the result is published
+//! by [`Publisher`]: a new [`Table`] is compiled there, off the runtime, and swapped in with
+//! one atomic store. Readers never block and never wait for this module.
 
 pub mod cache;
 pub mod client;
@@ -19,15 +20,21 @@ pub mod convert;
 pub mod file;
 pub mod on_demand;
 pub mod state;
+pub mod worker;
 
 pub use file::{Change, LoadError, TableFile, POLL_INTERVAL};
+pub use worker::Worker;
 
 use crate::config::{Config, DiscoveryMode};
+use crate::endpoint;
 use crate::metrics::Metrics;
-use crate::routes::{Routes, SharedRoutes, Source};
-use muon_core::ServiceTable;
+use crate::model::Mesh;
+use crate::table::{Context, SharedTable, Source, Table};
 use std::fmt::Display;
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::Signal;
 use tracing::{debug, error, info, warn};
@@ -36,22 +43,29 @@ use tracing::{debug, error, info, warn};
 /// saved in `--state-dir` (it keeps trying to connect in the background).
 pub const STARTUP_WAIT: Duration = Duration::from_secs(2);
 
-/// Publishes tables: compiles, swaps, counts. The only writer of the shared routes.
+/// Publishes tables: compiles, swaps, counts. The only writer of the shared table; it runs
+/// on the discovery [`Worker`] thread, never on the runtime.
 pub struct Publisher {
-    routes: SharedRoutes,
+    table: SharedTable,
     metrics: Arc<Metrics>,
     version: u64,
+    /// This pod's addresses (the inbound table is their ports).
+    local_ips: Vec<IpAddr>,
+    /// State that outlives each table (endpoints, balancers).
+    registry: endpoint::Registry,
     /// On-demand mode: the subscriptions the data path asks for (the same as
     /// [`crate::Shared::on_demand`]).
     on_demand: Option<Arc<on_demand::OnDemand>>,
 }
 
 impl Publisher {
-    pub fn new(routes: SharedRoutes, metrics: Arc<Metrics>) -> Self {
+    pub fn new(table: SharedTable, metrics: Arc<Metrics>) -> Self {
         Publisher {
-            routes,
+            table,
             metrics,
             version: 0,
+            local_ips: Vec::new(),
+            registry: endpoint::Registry::default(),
             on_demand: None,
         }
     }
@@ -62,31 +76,30 @@ impl Publisher {
         self
     }
 
-    /// Publishes a table from the table file.
-    pub fn publish(&mut self, table: ServiceTable) {
-        self.publish_from(table, Source::File, None, |_| true);
+    /// This pod's addresses, so that the inbound table knows which service ports are its own.
+    pub fn with_local_ips(mut self, ips: Vec<IpAddr>) -> Self {
+        self.local_ips = ips;
+        self
     }
 
-    /// Compiles `table` and swaps it in. `known` says which services' endpoints are known
-    /// (see [`Routes::compile`]).
-    pub fn publish_from(
-        &mut self,
-        table: ServiceTable,
-        source: Source,
-        resources: Option<serde_json::Value>,
-        known: impl Fn(&str) -> bool,
-    ) {
+    /// Compiles `mesh` and swaps it in.
+    pub fn publish(&mut self, mesh: &Mesh, source: Source) {
         self.version += 1;
-        let services = table.services.len();
-        let routes = Routes::compile(self.version, table, known).with_source(source, resources);
-        self.routes.store(Some(Arc::new(routes)));
+        let cx = Context {
+            version: self.version,
+            source,
+            local_ips: &self.local_ips,
+        };
+        let table = Table::compile(mesh, &cx, &mut self.registry);
+        let services = table.services();
+        self.table.store(Some(Arc::new(table)));
         self.metrics.table_loaded(services);
         info!(services, version = self.version, source = ?source, "service table loaded");
     }
 
     pub fn reject(&self, err: &dyn Display) {
         self.metrics.table_rejected();
-        let serving = self.routes.load().as_ref().map_or(0, |r| r.version);
+        let serving = self.table.load().as_ref().map_or(0, |r| r.version);
         error!(error = %err, serving_version = serving, "service table rejected; keeping the last good table");
     }
 
@@ -99,30 +112,68 @@ impl Publisher {
     }
 }
 
-/// Runs the configured source until the process exits.
-pub async fn run(config: Config, hup: Signal, mut publisher: Publisher) {
-    match &config.control_plane {
-        None => file::run(config.table_file.clone(), hup, publisher).await,
-        Some(addr) => {
-            let settings = client::Settings::from_config(&config, addr.clone());
-            publisher.on_demand = match config.discovery_mode {
-                DiscoveryMode::All => None,
-                // Unlinked (no data path asks): endpoints of nothing, but still by name.
-                DiscoveryMode::OnDemand => publisher.on_demand.take().or_else(|| {
-                    let metrics = publisher.metrics.clone();
-                    Some(Arc::new(on_demand::OnDemand::new(metrics)))
-                }),
-            };
-            let applier = Applier::new(publisher, cache::Cache::new(config.state_dir.clone()));
-            applier.restore_subscriptions();
-            let applier = Arc::new(Mutex::new(applier));
-            tokio::join!(
-                client::run(settings, applier.clone()),
-                fall_back_to_saved(applier, STARTUP_WAIT),
-                ignore_hup(hup),
-            );
+/// What the admin API asks the discovery source for.
+#[derive(Clone)]
+pub enum Handle {
+    /// `--table-file` or nothing: the table is all there is.
+    File,
+    /// The control plane: the resources as received live on the worker.
+    ControlPlane(Worker<Applier>),
+}
+
+impl Handle {
+    /// `/config_dump`'s `resources`: every kind's version and resources, rendered on the
+    /// worker (nothing is rendered per publish).
+    pub async fn resources(&self) -> Option<serde_json::Value> {
+        match self {
+            Handle::File => None,
+            Handle::ControlPlane(w) => w.call(|a| a.state().dump()).await.ok(),
         }
     }
+}
+
+/// A source's loop, as [`start`] returns it.
+pub type Running = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Starts the configured source: its worker thread now, its loop as the returned future,
+/// which runs until the process exits.
+pub fn start(
+    config: &Config,
+    hup: Signal,
+    mut publisher: Publisher,
+) -> std::io::Result<(Handle, Running)> {
+    publisher.local_ips = config.pod_ips.clone();
+    let source = match &config.control_plane {
+        None => {
+            let w = Worker::spawn("muon-discovery", file::FileSource::new(publisher))?;
+            let run = file::run(config.table_file.clone(), hup, w);
+            return Ok((Handle::File, Box::pin(run)));
+        }
+        Some(addr) => addr.clone(),
+    };
+    let settings = client::Settings::from_config(config, source);
+    publisher.on_demand = match config.discovery_mode {
+        DiscoveryMode::All => None,
+        // Unlinked (no data path asks): endpoints of nothing, but still by name.
+        DiscoveryMode::OnDemand => publisher.on_demand.take().or_else(|| {
+            let metrics = publisher.metrics.clone();
+            Some(Arc::new(on_demand::OnDemand::new(metrics)))
+        }),
+    };
+    let applier = Applier::new(publisher, cache::Cache::new(config.state_dir.clone()));
+    applier.restore_subscriptions();
+    let metrics = applier.metrics().clone();
+    let on_demand = applier.on_demand().cloned();
+    let worker = Worker::spawn("muon-discovery", applier)?;
+    let handle = Handle::ControlPlane(worker.clone());
+    let run = async move {
+        tokio::join!(
+            client::run(settings, worker.clone(), metrics, on_demand),
+            fall_back_to_saved(worker, STARTUP_WAIT),
+            ignore_hup(hup),
+        );
+    };
+    Ok((handle, Box::pin(run)))
 }
 
 async fn ignore_hup(mut hup: Signal) {
@@ -132,21 +183,15 @@ async fn ignore_hup(mut hup: Signal) {
 }
 
 /// After `wait`, if the first full sync has not happened, serve the saved tables.
-async fn fall_back_to_saved(applier: Arc<Mutex<Applier>>, wait: Duration) {
+async fn fall_back_to_saved(worker: Worker<Applier>, wait: Duration) {
     tokio::time::sleep(wait).await;
-    lock(&applier).load_saved();
-}
-
-/// Locks the applier. A panic while it was held leaves consistent data (every update is
-/// built first and swapped in last), so a poisoned lock is used as is.
-pub fn lock(applier: &Mutex<Applier>) -> std::sync::MutexGuard<'_, Applier> {
-    applier.lock().unwrap_or_else(|p| p.into_inner())
+    let _ = worker.call(|a| a.load_saved()).await;
 }
 
 /// Turns control-plane state into published tables: applies responses, publishes, saves.
-/// Shared (behind a mutex, never held across an await) by the stream and the start-up
-/// fallback; nothing on the data path touches it. In on-demand mode its state knows which
-/// endpoints were answered (compiled into the routes), and `on_demand` which were asked for.
+/// Owned by the discovery [`Worker`] thread; the stream and the start-up fallback send it
+/// jobs, and nothing on the data path touches it. In on-demand mode its state knows which
+/// endpoints were answered (compiled into the table), and `on_demand` which were asked for.
 pub struct Applier {
     state: state::State,
     publisher: Publisher,
@@ -280,13 +325,7 @@ impl Applier {
     }
 
     fn publish(&mut self, source: Source) {
-        let table = self.state.table();
-        let dump = self.state.dump();
-        let state = &self.state;
-        self.publisher
-            .publish_from(table, source, Some(dump), |name| {
-                state.endpoints_known(name)
-            });
+        self.publisher.publish(self.state.mesh(), source);
     }
 }
 
@@ -298,9 +337,9 @@ mod tests {
     use state::tests::{endpoints, response, service};
 
     fn applier(dir: &std::path::Path) -> Applier {
-        let routes: SharedRoutes = Arc::new(arc_swap::ArcSwapOption::empty());
+        let table: SharedTable = Arc::new(arc_swap::ArcSwapOption::empty());
         Applier::new(
-            Publisher::new(routes, Arc::new(Metrics::new())),
+            Publisher::new(table, Arc::new(Metrics::new())),
             cache::Cache::new(dir.to_path_buf()),
         )
     }

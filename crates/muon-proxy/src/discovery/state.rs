@@ -4,14 +4,16 @@
 //! its reason while its last good version stays (ztunnel's `handle_single_resource`).
 //!
 //! Pure and synchronous: the client feeds it responses, the cache feeds it saved state, and
-//! `routes` gets a [`ServiceTable`] out of it.
+//! `table` compiles the [`Mesh`] it keeps up to date.
 
 use super::convert;
-use muon_api::v1::{kinds, resource::Kind, DiscoveryResponse, Resource};
-use muon_core::{Endpoint, ServiceEntry, ServiceTable};
+use crate::model::{Mesh, ServiceDef};
+use muon_api::v1::kinds::{PerKind, ResourceKind};
+use muon_api::v1::{resource::Kind, DiscoveryResponse, Resource};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// One kind's accepted resources.
 #[derive(Debug, Default, Clone)]
@@ -37,47 +39,41 @@ pub struct Applied {
     pub rejected: Vec<Rejected>,
 }
 
-/// Every kind, plus the converted services and endpoints the table is built from.
+/// Every kind as received, and the [`Mesh`] converted from it.
 #[derive(Debug, Default)]
 pub struct State {
-    kinds: BTreeMap<&'static str, KindState>,
-    services: BTreeMap<String, ServiceEntry>,
-    endpoints: BTreeMap<String, Vec<Endpoint>>,
-    /// On-demand mode only: the endpoints names the control plane has answered for (sent
-    /// their endpoints, or reported them removed). Every other service's endpoints are
-    /// unknown, not empty.
-    answered: Option<BTreeSet<String>>,
+    kinds: PerKind<KindState>,
+    mesh: Mesh,
 }
 
 impl State {
     pub fn new() -> Self {
-        State {
-            kinds: kinds::ALL
-                .into_iter()
-                .map(|k| (k, KindState::default()))
-                .collect(),
-            ..Default::default()
-        }
+        State::default()
     }
 
     /// A state for `--discovery-mode on-demand`: endpoints are known per name, once answered.
     pub fn on_demand() -> Self {
-        State {
-            answered: Some(BTreeSet::new()),
-            ..State::new()
-        }
+        let mut st = State::new();
+        st.mesh.answered = Some(BTreeSet::new());
+        st
+    }
+
+    /// What the tables are compiled from.
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
     }
 
     /// Whether the endpoints of `name` ("service.namespace") are known: always, unless on
     /// demand and never answered.
     pub fn endpoints_known(&self, name: &str) -> bool {
-        self.answered.as_ref().is_none_or(|a| a.contains(name))
+        self.mesh.endpoints_known(name)
     }
 
     /// On demand: the names answered so far (saved with the tables, so that a restart
     /// subscribes to them again). Empty otherwise.
     pub fn answered(&self) -> Vec<String> {
-        self.answered
+        self.mesh
+            .answered
             .iter()
             .flat_map(|a| a.iter().cloned())
             .collect()
@@ -85,13 +81,13 @@ impl State {
 
     /// On demand: records names as answered (loaded from the saved state).
     pub fn mark_answered(&mut self, names: impl IntoIterator<Item = String>) {
-        if let Some(a) = self.answered.as_mut() {
+        if let Some(a) = self.mesh.answered.as_mut() {
             a.extend(names);
         }
     }
 
     pub fn kind(&self, type_url: &str) -> Option<&KindState> {
-        self.kinds.get(type_url)
+        ResourceKind::from_type_url(type_url).map(|k| &self.kinds[k])
     }
 
     /// Every kind received at least once: the first full sync is done.
@@ -105,9 +101,7 @@ impl State {
     ///
     /// Returns `Err` (and changes nothing) for a `type_url` the proxy does not know.
     pub fn apply(&mut self, resp: &DiscoveryResponse, full: bool) -> Result<Applied, String> {
-        let type_url: &'static str = kinds::ALL
-            .into_iter()
-            .find(|k| *k == resp.type_url)
+        let kind = ResourceKind::from_type_url(&resp.type_url)
             .ok_or_else(|| format!("unknown type_url {:?}", resp.type_url))?;
         let mut applied = Applied::default();
         let mut removed: Vec<String> = resp.removed_resources.clone();
@@ -115,7 +109,7 @@ impl State {
             let mentioned: std::collections::HashSet<&str> =
                 resp.resources.iter().map(|r| r.name.as_str()).collect();
             removed.extend(
-                self.kinds[type_url]
+                self.kinds[kind]
                     .resources
                     .keys()
                     .filter(|n| !mentioned.contains(n.as_str()))
@@ -123,9 +117,9 @@ impl State {
             );
         }
         for name in &removed {
-            self.remove(type_url, name);
+            self.remove(kind, name);
         }
-        if type_url == kinds::ENDPOINTS {
+        if kind == ResourceKind::Endpoints {
             // Every name a response mentions is answered, even a rejected one (it keeps its
             // last good version, or none): nothing is left to wait for.
             let mentioned = resp.resources.iter().map(|r| &r.name);
@@ -133,50 +127,49 @@ impl State {
         }
         // VIP:port claims of the services kept so far, to refuse a service that takes
         // another's address (the one already serving keeps it).
-        let mut claims = (type_url == kinds::SERVICES).then(|| self.claims());
+        let mut claims = (kind == ResourceKind::Services).then(|| self.claims());
         for res in &resp.resources {
-            if let Err(reason) = self.accept(type_url, res, claims.as_mut()) {
+            if let Err(reason) = self.accept(kind, res, claims.as_mut()) {
                 applied.rejected.push(Rejected {
                     name: res.name.clone(),
                     reason,
                 });
             }
         }
-        let kind = self.kinds.get_mut(type_url).expect("every kind is present");
-        kind.received = true;
+        let k = &mut self.kinds[kind];
+        k.received = true;
         if applied.rejected.is_empty() {
-            kind.version = resp.version_info.clone();
+            k.version = resp.version_info.clone();
         }
         Ok(applied)
     }
 
-    fn remove(&mut self, type_url: &str, name: &str) {
-        if let Some(k) = self.kinds.get_mut(type_url) {
-            k.resources.remove(name);
-        }
-        match type_url {
-            kinds::SERVICES => drop(self.services.remove(name)),
-            kinds::ENDPOINTS => drop(self.endpoints.remove(name)),
-            _ => {}
+    fn remove(&mut self, kind: ResourceKind, name: &str) {
+        self.kinds[kind].resources.remove(name);
+        match kind {
+            ResourceKind::Services => drop(self.mesh.services.remove(name)),
+            ResourceKind::Endpoints => drop(self.mesh.endpoints.remove(name)),
+            ResourceKind::Routes => drop(self.mesh.routes.remove(name)),
+            ResourceKind::Policies => {}
         }
     }
 
     /// Checks and stores one resource, or says why it cannot be used.
     fn accept(
         &mut self,
-        type_url: &'static str,
+        kind: ResourceKind,
         res: &Resource,
         claims: Option<&mut HashMap<SocketAddr, String>>,
     ) -> Result<(), String> {
         if res.name.is_empty() {
             return Err("resource without a name".into());
         }
-        let kind = res.kind.as_ref().ok_or("resource without a body")?;
-        match (type_url, kind) {
-            (kinds::SERVICES, Kind::Service(s)) => {
-                let entry = convert::service(s)?;
+        let body = res.kind.as_ref().ok_or("resource without a body")?;
+        match (kind, body) {
+            (ResourceKind::Services, Kind::Service(s)) => {
+                let def = convert::service(s)?;
                 if let Some(claims) = claims {
-                    let mine: Vec<SocketAddr> = addrs(&entry).collect();
+                    let mine: Vec<SocketAddr> = addrs(&def).collect();
                     if let Some((addr, owner)) = mine.iter().find_map(|a| {
                         claims
                             .get(a)
@@ -188,33 +181,33 @@ impl State {
                     claims.retain(|_, owner| *owner != res.name);
                     claims.extend(mine.into_iter().map(|a| (a, res.name.clone())));
                 }
-                self.services.insert(res.name.clone(), entry);
+                self.mesh.services.insert(res.name.clone(), def);
             }
-            (kinds::ENDPOINTS, Kind::Endpoints(e)) => {
+            (ResourceKind::Endpoints, Kind::Endpoints(e)) => {
                 let eps = convert::endpoints(e)?;
-                self.endpoints.insert(res.name.clone(), eps);
+                self.mesh.endpoints.insert(res.name.clone(), eps);
             }
-            (kinds::ROUTES, k @ Kind::Route(_)) | (kinds::POLICIES, k @ Kind::Policy(_)) => {
-                convert::check_other(k)?;
+            (ResourceKind::Routes, Kind::Route(r)) => {
+                convert::check_route(r)?;
+                self.mesh
+                    .routes
+                    .insert(res.name.clone(), Arc::new(r.clone()));
             }
-            _ => return Err(format!("not a resource of kind {type_url}")),
+            (ResourceKind::Policies, p @ Kind::Policy(_)) => convert::check_policy(p)?,
+            _ => return Err(format!("not a resource of kind {kind}")),
         }
-        if let Some(k) = self.kinds.get_mut(type_url) {
-            k.resources.insert(res.name.clone(), res.clone());
-        }
+        self.kinds[kind]
+            .resources
+            .insert(res.name.clone(), res.clone());
         Ok(())
     }
 
     fn claims(&self) -> HashMap<SocketAddr, String> {
-        self.services
+        self.mesh
+            .services
             .iter()
             .flat_map(|(name, s)| addrs(s).map(move |a| (a, name.clone())))
             .collect()
-    }
-
-    /// The service table the data path uses.
-    pub fn table(&self) -> ServiceTable {
-        convert::table(self.services.values(), &self.endpoints)
     }
 
     /// `/config_dump`'s view: per kind, the accepted version and every resource in use.
@@ -222,7 +215,7 @@ impl State {
         let kinds: serde_json::Map<String, Value> = self
             .kinds
             .iter()
-            .map(|(type_url, k)| {
+            .map(|(kind, k)| {
                 let resources: Vec<Value> = k
                     .resources
                     .values()
@@ -232,7 +225,7 @@ impl State {
                     })
                     .collect();
                 (
-                    (*type_url).to_owned(),
+                    kind.type_url().to_owned(),
                     json!({"version": k.version, "resources": resources}),
                 )
             })
@@ -245,8 +238,8 @@ impl State {
         self.kinds
             .iter()
             .filter(|(_, k)| k.received)
-            .map(|(type_url, k)| DiscoveryResponse {
-                type_url: (*type_url).to_owned(),
+            .map(|(kind, k)| DiscoveryResponse {
+                type_url: kind.type_url().to_owned(),
                 version_info: k.version.clone(),
                 nonce: String::new(),
                 resources: k.resources.values().cloned().collect(),
@@ -256,7 +249,7 @@ impl State {
     }
 }
 
-fn addrs(s: &ServiceEntry) -> impl Iterator<Item = SocketAddr> + '_ {
+fn addrs(s: &ServiceDef) -> impl Iterator<Item = SocketAddr> + '_ {
     s.vips
         .iter()
         .flat_map(|vip| s.ports.iter().map(|p| SocketAddr::new(*vip, p.port)))
@@ -265,7 +258,7 @@ fn addrs(s: &ServiceEntry) -> impl Iterator<Item = SocketAddr> + '_ {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use muon_api::v1;
+    use muon_api::v1::{self, kinds};
 
     pub fn service(name: &str, vip: &str, port: u32) -> Resource {
         Resource {
@@ -358,17 +351,23 @@ pub(crate) mod tests {
         assert!(r.rejected[2].reason.contains("already served by db.shop"));
         // The version of a partly rejected response is not recorded.
         assert_eq!(st.kind(kinds::SERVICES).unwrap().version, "1");
-        let table = st.table();
-        let names: Vec<&str> = table.services.iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<&str> = st
+            .mesh()
+            .services
+            .values()
+            .map(|s| s.name.as_str())
+            .collect();
         assert_eq!(names, ["api", "db", "web"]);
-        assert_eq!(table.services[2].vips[0].to_string(), "198.19.0.1");
-        table.validate().unwrap();
+        assert_eq!(
+            st.mesh().services["web.shop"].vips[0].to_string(),
+            "198.19.0.1"
+        );
 
         // Incremental removal, then a full state that no longer mentions api.
         let mut rm = response(kinds::SERVICES, "3", vec![]);
         rm.removed_resources = vec!["web.shop".into()];
         st.apply(&rm, false).unwrap();
-        assert_eq!(st.table().services.len(), 2);
+        assert_eq!(st.mesh().services.len(), 2);
         st.apply(
             &response(
                 kinds::SERVICES,
@@ -378,7 +377,7 @@ pub(crate) mod tests {
             true,
         )
         .unwrap();
-        assert_eq!(st.table().services.len(), 1);
+        assert_eq!(st.mesh().services.len(), 1);
         assert_eq!(st.kind(kinds::SERVICES).unwrap().version, "4");
     }
 

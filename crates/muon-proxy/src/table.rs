@@ -1,0 +1,428 @@
+//! The data path's lookup tables, compiled from the [`Mesh`] model once per change and
+//! published with `ArcSwapOption`, so connections and requests read them without a lock.
+//!
+//! - outbound: a virtual IP:port → its service port ([`Target`]): protocol, endpoints;
+//! - inbound: one of this pod's IP:port → the service port it serves ([`InboundPort`]);
+//! - by name: every service, for backend references.
+//!
+//! `None` means "no table yet": the proxy is not ready. The writer is `discovery` (on a
+//! thread of its own, never on the runtime); readers are `outbound`, `inbound` and `admin`.
+//! Endpoint and balancer state is not in here: it lives in [`endpoint::Registry`] and is
+//! carried into every new table, so a republish resets nothing.
+
+use crate::endpoint::{self, BalancerState, EndpointKey, EndpointState};
+use crate::model::{EndpointDef, Mesh, PortDef};
+use arc_swap::ArcSwapOption;
+use muon_core::Protocol;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+pub type SharedTable = Arc<ArcSwapOption<Table>>;
+
+/// Where a table came from, for `/config_dump`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// `--table-file` (or no source at all: the empty table).
+    #[default]
+    File,
+    /// The control plane's discovery stream.
+    ControlPlane,
+    /// The state saved in `--state-dir`, loaded because the control plane was unreachable.
+    Saved,
+}
+
+/// One endpoint, ready to dial, and its live state.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub pod: Arc<str>,
+    pub identity: Arc<str>,
+    pub weight: u32,
+    pub zone: Option<Arc<str>>,
+    pub meshed: bool,
+    pub state: Arc<EndpointState>,
+}
+
+/// A service's endpoints at one target port: what a balancer picks from.
+#[derive(Debug)]
+pub struct Backends {
+    /// `name.namespace`.
+    pub service: Arc<str>,
+    pub target_port: u16,
+    pub endpoints: Vec<Endpoint>,
+    /// `endpoints` is what the source says (possibly none). False only on demand for a
+    /// service whose endpoints were never subscribed: `outbound` subscribes first.
+    pub known: bool,
+    pub balancer: Arc<BalancerState>,
+}
+
+/// One service port: what a connection to one of its virtual IPs gets.
+#[derive(Debug)]
+pub struct Target {
+    /// `name.namespace`, for logs.
+    pub service: Arc<str>,
+    pub port: u16,
+    /// Declared; `None`: detect.
+    pub protocol: Option<Protocol>,
+    pub backends: Arc<Backends>,
+}
+
+/// One port of this pod that a service sends traffic to.
+#[derive(Debug)]
+pub struct InboundPort {
+    pub service: Arc<str>,
+    pub protocol: Option<Protocol>,
+    /// This pod's name in the service's endpoints.
+    pub pod: Arc<str>,
+}
+
+/// A service as the table holds it (for backend references and `/config_dump`).
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub qualified: Arc<str>,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<PortDef>,
+    /// Per port, in the order of `ports`.
+    pub targets: Vec<Arc<Target>>,
+}
+
+impl Service {
+    /// The service's port `port`.
+    pub fn target(&self, port: u16) -> Option<&Arc<Target>> {
+        self.targets.iter().find(|t| t.port == port)
+    }
+}
+
+/// A compiled table.
+#[derive(Debug, Default)]
+pub struct Table {
+    /// Counts tables published by this process (1 = the first).
+    pub version: u64,
+    pub source: Source,
+    /// Sorted by qualified name.
+    services: Vec<Arc<Service>>,
+    by_name: HashMap<Arc<str>, Arc<Service>>,
+    by_dst: HashMap<SocketAddr, Arc<Target>>,
+    inbound: HashMap<SocketAddr, Arc<InboundPort>>,
+}
+
+/// What a compile needs besides the model.
+pub struct Context<'a> {
+    pub version: u64,
+    pub source: Source,
+    /// This pod's addresses: their ports in a service's endpoints are the inbound table.
+    pub local_ips: &'a [IpAddr],
+}
+
+impl Table {
+    /// Compiles `mesh`. Every VIP:port is claimed by one service (checked when the services
+    /// were received; should two claim it anyway, the first by name wins).
+    pub fn compile(mesh: &Mesh, cx: &Context<'_>, registry: &mut endpoint::Registry) -> Table {
+        let mut carry = registry.carry();
+        let mut table = Table {
+            version: cx.version,
+            source: cx.source,
+            ..Table::default()
+        };
+        for (name, svc) in &mesh.services {
+            let qualified: Arc<str> = name.as_str().into();
+            let defs: &[EndpointDef] = mesh.endpoints.get(name).map_or(&[], Vec::as_slice);
+            let known = mesh.endpoints_known(name);
+            let mut targets = Vec::with_capacity(svc.ports.len());
+            for port in &svc.ports {
+                let endpoints = defs
+                    .iter()
+                    .map(|e| {
+                        let addr = SocketAddr::new(e.ip, port.target_port);
+                        let state = carry.endpoint(EndpointKey {
+                            service: qualified.clone(),
+                            addr,
+                            identity: e.identity.clone(),
+                        });
+                        Endpoint {
+                            addr,
+                            pod: e.pod.clone(),
+                            identity: e.identity.clone(),
+                            weight: e.weight,
+                            zone: e.zone.clone(),
+                            meshed: e.meshed,
+                            state,
+                        }
+                    })
+                    .collect();
+                let backends = Arc::new(Backends {
+                    service: qualified.clone(),
+                    target_port: port.target_port,
+                    endpoints,
+                    known,
+                    balancer: carry.balancer(&qualified, port.target_port),
+                });
+                let target = Arc::new(Target {
+                    service: qualified.clone(),
+                    port: port.port,
+                    protocol: port.protocol,
+                    backends,
+                });
+                for vip in &svc.vips {
+                    table
+                        .by_dst
+                        .entry(SocketAddr::new(*vip, port.port))
+                        .or_insert_with(|| target.clone());
+                }
+                for e in defs.iter().filter(|e| cx.local_ips.contains(&e.ip)) {
+                    table
+                        .inbound
+                        .entry(SocketAddr::new(e.ip, port.target_port))
+                        .or_insert_with(|| {
+                            Arc::new(InboundPort {
+                                service: qualified.clone(),
+                                protocol: port.protocol,
+                                pod: e.pod.clone(),
+                            })
+                        });
+                }
+                targets.push(target);
+            }
+            let service = Arc::new(Service {
+                name: svc.name.clone(),
+                namespace: svc.namespace.clone(),
+                qualified: qualified.clone(),
+                vips: svc.vips.clone(),
+                ports: svc.ports.clone(),
+                targets,
+            });
+            table.by_name.insert(qualified, service.clone());
+            table.services.push(service);
+        }
+        carry.finish();
+        table
+    }
+
+    /// A table of its own (version 1, fresh endpoint state) from a static table: for tests
+    /// and tools; the proxy's sources go through `discovery`.
+    pub fn from_service_table(table: &muon_core::ServiceTable) -> Table {
+        let cx = Context {
+            version: 1,
+            source: Source::File,
+            local_ips: &[],
+        };
+        Table::compile(
+            &crate::discovery::file::mesh(table),
+            &cx,
+            &mut endpoint::Registry::default(),
+        )
+    }
+
+    /// The service port a connection to `dst` (a virtual IP:port) is for.
+    pub fn lookup(&self, dst: SocketAddr) -> Option<&Arc<Target>> {
+        self.by_dst.get(&dst)
+    }
+
+    /// The service port of this pod that `dst` is, if any service sends traffic there.
+    pub fn inbound(&self, dst: SocketAddr) -> Option<&Arc<InboundPort>> {
+        self.inbound.get(&dst)
+    }
+
+    /// A service by `name.namespace`.
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.by_name.get(name)
+    }
+
+    pub fn services(&self) -> usize {
+        self.services.len()
+    }
+
+    /// `/config_dump`'s `table`: every service with its ports and endpoints, as the data path
+    /// uses them (endpoints as of its first port: every port has the same endpoints).
+    pub fn dump(&self) -> Value {
+        let services: Vec<Value> = self
+            .services
+            .iter()
+            .map(|s| {
+                let endpoints: Vec<Value> = s
+                    .targets
+                    .first()
+                    .map(|t| t.backends.endpoints.as_slice())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|e| {
+                        json!({
+                            "ip": e.addr.ip(),
+                            "pod": &*e.pod,
+                            "identity": &*e.identity,
+                            "weight": e.weight,
+                            "zone": e.zone.as_deref(),
+                            "meshed": e.meshed,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": s.name,
+                    "namespace": s.namespace,
+                    "vips": s.vips,
+                    "ports": s.ports.iter().map(|p| json!({
+                        "port": p.port,
+                        "targetPort": p.target_port,
+                        "protocol": p.protocol.map(Protocol::as_str),
+                        "name": p.name,
+                    })).collect::<Vec<_>>(),
+                    "endpointsKnown": s.targets.first().is_none_or(|t| t.backends.known),
+                    "endpoints": endpoints,
+                })
+            })
+            .collect();
+        let inbound: Vec<Value> = {
+            let mut ports: Vec<_> = self.inbound.iter().collect();
+            ports.sort_by_key(|(addr, _)| **addr);
+            ports
+                .into_iter()
+                .map(|(addr, p)| {
+                    json!({
+                        "addr": addr.to_string(),
+                        "service": &*p.service,
+                        "protocol": p.protocol.map(Protocol::as_str),
+                    })
+                })
+                .collect()
+        };
+        json!({ "services": services, "inbound": inbound })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::ServiceDef;
+
+    pub fn endpoint(ip: &str, pod: &str) -> EndpointDef {
+        EndpointDef {
+            ip: ip.parse().unwrap(),
+            pod: pod.into(),
+            identity: format!("spiffe://cluster.local/ns/shop/sa/{pod}").into(),
+            weight: 1,
+            zone: None,
+            region: None,
+            meshed: true,
+        }
+    }
+
+    pub fn mesh() -> Mesh {
+        let mut mesh = Mesh::default();
+        mesh.services.insert(
+            "web.shop".into(),
+            ServiceDef {
+                name: "web".into(),
+                namespace: "shop".into(),
+                vips: vec![
+                    "198.19.0.1".parse().unwrap(),
+                    "2001:db8::1".parse().unwrap(),
+                ],
+                ports: vec![
+                    PortDef {
+                        port: 80,
+                        target_port: 8080,
+                        protocol: Some(Protocol::Http),
+                        name: String::new(),
+                    },
+                    PortDef {
+                        port: 443,
+                        target_port: 8443,
+                        protocol: None,
+                        name: String::new(),
+                    },
+                ],
+            },
+        );
+        mesh.endpoints.insert(
+            "web.shop".into(),
+            vec![
+                endpoint("198.18.0.2", "web-0"),
+                endpoint("198.18.0.3", "web-1"),
+            ],
+        );
+        mesh
+    }
+
+    fn cx<'a>(version: u64, local: &'a [IpAddr]) -> Context<'a> {
+        Context {
+            version,
+            source: Source::ControlPlane,
+            local_ips: local,
+        }
+    }
+
+    #[test]
+    fn every_vip_of_a_port_shares_one_target_and_endpoint_state_survives_a_recompile() {
+        let mut reg = endpoint::Registry::default();
+        let t = Table::compile(&mesh(), &cx(1, &[]), &mut reg);
+        let v4 = t.lookup("198.19.0.1:80".parse().unwrap()).unwrap();
+        let v6 = t.lookup("[2001:db8::1]:80".parse().unwrap()).unwrap();
+        assert!(Arc::ptr_eq(v4, v6));
+        assert_eq!(&*v4.service, "web.shop");
+        assert_eq!(v4.protocol, Some(Protocol::Http));
+        assert_eq!(v4.backends.target_port, 8080);
+        assert_eq!(
+            v4.backends.endpoints[1].addr,
+            "198.18.0.3:8080".parse().unwrap()
+        );
+        assert!(v4.backends.known);
+        let tls = t.lookup("198.19.0.1:443".parse().unwrap()).unwrap();
+        assert_eq!((tls.backends.target_port, tls.protocol), (8443, None));
+        assert!(t.lookup("198.19.0.1:81".parse().unwrap()).is_none());
+        assert_eq!(t.services(), 1);
+
+        // A republish (one endpoint gone) keeps the other endpoint's state and the balancer.
+        let mut next = mesh();
+        next.endpoints.get_mut("web.shop").unwrap().remove(1);
+        let t2 = Table::compile(&next, &cx(2, &[]), &mut reg);
+        let again = t2.lookup("198.19.0.1:80".parse().unwrap()).unwrap();
+        assert!(Arc::ptr_eq(
+            &v4.backends.endpoints[0].state,
+            &again.backends.endpoints[0].state
+        ));
+        assert!(Arc::ptr_eq(&v4.backends.balancer, &again.backends.balancer));
+        assert_eq!(again.backends.endpoints.len(), 1);
+        // Two ports × one endpoint left.
+        assert_eq!(reg.endpoints(), 2);
+    }
+
+    #[test]
+    fn this_pods_endpoints_are_the_inbound_table() {
+        let mut reg = endpoint::Registry::default();
+        let local = ["198.18.0.3".parse().unwrap()];
+        let t = Table::compile(&mesh(), &cx(1, &local), &mut reg);
+        let p = t.inbound("198.18.0.3:8080".parse().unwrap()).unwrap();
+        assert_eq!((&*p.service, &*p.pod), ("web.shop", "web-1"));
+        assert_eq!(p.protocol, Some(Protocol::Http));
+        assert!(t.inbound("198.18.0.2:8080".parse().unwrap()).is_none());
+        assert!(t.inbound("198.18.0.3:80".parse().unwrap()).is_none());
+        assert_eq!(t.dump()["inbound"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn on_demand_services_without_an_answer_have_unknown_endpoints() {
+        let mut reg = endpoint::Registry::default();
+        let mut m = mesh();
+        m.answered = Some(Default::default());
+        let t = Table::compile(&m, &cx(1, &[]), &mut reg);
+        assert!(
+            !t.lookup("198.19.0.1:80".parse().unwrap())
+                .unwrap()
+                .backends
+                .known
+        );
+        m.answered = Some(["web.shop".to_string()].into());
+        let t = Table::compile(&m, &cx(2, &[]), &mut reg);
+        assert!(
+            t.lookup("198.19.0.1:80".parse().unwrap())
+                .unwrap()
+                .backends
+                .known
+        );
+    }
+}
