@@ -5,8 +5,9 @@ use crate::registry::Stored;
 use muon_api::json::{json_from_struct, struct_from_json};
 use muon_api::v1;
 use muon_core::resource::{
-    selector_matches, HttpRouteSpec, Invalid, Metadata, Object, Problem, ServiceSpec, WorkloadSpec,
-    DEFAULT_NAMESPACE,
+    selector_matches, BackendRef, Filter, GrpcRouteSpec, HeaderMatch, HeaderModifier, HeaderValue,
+    HttpRouteSpec, Invalid, Kind, Metadata, Object, ParentRef, PathModifier, Problem, ServiceSpec,
+    WorkloadSpec, DEFAULT_NAMESPACE,
 };
 use std::net::IpAddr;
 
@@ -118,21 +119,123 @@ pub fn endpoints_resource<'a>(
     }
 }
 
+/// The resource name of a route: HTTPRoutes are `name.namespace`, GRPCRoutes
+/// `grpcroute/name.namespace`, so the two kinds never collide.
+pub fn route_name(kind: Kind, name: &str, namespace: &str) -> String {
+    match kind {
+        Kind::GrpcRoute => format!("grpcroute/{}", qualified(name, namespace)),
+        _ => qualified(name, namespace),
+    }
+}
+
+fn parent_refs(ns: &str, parents: &[ParentRef]) -> Vec<v1::ParentRef> {
+    parents
+        .iter()
+        .map(|p| v1::ParentRef {
+            kind: p.kind.clone(),
+            name: qualified(&p.name, p.namespace.as_deref().unwrap_or(ns)),
+            port: p.port.unwrap_or(0),
+            section_name: p.section_name.clone().unwrap_or_default(),
+        })
+        .collect()
+}
+
+fn backend(ns: &str, b: &BackendRef) -> v1::BackendRef {
+    v1::BackendRef {
+        service: qualified(&b.name, b.namespace.as_deref().unwrap_or(ns)),
+        port: b.port.unwrap_or(0),
+        weight: b.weight,
+    }
+}
+
+fn header_matches(h: &[HeaderMatch]) -> Vec<v1::HeaderMatch> {
+    h.iter()
+        .map(|h| v1::HeaderMatch {
+            name: h.name.clone(),
+            value: h.value.clone(),
+            r#type: h.kind.clone(),
+        })
+        .collect()
+}
+
+fn header_modifier(m: &HeaderModifier) -> v1::HeaderModifier {
+    let pairs = |v: &[HeaderValue]| {
+        v.iter()
+            .map(|h| v1::Header {
+                name: h.name.clone(),
+                value: h.value.clone(),
+            })
+            .collect()
+    };
+    v1::HeaderModifier {
+        set: pairs(&m.set),
+        add: pairs(&m.add),
+        remove: m.remove.clone(),
+    }
+}
+
+fn path_modifier(p: &PathModifier) -> v1::PathModifier {
+    v1::PathModifier {
+        r#type: p.kind.clone(),
+        value: p.value().to_string(),
+    }
+}
+
+fn filters(ns: &str, filters: &[Filter]) -> Vec<v1::RouteFilter> {
+    use v1::route_filter::Kind as F;
+    filters
+        .iter()
+        .filter_map(|f| {
+            let kind = if let Some(m) = &f.request_header_modifier {
+                F::RequestHeaderModifier(header_modifier(m))
+            } else if let Some(m) = &f.response_header_modifier {
+                F::ResponseHeaderModifier(header_modifier(m))
+            } else if let Some(r) = &f.request_redirect {
+                F::RequestRedirect(v1::RequestRedirect {
+                    scheme: r.scheme.clone().unwrap_or_default(),
+                    hostname: r.hostname.clone().unwrap_or_default(),
+                    path: r.path.as_ref().map(path_modifier),
+                    port: r.port.unwrap_or(0),
+                    status_code: r.status_code,
+                })
+            } else if let Some(r) = &f.url_rewrite {
+                F::UrlRewrite(v1::UrlRewrite {
+                    hostname: r.hostname.clone().unwrap_or_default(),
+                    path: r.path.as_ref().map(path_modifier),
+                })
+            } else if let Some(m) = &f.request_mirror {
+                let (numerator, denominator) = m.share();
+                F::RequestMirror(v1::RequestMirror {
+                    backend: Some(backend(ns, &m.backend_ref)),
+                    numerator,
+                    denominator,
+                })
+            } else {
+                // Validation admits no other filter.
+                return None;
+            };
+            Some(v1::RouteFilter { kind: Some(kind) })
+        })
+        .collect()
+}
+
+fn millis(d: Option<std::time::Duration>) -> u64 {
+    d.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 pub fn route_resource(meta: &Metadata, r: &HttpRouteSpec) -> v1::Route {
     let ns = &meta.namespace;
     v1::Route {
         name: meta.name.clone(),
         namespace: ns.clone(),
-        parents: r
-            .parent_refs
-            .iter()
-            .map(|p| qualified(&p.name, p.namespace.as_deref().unwrap_or(ns)))
-            .collect(),
+        kind: Kind::HttpRoute.as_str().to_string(),
+        parent_refs: parent_refs(ns, &r.parent_refs),
         hostnames: r.hostnames.clone(),
         rules: r
             .rules
             .iter()
             .map(|rule| v1::RouteRule {
+                name: rule.name.clone().unwrap_or_default(),
                 matches: rule
                     .matches
                     .iter()
@@ -140,50 +243,61 @@ pub fn route_resource(meta: &Metadata, r: &HttpRouteSpec) -> v1::Route {
                         path_type: m.path.as_ref().map(|p| p.kind.clone()).unwrap_or_default(),
                         path_value: m.path.as_ref().map(|p| p.value.clone()).unwrap_or_default(),
                         method: m.method.clone().unwrap_or_default(),
-                        headers: m
-                            .headers
-                            .iter()
-                            .map(|h| v1::HeaderMatch {
-                                name: h.name.clone(),
-                                value: h.value.clone(),
-                                r#type: h.kind.clone(),
-                            })
-                            .collect(),
+                        headers: header_matches(&m.headers),
+                        query_params: header_matches(&m.query_params),
+                        ..Default::default()
                     })
                     .collect(),
-                backends: rule
-                    .backend_refs
+                backends: rule.backend_refs.iter().map(|b| backend(ns, b)).collect(),
+                timeout_ms: millis(rule.timeouts.as_ref().and_then(|t| t.request())),
+                backend_timeout_ms: millis(
+                    rule.timeouts.as_ref().and_then(|t| t.backend_request()),
+                ),
+                filters: filters(ns, &rule.filters),
+            })
+            .collect(),
+    }
+}
+
+pub fn grpc_route_resource(meta: &Metadata, r: &GrpcRouteSpec) -> v1::Route {
+    let ns = &meta.namespace;
+    v1::Route {
+        name: meta.name.clone(),
+        namespace: ns.clone(),
+        kind: Kind::GrpcRoute.as_str().to_string(),
+        parent_refs: parent_refs(ns, &r.parent_refs),
+        hostnames: r.hostnames.clone(),
+        rules: r
+            .rules
+            .iter()
+            .map(|rule| v1::RouteRule {
+                name: rule.name.clone().unwrap_or_default(),
+                matches: rule
+                    .matches
                     .iter()
-                    .map(|b| v1::BackendRef {
-                        service: qualified(&b.name, b.namespace.as_deref().unwrap_or(ns)),
-                        port: b.port.unwrap_or(0),
-                        weight: b.weight,
+                    .map(|m| v1::RouteMatch {
+                        headers: header_matches(&m.headers),
+                        grpc_type: m
+                            .method
+                            .as_ref()
+                            .map(|g| g.kind.clone())
+                            .unwrap_or_default(),
+                        grpc_service: m
+                            .method
+                            .as_ref()
+                            .and_then(|g| g.service.clone())
+                            .unwrap_or_default(),
+                        grpc_method: m
+                            .method
+                            .as_ref()
+                            .and_then(|g| g.method.clone())
+                            .unwrap_or_default(),
+                        ..Default::default()
                     })
                     .collect(),
-                timeout_ms: rule
-                    .timeouts
-                    .as_ref()
-                    .and_then(|t| t.request())
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
-                request_headers: rule
-                    .filters
-                    .iter()
-                    .filter_map(|f| f.request_header_modifier.as_ref())
-                    .map(|m| v1::HeaderModifier {
-                        set: m
-                            .set
-                            .iter()
-                            .map(|h| (h.name.clone(), h.value.clone()))
-                            .collect(),
-                        add: m
-                            .add
-                            .iter()
-                            .map(|h| (h.name.clone(), h.value.clone()))
-                            .collect(),
-                        remove: m.remove.clone(),
-                    })
-                    .collect(),
+                backends: rule.backend_refs.iter().map(|b| backend(ns, b)).collect(),
+                filters: filters(ns, &rule.filters),
+                ..Default::default()
             })
             .collect(),
     }

@@ -575,7 +575,13 @@ fn compute(
                     v1::resource::Kind::Route(convert::route_resource(meta, r)),
                 );
             }
-            Spec::Workload(_) => {}
+            Spec::GrpcRoute(r) => {
+                put(
+                    convert::route_name(k.kind, &k.name, &k.namespace),
+                    v1::resource::Kind::Route(convert::grpc_route_resource(meta, r)),
+                );
+            }
+            Spec::Workload(_) | Spec::Gateway(_) => {}
         }
     }
     for (of, now) in snap.kinds.iter() {

@@ -29,6 +29,7 @@ pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod outbound;
+pub mod route;
 pub mod server;
 pub mod table;
 pub mod tcp;

@@ -58,8 +58,8 @@ pub struct Mesh {
     pub services: BTreeMap<String, ServiceDef>,
     /// By service `name.namespace`.
     pub endpoints: BTreeMap<String, Vec<EndpointDef>>,
-    /// By route `name.namespace`, as received (checked).
-    pub routes: BTreeMap<String, Arc<muon_api::v1::Route>>,
+    /// By route resource name, compiled (matchers are built once, when received).
+    pub routes: BTreeMap<String, Arc<crate::route::RouteDef>>,
     /// On demand: the services whose endpoints the control plane has answered for. `None`:
     /// every service's endpoints are known.
     pub answered: Option<BTreeSet<String>>,

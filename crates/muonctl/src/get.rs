@@ -1,4 +1,4 @@
-//! `muonctl get services|workloads|endpoints|routes|policies|proxies [NAME] [-n NS]
+//! `muonctl get services|workloads|endpoints|routes|grpcroutes|gateways|policies|proxies [NAME] [-n NS]
 //! [-o table|yaml|json]`.
 //!
 //! Objects come from `Management.List` (or `Get` with a NAME) and print as a table, or as
@@ -23,7 +23,7 @@ pub enum Format {
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
-    /// services | workloads | endpoints | routes | policies | proxies
+    /// services | workloads | endpoints | routes | grpcroutes | gateways | policies | proxies
     pub what: String,
     /// One object by name (all of them without it).
     pub name: Option<String>,
@@ -40,11 +40,13 @@ pub fn kind_for(what: &str) -> Result<&'static str> {
         "service" | "services" | "svc" => "Service",
         "workload" | "workloads" | "wl" => "Workload",
         "route" | "routes" | "httproute" | "httproutes" => "HTTPRoute",
+        "grpcroute" | "grpcroutes" => "GRPCRoute",
+        "gateway" | "gateways" | "gw" => "Gateway",
         "policy" | "policies" | "authorizationpolicy" | "authorizationpolicies" => {
             "AuthorizationPolicy"
         }
         other => bail!(
-            "unknown kind {other:?}: use services, workloads, endpoints, routes, policies or proxies"
+            "unknown kind {other:?}: use services, workloads, endpoints, routes, grpcroutes, gateways, policies or proxies"
         ),
     })
 }
@@ -205,8 +207,9 @@ fn table(kind: &str, values: &[Value]) -> String {
                     } else {
                         p["targetPort"].clone()
                     };
+                    // Not declared: the sidecars detect it.
                     let proto = if p["protocol"].is_null() {
-                        "tcp".into()
+                        "auto".into()
                     } else {
                         s(&p["protocol"])
                     };
@@ -254,7 +257,25 @@ fn table(kind: &str, values: &[Value]) -> String {
                 ]);
             }
         }
-        "HTTPRoute" => {
+        "Gateway" => {
+            rows.push(
+                ["NAME", "NAMESPACE", "CLASS", "LISTENERS"]
+                    .map(String::from)
+                    .to_vec(),
+            );
+            for v in values {
+                let spec = &v["spec"];
+                rows.push(vec![
+                    name(v),
+                    ns(v),
+                    s(&spec["gatewayClassName"]),
+                    list(&spec["listeners"], |l| {
+                        format!("{}:{}/{}", s(&l["name"]), s(&l["port"]), s(&l["protocol"]))
+                    }),
+                ]);
+            }
+        }
+        "HTTPRoute" | "GRPCRoute" => {
             rows.push(
                 ["NAME", "NAMESPACE", "PARENTS", "HOSTNAMES", "RULES"]
                     .map(String::from)

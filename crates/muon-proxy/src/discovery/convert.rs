@@ -99,16 +99,6 @@ pub fn endpoints(e: &v1::Endpoints) -> Result<Vec<EndpointDef>, String> {
     Ok(out)
 }
 
-/// Checks a route for what the proxy can check. Regular expressions are the proxy's to
-/// compile: the control plane only checks they are not empty, so an expression this proxy
-/// cannot use is NACKed here.
-pub fn check_route(r: &v1::Route) -> Result<(), String> {
-    if r.name.is_empty() {
-        return Err("name is empty".into());
-    }
-    check_route_regexes(r)
-}
-
 /// Checks a policy the proxy does not enforce yet: it must be readable.
 pub fn check_policy(kind: &Kind) -> Result<(), String> {
     match kind {
@@ -118,43 +108,6 @@ pub fn check_policy(kind: &Kind) -> Result<(), String> {
             .map_err(|e| format!("spec is not valid JSON: {e}")),
         _ => Ok(()),
     }
-}
-
-fn check_route_regexes(r: &v1::Route) -> Result<(), String> {
-    let parse = |field: String, re: &str| {
-        regex_syntax::Parser::new()
-            .parse(re)
-            .map(drop)
-            .map_err(|e| {
-                format!(
-                    "{field}: invalid regular expression {re:?}: {}",
-                    last_line(&e.to_string())
-                )
-            })
-    };
-    for (i, rule) in r.rules.iter().enumerate() {
-        for (j, m) in rule.matches.iter().enumerate() {
-            if m.path_type == "RegularExpression" {
-                parse(format!("rules[{i}].matches[{j}].path"), &m.path_value)?;
-            }
-            for (k, h) in m.headers.iter().enumerate() {
-                if h.r#type == "RegularExpression" {
-                    parse(format!("rules[{i}].matches[{j}].headers[{k}]"), &h.value)?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// regex-syntax errors draw the pattern over several lines; the last line says what is wrong.
-fn last_line(text: &str) -> String {
-    text.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or(text)
-        .trim()
-        .to_string()
 }
 
 /// `/config_dump`'s view of one resource, as the control plane sent it.
@@ -185,17 +138,25 @@ pub fn dump(kind: &Kind) -> Value {
         Kind::Route(r) => json!({
             "name": r.name,
             "namespace": r.namespace,
-            "parents": r.parents,
+            "kind": r.kind,
+            "parentRefs": r.parent_refs.iter().map(|p| json!({
+                "kind": p.kind, "name": p.name, "port": p.port, "sectionName": p.section_name,
+            })).collect::<Vec<_>>(),
             "hostnames": r.hostnames,
             "rules": r.rules.iter().map(|rule| json!({
+                "name": rule.name,
                 "matches": rule.matches.iter().map(|m| json!({
                     "pathType": m.path_type, "pathValue": m.path_value, "method": m.method,
-                    "headers": m.headers.iter().map(|h| json!({"name": h.name, "value": h.value, "type": h.r#type})).collect::<Vec<_>>(),
+                    "headers": m.headers.iter().map(match_json).collect::<Vec<_>>(),
+                    "queryParams": m.query_params.iter().map(match_json).collect::<Vec<_>>(),
+                    "grpc": (!m.grpc_type.is_empty()).then(|| json!({
+                        "type": m.grpc_type, "service": m.grpc_service, "method": m.grpc_method,
+                    })),
                 })).collect::<Vec<_>>(),
-                "backends": rule.backends.iter().map(|b| json!({
-                    "service": b.service, "port": b.port, "weight": b.weight,
-                })).collect::<Vec<_>>(),
+                "backends": rule.backends.iter().map(backend_json).collect::<Vec<_>>(),
+                "filters": rule.filters.iter().map(filter_json).collect::<Vec<_>>(),
                 "timeoutMs": rule.timeout_ms,
+                "backendTimeoutMs": rule.backend_timeout_ms,
             })).collect::<Vec<_>>(),
         }),
         Kind::Policy(p) => json!({
@@ -203,6 +164,48 @@ pub fn dump(kind: &Kind) -> Value {
             "namespace": p.namespace,
             "spec": serde_json::from_str::<Value>(&p.spec_json).unwrap_or(Value::Null),
         }),
+    }
+}
+
+fn match_json(h: &v1::HeaderMatch) -> Value {
+    json!({"name": h.name, "value": h.value, "type": h.r#type})
+}
+
+fn backend_json(b: &v1::BackendRef) -> Value {
+    json!({"service": b.service, "port": b.port, "weight": b.weight})
+}
+
+fn filter_json(f: &v1::RouteFilter) -> Value {
+    use v1::route_filter::Kind as F;
+    let headers = |m: &v1::HeaderModifier| {
+        let pairs = |v: &[v1::Header]| {
+            v.iter()
+                .map(|h| json!({"name": h.name, "value": h.value}))
+                .collect::<Vec<_>>()
+        };
+        json!({"set": pairs(&m.set), "add": pairs(&m.add), "remove": m.remove})
+    };
+    let path = |p: &Option<v1::PathModifier>| {
+        p.as_ref()
+            .map(|p| json!({"type": p.r#type, "value": p.value}))
+    };
+    match &f.kind {
+        Some(F::RequestHeaderModifier(m)) => {
+            json!({"type": "RequestHeaderModifier", "requestHeaderModifier": headers(m)})
+        }
+        Some(F::ResponseHeaderModifier(m)) => {
+            json!({"type": "ResponseHeaderModifier", "responseHeaderModifier": headers(m)})
+        }
+        Some(F::RequestRedirect(r)) => json!({"type": "RequestRedirect", "requestRedirect": {
+            "scheme": r.scheme, "hostname": r.hostname, "path": path(&r.path), "port": r.port, "statusCode": r.status_code,
+        }}),
+        Some(F::UrlRewrite(r)) => {
+            json!({"type": "URLRewrite", "urlRewrite": {"hostname": r.hostname, "path": path(&r.path)}})
+        }
+        Some(F::RequestMirror(m)) => json!({"type": "RequestMirror", "requestMirror": {
+            "backend": m.backend.as_ref().map(backend_json), "numerator": m.numerator, "denominator": m.denominator,
+        }}),
+        None => Value::Null,
     }
 }
 
@@ -222,34 +225,6 @@ mod tests {
                 name: String::new(),
             }],
         }
-    }
-
-    #[test]
-    fn a_route_with_a_bad_regular_expression_is_refused_with_its_field() {
-        let route = |re: &str| {
-            Kind::Route(v1::Route {
-                name: "r".into(),
-                rules: vec![v1::RouteRule {
-                    matches: vec![v1::RouteMatch {
-                        path_type: "RegularExpression".into(),
-                        path_value: re.into(),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })
-        };
-        let route = |re: &str| match route(re) {
-            Kind::Route(r) => r,
-            _ => unreachable!(),
-        };
-        assert_eq!(check_route(&route("/items/[0-9]+")), Ok(()));
-        let err = check_route(&route("/items/([0-9]+")).unwrap_err();
-        assert!(
-            err.starts_with("rules[0].matches[0].path: invalid regular expression"),
-            "{err}"
-        );
     }
 
     #[test]

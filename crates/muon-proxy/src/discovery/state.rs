@@ -188,10 +188,8 @@ impl State {
                 self.mesh.endpoints.insert(res.name.clone(), eps);
             }
             (ResourceKind::Routes, Kind::Route(r)) => {
-                convert::check_route(r)?;
-                self.mesh
-                    .routes
-                    .insert(res.name.clone(), Arc::new(r.clone()));
+                let def = crate::route::RouteDef::from_proto(&res.name, r)?;
+                self.mesh.routes.insert(res.name.clone(), Arc::new(def));
             }
             (ResourceKind::Policies, p @ Kind::Policy(_)) => convert::check_policy(p)?,
             _ => return Err(format!("not a resource of kind {kind}")),

@@ -2,7 +2,8 @@
 //! Kubernetes-style envelope, with their validation.
 //!
 //! Kinds: `muon.io/v1alpha1` `Service` and `Workload`, and the Gateway API's
-//! `gateway.networking.k8s.io/v1` `HTTPRoute`. Parsing is strict (camelCase, unknown fields
+//! `gateway.networking.k8s.io/v1` `HTTPRoute`, `GRPCRoute` and `Gateway` (see [`route`] and
+//! [`gateway`]). Parsing is strict (camelCase, unknown fields
 //! refused) and validation reports every problem of every object at once, each naming the
 //! object, the field path and the reason. The control plane converts these objects to the
 //! data plane's resources; nothing here performs I/O.
@@ -10,6 +11,12 @@
 //! Leaf values that users get wrong most often (IPs, protocols, durations) are read as strings
 //! and checked here, so that the message can name the field; serde only reports structure
 //! errors (unknown or missing fields, wrong types).
+
+mod gateway;
+mod route;
+
+pub use gateway::*;
+pub use route::*;
 
 use crate::table::Protocol;
 use serde::{Deserialize, Serialize};
@@ -21,6 +28,10 @@ use std::time::Duration;
 
 pub const MUON_API_VERSION: &str = "muon.io/v1alpha1";
 pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
+/// The Gateway API's group (a `parentRef` to a `Gateway` may name it).
+pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+/// Muon's own group.
+pub const MUON_GROUP: &str = "muon.io";
 pub const DEFAULT_NAMESPACE: &str = "default";
 pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 /// The largest weight a workload or backend may carry (the Gateway API's limit).
@@ -33,25 +44,43 @@ pub enum Kind {
     Workload,
     #[serde(rename = "HTTPRoute")]
     HttpRoute,
+    #[serde(rename = "GRPCRoute")]
+    GrpcRoute,
+    Gateway,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Service, Kind::Workload, Kind::HttpRoute];
+    pub const ALL: [Kind; 5] = [
+        Kind::Service,
+        Kind::Workload,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+        Kind::Gateway,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Service => "Service",
             Kind::Workload => "Workload",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
+            Kind::Gateway => "Gateway",
         }
     }
 
-    /// The `apiVersion` objects of this kind carry.
+    /// The `apiVersion` objects of this kind carry (and are written back with).
     pub fn api_version(self) -> &'static str {
         match self {
             Kind::Service | Kind::Workload => MUON_API_VERSION,
-            Kind::HttpRoute => GATEWAY_API_VERSION,
+            Kind::HttpRoute | Kind::GrpcRoute | Kind::Gateway => GATEWAY_API_VERSION,
         }
+    }
+
+    /// Every `apiVersion` accepted for this kind: a `Gateway` may also be written as Muon's
+    /// own (`muon.io/v1alpha1`), with the same fields.
+    pub fn accepts_api_version(self, api_version: &str) -> bool {
+        api_version == self.api_version()
+            || (self == Kind::Gateway && api_version == MUON_API_VERSION)
     }
 
     /// Parses a kind as users type it: `Service`, `service`, `services`, `httproutes`.
@@ -62,6 +91,8 @@ impl Kind {
             (_, "service") | ("svc", _) => Some(Kind::Service),
             (_, "workload") => Some(Kind::Workload),
             (_, "httproute") => Some(Kind::HttpRoute),
+            (_, "grpcroute") => Some(Kind::GrpcRoute),
+            (_, "gateway") | ("gw", _) => Some(Kind::Gateway),
             _ => None,
         }
     }
@@ -114,6 +145,8 @@ pub enum Spec {
     Service(ServiceSpec),
     Workload(WorkloadSpec),
     HttpRoute(HttpRouteSpec),
+    GrpcRoute(GrpcRouteSpec),
+    Gateway(GatewaySpec),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -205,175 +238,12 @@ fn default_service_account() -> String {
     DEFAULT_SERVICE_ACCOUNT.to_string()
 }
 
-fn default_weight() -> u32 {
+pub(crate) fn default_weight() -> u32 {
     1
 }
 
 fn default_true() -> bool {
     true
-}
-
-// ---------------------------------------------------------------------------------------------
-// HTTPRoute (Gateway API, the subset Muon applies)
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HttpRouteSpec {
-    pub parent_refs: Vec<ParentRef>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub hostnames: Vec<String>,
-    #[serde(default)]
-    pub rules: Vec<RouteRule>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ParentRef {
-    pub name: String,
-    /// Defaults to the route's namespace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(default = "default_ref_kind")]
-    pub kind: String,
-    /// The core group (`""`) is the only one accepted, as the GAMMA initiative writes it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<u32>,
-}
-
-fn default_ref_kind() -> String {
-    "Service".to_string()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RouteRule {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub matches: Vec<RouteMatch>,
-    #[serde(default)]
-    pub backend_refs: Vec<BackendRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeouts: Option<Timeouts>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub filters: Vec<Filter>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RouteMatch {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<PathMatch>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub headers: Vec<HeaderMatch>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PathMatch {
-    /// `Exact`, `PathPrefix` (default) or `RegularExpression`.
-    #[serde(default = "default_path_type", rename = "type")]
-    pub kind: String,
-    #[serde(default = "default_path_value")]
-    pub value: String,
-}
-
-fn default_path_type() -> String {
-    "PathPrefix".to_string()
-}
-
-fn default_path_value() -> String {
-    "/".to_string()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HeaderMatch {
-    pub name: String,
-    pub value: String,
-    /// `Exact` (default) or `RegularExpression`.
-    #[serde(default = "default_header_type", rename = "type")]
-    pub kind: String,
-}
-
-fn default_header_type() -> String {
-    "Exact".to_string()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BackendRef {
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    /// The backend service's port; when absent, the port the request arrived on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<u32>,
-    #[serde(default = "default_weight")]
-    pub weight: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Timeouts {
-    /// A Gateway API duration (`10s`, `500ms`, `1m30s`); `0s` disables the timeout.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<String>,
-}
-
-impl Timeouts {
-    /// The request timeout (valid once the object is validated).
-    pub fn request(&self) -> Option<Duration> {
-        self.request.as_deref().and_then(|s| parse_duration(s).ok())
-    }
-}
-
-/// A Gateway API filter. Only `RequestHeaderModifier` is applied; the other standard filter
-/// fields are recognised so that they are refused with a clear message rather than as
-/// "unknown field".
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Filter {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_header_modifier: Option<HeaderModifier>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub response_header_modifier: Option<Json>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_mirror: Option<Json>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_redirect: Option<Json>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url_rewrite: Option<Json>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub extension_ref: Option<Json>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cors: Option<Json>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HeaderModifier {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub set: Vec<HeaderValue>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub add: Vec<HeaderValue>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub remove: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HeaderValue {
-    pub name: String,
-    pub value: String,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -412,13 +282,13 @@ impl fmt::Display for Invalid {
 }
 
 /// Collects problems for one object.
-struct Check<'a> {
+pub(crate) struct Check<'a> {
     object: &'a str,
     problems: Vec<Problem>,
 }
 
 impl Check<'_> {
-    fn fail(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+    pub(crate) fn fail(&mut self, field: impl Into<String>, reason: impl Into<String>) {
         self.problems.push(Problem {
             object: self.object.to_string(),
             field: field.into(),
@@ -426,13 +296,13 @@ impl Check<'_> {
         });
     }
 
-    fn dns_label(&mut self, field: &str, value: &str) {
+    pub(crate) fn dns_label(&mut self, field: &str, value: &str) {
         if let Err(reason) = check_dns_label(value) {
             self.fail(field, reason);
         }
     }
 
-    fn port(&mut self, field: &str, port: u32) {
+    pub(crate) fn port(&mut self, field: &str, port: u32) {
         if !(1..=65535).contains(&port) {
             self.fail(
                 field,
@@ -450,7 +320,7 @@ impl Check<'_> {
         }
     }
 
-    fn weight(&mut self, field: &str, weight: u32) {
+    pub(crate) fn weight(&mut self, field: &str, weight: u32) {
         if weight > MAX_WEIGHT {
             self.fail(field, format!("must be at most {MAX_WEIGHT}, got {weight}"));
         }
@@ -579,11 +449,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-const METHODS: [&str; 9] = [
+pub(crate) const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
-fn is_header_name(s: &str) -> bool {
+pub(crate) fn is_header_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
@@ -667,12 +537,15 @@ impl Object {
             None => {
                 check.fail(
                     "kind",
-                    format!("unknown kind {kind:?}; expected Service, Workload or HTTPRoute"),
+                    format!(
+                        "unknown kind {kind:?}; expected one of {}",
+                        Kind::ALL.map(Kind::as_str).join(", ")
+                    ),
                 );
                 return Err(Invalid(check.problems));
             }
         };
-        if api_version != parsed_kind.api_version() {
+        if !parsed_kind.accepts_api_version(api_version) {
             check.fail(
                 "apiVersion",
                 format!(
@@ -695,8 +568,16 @@ impl Object {
                 Spec::Workload(s)
             }),
             Kind::HttpRoute => parse_spec(&mut check, spec).map(|s: HttpRouteSpec| {
-                validate_route(&mut check, &s);
+                route::validate_http_route(&mut check, &s);
                 Spec::HttpRoute(s)
+            }),
+            Kind::GrpcRoute => parse_spec(&mut check, spec).map(|s: GrpcRouteSpec| {
+                route::validate_grpc_route(&mut check, &s);
+                Spec::GrpcRoute(s)
+            }),
+            Kind::Gateway => parse_spec(&mut check, spec).map(|s: GatewaySpec| {
+                gateway::validate(&mut check, &s);
+                Spec::Gateway(s)
             }),
         };
         match spec {
@@ -710,6 +591,8 @@ impl Object {
             Spec::Service(_) => Kind::Service,
             Spec::Workload(_) => Kind::Workload,
             Spec::HttpRoute(_) => Kind::HttpRoute,
+            Spec::GrpcRoute(_) => Kind::GrpcRoute,
+            Spec::Gateway(_) => Kind::Gateway,
         }
     }
 
@@ -727,6 +610,8 @@ impl Object {
             Spec::Service(s) => serde_json::to_value(s),
             Spec::Workload(s) => serde_json::to_value(s),
             Spec::HttpRoute(s) => serde_json::to_value(s),
+            Spec::GrpcRoute(s) => serde_json::to_value(s),
+            Spec::Gateway(s) => serde_json::to_value(s),
         };
         // Serialising plain data with string keys cannot fail.
         v.unwrap_or(Json::Null)
@@ -829,205 +714,6 @@ fn validate_workload(check: &mut Check<'_>, w: &WorkloadSpec) {
         check.fail("spec.serviceAccount", reason);
     }
     check.weight("spec.weight", w.weight);
-}
-
-fn validate_route(check: &mut Check<'_>, r: &HttpRouteSpec) {
-    if r.parent_refs.is_empty() {
-        check.fail(
-            "spec.parentRefs",
-            "needs at least one parent (the Service the route attaches to)",
-        );
-    }
-    for (i, p) in r.parent_refs.iter().enumerate() {
-        let field = format!("spec.parentRefs[{i}]");
-        check.dns_label(&format!("{field}.name"), &p.name);
-        if let Some(ns) = &p.namespace {
-            check.dns_label(&format!("{field}.namespace"), ns);
-        }
-        if p.kind != "Service" {
-            check.fail(
-                format!("{field}.kind"),
-                format!(
-                    "{:?} is not supported yet; routes attach to a Service (GAMMA)",
-                    p.kind
-                ),
-            );
-        }
-        if let Some(g) = &p.group {
-            if !g.is_empty() && g != "core" {
-                check.fail(
-                    format!("{field}.group"),
-                    format!("{g:?} is not supported; use \"\" (the core group of Service)"),
-                );
-            }
-        }
-        if let Some(port) = p.port {
-            check.port(&format!("{field}.port"), port);
-        }
-    }
-    for (i, h) in r.hostnames.iter().enumerate() {
-        let host = h.strip_prefix("*.").unwrap_or(h);
-        if let Err(reason) = check_dns_subdomain(host) {
-            check.fail(format!("spec.hostnames[{i}]"), reason);
-        }
-    }
-    for (i, rule) in r.rules.iter().enumerate() {
-        validate_rule(check, &format!("spec.rules[{i}]"), rule);
-    }
-}
-
-fn validate_rule(check: &mut Check<'_>, field: &str, rule: &RouteRule) {
-    for (j, m) in rule.matches.iter().enumerate() {
-        let mf = format!("{field}.matches[{j}]");
-        if let Some(path) = &m.path {
-            match path.kind.as_str() {
-                "Exact" | "PathPrefix" => {
-                    if !path.value.starts_with('/') {
-                        check.fail(
-                            format!("{mf}.path.value"),
-                            format!("{:?} must start with '/'", path.value),
-                        );
-                    }
-                }
-                "RegularExpression" => {
-                    if path.value.is_empty() {
-                        check.fail(format!("{mf}.path.value"), "must not be empty");
-                    }
-                }
-                other => check.fail(
-                    format!("{mf}.path.type"),
-                    format!("unknown path match type {other:?}; expected Exact, PathPrefix or RegularExpression"),
-                ),
-            }
-        }
-        if let Some(method) = &m.method {
-            if !METHODS.contains(&method.as_str()) {
-                check.fail(
-                    format!("{mf}.method"),
-                    format!(
-                        "unknown method {method:?}; expected one of {}",
-                        METHODS.join(", ")
-                    ),
-                );
-            }
-        }
-        for (k, h) in m.headers.iter().enumerate() {
-            let hf = format!("{mf}.headers[{k}]");
-            if !is_header_name(&h.name) {
-                check.fail(
-                    format!("{hf}.name"),
-                    format!("{:?} is not a valid header name", h.name),
-                );
-            }
-            if h.kind != "Exact" && h.kind != "RegularExpression" {
-                check.fail(
-                    format!("{hf}.type"),
-                    format!(
-                        "unknown header match type {:?}; expected Exact or RegularExpression",
-                        h.kind
-                    ),
-                );
-            }
-        }
-    }
-    if rule.backend_refs.is_empty() {
-        check.fail(
-            format!("{field}.backendRefs"),
-            "needs at least one backend (a rule without backends would answer every request with 500)",
-        );
-    }
-    for (j, b) in rule.backend_refs.iter().enumerate() {
-        let bf = format!("{field}.backendRefs[{j}]");
-        check.dns_label(&format!("{bf}.name"), &b.name);
-        if let Some(ns) = &b.namespace {
-            check.dns_label(&format!("{bf}.namespace"), ns);
-        }
-        if let Some(kind) = &b.kind {
-            if kind != "Service" {
-                check.fail(
-                    format!("{bf}.kind"),
-                    format!("{kind:?} is not supported; backends are Services"),
-                );
-            }
-        }
-        if let Some(g) = &b.group {
-            if !g.is_empty() && g != "core" {
-                check.fail(
-                    format!("{bf}.group"),
-                    format!("{g:?} is not supported; use \"\" (the core group of Service)"),
-                );
-            }
-        }
-        if let Some(port) = b.port {
-            check.port(&format!("{bf}.port"), port);
-        }
-        check.weight(&format!("{bf}.weight"), b.weight);
-    }
-    if let Some(t) = &rule.timeouts {
-        if let Some(req) = &t.request {
-            if let Err(reason) = parse_duration(req) {
-                check.fail(format!("{field}.timeouts.request"), reason);
-            }
-        }
-    }
-    for (j, f) in rule.filters.iter().enumerate() {
-        let ff = format!("{field}.filters[{j}]");
-        if f.kind != "RequestHeaderModifier" {
-            check.fail(
-                format!("{ff}.type"),
-                format!(
-                    "filter {:?} is not supported yet; only RequestHeaderModifier is",
-                    f.kind
-                ),
-            );
-            continue;
-        }
-        let others = [
-            (
-                "responseHeaderModifier",
-                f.response_header_modifier.is_some(),
-            ),
-            ("requestMirror", f.request_mirror.is_some()),
-            ("requestRedirect", f.request_redirect.is_some()),
-            ("urlRewrite", f.url_rewrite.is_some()),
-            ("extensionRef", f.extension_ref.is_some()),
-            ("cors", f.cors.is_some()),
-        ];
-        for (name, present) in others {
-            if present {
-                check.fail(
-                    format!("{ff}.{name}"),
-                    "must not be set on a RequestHeaderModifier filter",
-                );
-            }
-        }
-        match &f.request_header_modifier {
-            None => check.fail(
-                format!("{ff}.requestHeaderModifier"),
-                "is required when type is RequestHeaderModifier",
-            ),
-            Some(m) => {
-                for (list, values) in [("set", &m.set), ("add", &m.add)] {
-                    for (k, hv) in values.iter().enumerate() {
-                        if !is_header_name(&hv.name) {
-                            check.fail(
-                                format!("{ff}.requestHeaderModifier.{list}[{k}].name"),
-                                format!("{:?} is not a valid header name", hv.name),
-                            );
-                        }
-                    }
-                }
-                for (k, name) in m.remove.iter().enumerate() {
-                    if !is_header_name(name) {
-                        check.fail(
-                            format!("{ff}.requestHeaderModifier.remove[{k}]"),
-                            format!("{name:?} is not a valid header name"),
-                        );
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Whether `labels` include every pair of a non-empty `selector` (an empty selector selects
@@ -1182,73 +868,6 @@ mod tests {
         assert!(p[3].contains("spec.weight: must be at most 1000000"));
     }
 
-    fn route() -> Json {
-        json!({
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "HTTPRoute",
-            "metadata": {"name": "orders", "namespace": "shop"},
-            "spec": {
-                "parentRefs": [{"name": "orders", "port": 8080}],
-                "rules": [{
-                    "matches": [{"path": {"type": "PathPrefix", "value": "/v2"}, "method": "GET",
-                                 "headers": [{"name": "x-canary", "value": "1"}]}],
-                    "backendRefs": [{"name": "orders-v2", "port": 8080, "weight": 90},
-                                    {"name": "orders-v1", "port": 8080}],
-                    "timeouts": {"request": "1m30s"},
-                    "filters": [{"type": "RequestHeaderModifier",
-                                 "requestHeaderModifier": {"set": [{"name": "x-mesh", "value": "muon"}]}}]
-                }]
-            }
-        })
-    }
-
-    #[test]
-    fn route_parses_with_defaults() {
-        let o = parse(route()).unwrap();
-        let Spec::HttpRoute(r) = &o.spec else {
-            panic!("not a route")
-        };
-        assert_eq!(r.parent_refs[0].kind, "Service");
-        assert_eq!(r.rules[0].backend_refs[1].weight, 1);
-        assert_eq!(
-            r.rules[0].timeouts.as_ref().and_then(Timeouts::request),
-            Some(Duration::from_secs(90))
-        );
-    }
-
-    #[test]
-    fn unsupported_filters_are_refused_clearly() {
-        let mut v = route();
-        v["spec"]["rules"][0]["filters"] = json!([
-            {"type": "RequestRedirect", "requestRedirect": {"scheme": "https"}}
-        ]);
-        let p = problems(v);
-        assert_eq!(
-            p,
-            vec![
-                "HTTPRoute shop/orders: spec.rules[0].filters[0].type: filter \"RequestRedirect\" \
-                  is not supported yet; only RequestHeaderModifier is"
-            ]
-        );
-    }
-
-    #[test]
-    fn route_problems_name_nested_fields() {
-        let mut v = route();
-        v["spec"]["parentRefs"][0]["kind"] = json!("Gateway");
-        v["spec"]["rules"][0]["matches"][0]["path"] = json!({"type": "Prefix", "value": "v2"});
-        v["spec"]["rules"][0]["matches"][0]["method"] = json!("FETCH");
-        v["spec"]["rules"][0]["timeouts"] = json!({"request": "10 seconds"});
-        v["spec"]["rules"][0]["backendRefs"] = json!([]);
-        let p = problems(v);
-        assert_eq!(p.len(), 5, "{p:#?}");
-        assert!(p[0].contains("spec.parentRefs[0].kind: \"Gateway\" is not supported yet"));
-        assert!(p[1].contains("spec.rules[0].matches[0].path.type: unknown path match type"));
-        assert!(p[2].contains("spec.rules[0].matches[0].method: unknown method \"FETCH\""));
-        assert!(p[3].contains("spec.rules[0].backendRefs: needs at least one backend"));
-        assert!(p[4].contains("spec.rules[0].timeouts.request: \"10 seconds\" is not a duration"));
-    }
-
     #[test]
     fn durations_follow_the_gateway_api_format() {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
@@ -1273,6 +892,8 @@ mod tests {
         assert_eq!(Kind::parse("services"), Some(Kind::Service));
         assert_eq!(Kind::parse("Workload"), Some(Kind::Workload));
         assert_eq!(Kind::parse("httproutes"), Some(Kind::HttpRoute));
+        assert_eq!(Kind::parse("GRPCRoute"), Some(Kind::GrpcRoute));
+        assert_eq!(Kind::parse("gateways"), Some(Kind::Gateway));
         assert_eq!(Kind::parse("pods"), None);
     }
 
