@@ -4,7 +4,9 @@
 use muon_tests::{eventually, Lab};
 use std::time::Duration;
 
-/// client (curl) -> web service (python http.server) with sidecars on both sides.
+/// client (curl) -> web service (python http.server) with sidecars on both sides. The port
+/// is declared `tcp`: these tests are about capture and the opaque path (HTTP has its own,
+/// tests/tests/http.rs).
 fn web_lab(tag: &str, extra_client: &str, extra_web: &str) -> Lab {
     Lab::up(
         tag,
@@ -23,7 +25,7 @@ services:
     selector: {{app: web}}
     ports:
       - port: 8080
-        protocol: http
+        protocol: tcp
 "#
         ),
     )
@@ -256,7 +258,7 @@ pods:
 services:
   - name: inventory
     selector: {{app: inventory}}
-    ports: [{{port: 8080, protocol: http}}]
+    ports: [{{port: 8080, protocol: tcp}}]
 "#
         ),
     );

@@ -2,7 +2,12 @@
 //!
 //! - `demo-shop inventory` answers `GET /stock/<item>` with the stock and the pod that answered;
 //! - `demo-shop orders` answers `GET /orders/<item>` by asking inventory over HTTP/1.1 JSON;
-//! - `demo-shop echo` answers every request with a fixed-size body (for benchmarks).
+//! - `demo-shop echo` answers every request with a fixed-size body (for benchmarks);
+//! - `demo-shop reflect` answers with what it received (method, path, protocol, headers,
+//!   body size) as JSON; `/delay/<ms>` answers after a pause, `/status/<code>` with that
+//!   status (for the tests).
+//!
+//! Every app serves HTTP/1.1 and HTTP/2 (prior knowledge) on the same port.
 //!
 //! The apps know nothing of the mesh: they call `http://inventory:8080` by name, and the
 //! sidecars do the rest. Every answer names the pod (from `POD_NAME`) so that a caller can see
@@ -15,7 +20,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,13 +29,19 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Clone)]
 enum App {
     Inventory,
-    Orders { inventory: Arc<str> },
-    Echo { body: Bytes },
+    Orders {
+        inventory: Arc<str>,
+        version: Arc<str>,
+    },
+    Echo {
+        body: Bytes,
+    },
+    Reflect,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: demo-shop inventory [--port P]\n       demo-shop orders [--port P] [--inventory HOST:PORT]\n       demo-shop echo [--port P] [--size BYTES]"
+        "usage: demo-shop inventory [--port P]\n       demo-shop orders [--port P] [--inventory HOST:PORT] [--version V]\n       demo-shop echo [--port P] [--size BYTES]\n       demo-shop reflect [--port P]"
     );
     std::process::exit(2)
 }
@@ -42,12 +53,14 @@ async fn main() -> Result<()> {
     let mut port = 8080u16;
     let mut inventory = String::from("inventory:8080");
     let mut size = 1024usize;
+    let mut version = String::from("v1");
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
         match flag.as_str() {
             "--port" => port = value.parse().context("--port")?,
             "--inventory" => inventory = value,
             "--size" => size = value.parse().context("--size")?,
+            "--version" => version = value,
             _ => usage(),
         }
     }
@@ -55,7 +68,9 @@ async fn main() -> Result<()> {
         "inventory" => App::Inventory,
         "orders" => App::Orders {
             inventory: inventory.into(),
+            version: version.into(),
         },
+        "reflect" => App::Reflect,
         "echo" => App::Echo {
             body: Bytes::from(vec![b'x'; size]),
         },
@@ -75,7 +90,7 @@ async fn main() -> Result<()> {
                 let app = app.clone();
                 async move { Ok::<_, hyper::Error>(handle(&app, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -100,6 +115,7 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     match app {
         App::Echo { body } => Response::new(Full::new(body.clone())),
+        App::Reflect => reflect(req).await,
         App::Inventory => match path.strip_prefix("/stock/") {
             Some(item) if !item.is_empty() => {
                 // A stable, item-dependent figure: the demo shows the same stock from every replica.
@@ -114,12 +130,12 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 json!({"service": "inventory", "pod": pod()}),
             ),
         },
-        App::Orders { inventory } => match path.strip_prefix("/orders/") {
+        App::Orders { inventory, version } => match path.strip_prefix("/orders/") {
             Some(item) if !item.is_empty() => {
                 match get_json(inventory, &format!("/stock/{item}")).await {
                     Ok(stock) => reply(
                         StatusCode::OK,
-                        json!({"order": item, "accepted": stock["stock"].as_u64().unwrap_or(0) > 0, "pod": pod(), "inventory": stock}),
+                        json!({"order": item, "accepted": stock["stock"].as_u64().unwrap_or(0) > 0, "pod": pod(), "version": &**version, "inventory": stock}),
                     ),
                     Err(e) => reply(
                         StatusCode::BAD_GATEWAY,
@@ -127,9 +143,50 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     ),
                 }
             }
-            _ => reply(StatusCode::OK, json!({"service": "orders", "pod": pod()})),
+            _ => reply(
+                StatusCode::OK,
+                json!({"service": "orders", "pod": pod(), "version": &**version}),
+            ),
         },
     }
+}
+
+/// The request as received, as JSON; `/delay/<ms>` and `/status/<code>` change the answer.
+async fn reflect(req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return reply(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+    };
+    let path = parts.uri.path();
+    let mut status = StatusCode::OK;
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse().ok()) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    if let Some(code) = path
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+    {
+        status = code;
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(String::from_utf8_lossy(v.as_bytes()))))
+        .collect();
+    reply(
+        status,
+        json!({
+            "pod": pod(),
+            "method": parts.method.as_str(),
+            "path": path,
+            "query": parts.uri.query(),
+            "version": format!("{:?}", parts.version),
+            "headers": headers,
+            "bodyBytes": body.len(),
+        }),
+    )
 }
 
 /// One HTTP/1.1 GET to `authority` (host:port, resolved through /etc/hosts like any app would).

@@ -15,10 +15,27 @@ use std::time::Duration;
 #[command(
     name = "muon-proxy",
     version,
-    about = "Muon sidecar proxy: transparent TCP forwarding for one pod",
+    about = "Muon's proxy: the transparent sidecar of one pod (TCP, HTTP/1.1, HTTP/2, gRPC), or the mesh's gateway",
     args_override_self = true
 )]
 pub struct Args {
+    /// sidecar: the transparent proxy of one pod (capture listeners). gateway: the edge,
+    /// taking traffic from outside the mesh on --listen and routing it by the HTTPRoutes
+    /// attached to --gateway.
+    #[arg(long, env = "MUON_MODE", default_value = "sidecar")]
+    pub mode: String,
+    /// Gateway mode: the listeners for clients outside the mesh, comma-separated.
+    #[arg(long, env = "MUON_LISTEN", default_value = "")]
+    pub listen: String,
+    /// Gateway mode: whose routes to serve, as NAME.NAMESPACE of a Gateway object.
+    #[arg(long, env = "MUON_GATEWAY", default_value = "")]
+    pub gateway: String,
+    /// Gateway mode: a PEM certificate chain; with --tls-key, --listen terminates TLS.
+    #[arg(long, env = "MUON_TLS_CERT")]
+    pub tls_cert: Option<String>,
+    /// Gateway mode: the PEM private key of --tls-cert.
+    #[arg(long, env = "MUON_TLS_KEY")]
+    pub tls_key: Option<String>,
     /// Outbound capture listeners, comma-separated. IPv6 entries are bound with IPV6_V6ONLY
     /// and skipped with a warning when the host has no IPv6.
     #[arg(
@@ -98,6 +115,57 @@ pub struct Args {
     /// This pod's IP addresses (comma-separated), sent to the control plane.
     #[arg(long, env = "POD_IP", default_value = "")]
     pub pod_ip: String,
+    /// How long to wait for a client's first bytes on a port whose protocol is not declared
+    /// before treating the connection as opaque (server-first protocols send nothing).
+    #[arg(long, env = "MUON_DETECT_TIMEOUT", default_value = "100ms")]
+    pub detect_timeout: String,
+    /// Largest request header section (request line and every header) accepted; larger
+    /// gets 431.
+    #[arg(long, env = "MUON_MAX_HEADER_BYTES", default_value = "65536")]
+    pub max_header_bytes: String,
+    /// An HTTP/1 client must send a request's whole header section within this (slowloris
+    /// protection); also how long an idle keep-alive connection is kept.
+    #[arg(long, env = "MUON_HEADER_READ_TIMEOUT", default_value = "10s")]
+    pub header_read_timeout: String,
+    /// Concurrent streams per HTTP/2 connection the proxy accepts.
+    #[arg(long, env = "MUON_HTTP2_MAX_STREAMS", default_value = "1000")]
+    pub http2_max_concurrent_streams: String,
+    /// HTTP/2 streams a client may reset before the proxy accepts them, before it closes
+    /// the connection (rapid reset, CVE-2023-44487).
+    #[arg(long, env = "MUON_HTTP2_MAX_PENDING_RESETS", default_value = "20")]
+    pub http2_max_pending_resets: String,
+}
+
+/// What the process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The transparent proxy of one pod: capture listeners, inbound and outbound.
+    Sidecar,
+    /// The mesh's edge: `--listen`, routing by a Gateway's routes.
+    Gateway,
+}
+
+/// The gateway's settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct GatewayConfig {
+    pub listen: Vec<SocketAddr>,
+    /// `name.namespace` of the Gateway whose routes are served.
+    pub gateway: String,
+    /// Certificate chain and key files (both or neither).
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// HTTP limits, one set for every listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpConfig {
+    #[serde(serialize_with = "ser_duration")]
+    pub detect_timeout: Duration,
+    pub max_header_bytes: usize,
+    #[serde(serialize_with = "ser_duration")]
+    pub header_read_timeout: Duration,
+    pub http2_max_concurrent_streams: u32,
+    pub http2_max_pending_resets: usize,
 }
 
 /// Which resources the discovery client subscribes to.
@@ -132,6 +200,10 @@ pub enum LogFormat {
 /// The effective configuration. Serialised as-is by the admin `/config_dump`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
+    pub mode: Mode,
+    /// Set in gateway mode.
+    pub gateway: Option<GatewayConfig>,
+    pub http: HttpConfig,
     pub outbound_addrs: Vec<SocketAddr>,
     pub inbound_addrs: Vec<SocketAddr>,
     pub health_addr: SocketAddr,
@@ -239,6 +311,56 @@ impl Config {
             ),
         };
         let pod_ips = p.check("--pod-ip", parse_ips(&args.pod_ip));
+        let mode = match args.mode.as_str() {
+            "sidecar" => Some(Mode::Sidecar),
+            "gateway" => Some(Mode::Gateway),
+            other => p.fail(
+                "--mode",
+                format!("{other:?} is not one of: sidecar, gateway"),
+            ),
+        };
+        let gateway = match mode {
+            Some(Mode::Gateway) => gateway_config(&args, &mut p).map(Some),
+            _ => {
+                for (flag, set) in [
+                    ("--listen", !args.listen.trim().is_empty()),
+                    ("--gateway", !args.gateway.trim().is_empty()),
+                    ("--tls-cert", args.tls_cert.is_some()),
+                    ("--tls-key", args.tls_key.is_some()),
+                ] {
+                    if set {
+                        p.fail::<()>(flag, "only applies with --mode gateway".into());
+                    }
+                }
+                Some(None)
+            }
+        };
+        let detect_timeout = p.check("--detect-timeout", parse_positive(&args.detect_timeout));
+        let max_header_bytes = p.check(
+            "--max-header-bytes",
+            parse_count(&args.max_header_bytes, 1024, 16 * 1024 * 1024),
+        );
+        let header_read_timeout = p.check(
+            "--header-read-timeout",
+            parse_positive(&args.header_read_timeout),
+        );
+        let h2_streams = p.check(
+            "--http2-max-concurrent-streams",
+            parse_count(&args.http2_max_concurrent_streams, 1, 1 << 20),
+        );
+        let h2_resets = p.check(
+            "--http2-max-pending-resets",
+            parse_count(&args.http2_max_pending_resets, 1, 100_000),
+        );
+        let http = (|| {
+            Some(HttpConfig {
+                detect_timeout: detect_timeout?,
+                max_header_bytes: max_header_bytes?,
+                header_read_timeout: header_read_timeout?,
+                http2_max_concurrent_streams: u32::try_from(h2_streams?).ok()?,
+                http2_max_pending_resets: h2_resets?,
+            })
+        })();
 
         if let (Some(o), Some(i), Some(h), Some(a)) =
             (&outbound_addrs, &inbound_addrs, &health_addr, &admin_addr)
@@ -250,11 +372,22 @@ impl Config {
                 ("--admin-addr", std::slice::from_ref(a)),
             ];
             check_overlaps(&roles, &mut p);
+            if let Some(Some(g)) = &gateway {
+                let roles: [(&str, &[SocketAddr]); 3] = [
+                    ("--listen", &g.listen),
+                    ("--health-addr", std::slice::from_ref(h)),
+                    ("--admin-addr", std::slice::from_ref(a)),
+                ];
+                check_overlaps(&roles, &mut p);
+            }
         }
 
         // Every field is `Some` exactly when its check passed.
         let config = (|| {
             Some(Config {
+                mode: mode?,
+                gateway: gateway?,
+                http: http?,
                 outbound_addrs: outbound_addrs?,
                 inbound_addrs: inbound_addrs?,
                 health_addr: health_addr?,
@@ -284,6 +417,39 @@ impl Config {
             _ => Err(ConfigError { problems: p.0 }),
         }
     }
+}
+
+/// `--listen`, `--gateway` and the TLS files, checked together (gateway mode only).
+fn gateway_config(args: &Args, p: &mut Problems) -> Option<GatewayConfig> {
+    let listen = p.check("--listen", parse_addrs(&args.listen));
+    let gateway = match args.gateway.trim() {
+        "" => p.fail(
+            "--gateway",
+            "is required with --mode gateway (NAME.NAMESPACE of a Gateway)".into(),
+        ),
+        g if g
+            .split_once('.')
+            .is_some_and(|(n, ns)| !n.is_empty() && !ns.is_empty()) =>
+        {
+            Some(g.to_string())
+        }
+        g => p.fail("--gateway", format!("{g:?} is not NAME.NAMESPACE")),
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (None, None) => Some(None),
+        (Some(c), Some(k)) if !c.is_empty() && !k.is_empty() => {
+            Some(Some((PathBuf::from(c), PathBuf::from(k))))
+        }
+        _ => p.fail(
+            "--tls-cert",
+            "needs --tls-key (and the other way round)".into(),
+        ),
+    };
+    Some(GatewayConfig {
+        listen: listen?,
+        gateway: gateway?,
+        tls: tls?,
+    })
 }
 
 #[derive(Default)]
@@ -450,6 +616,60 @@ mod tests {
         assert_eq!((c.max_connections, c.workers), (10_000, 1));
         assert_eq!(c.log_format, LogFormat::Human);
         assert_eq!(c.table_file, None);
+        assert_eq!((c.mode, c.gateway.is_none()), (Mode::Sidecar, true));
+        assert_eq!(c.http.detect_timeout, Duration::from_millis(100));
+        assert_eq!(c.http.max_header_bytes, 65536);
+        assert_eq!(c.http.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.http2_max_concurrent_streams, 1000);
+    }
+
+    #[test]
+    fn gateway_mode_needs_its_listeners_and_gateway_and_both_tls_files() {
+        let c = parse(&[
+            "--mode",
+            "gateway",
+            "--listen",
+            "0.0.0.0:8080",
+            "--gateway",
+            "edge.shop",
+        ])
+        .unwrap();
+        let g = c.gateway.unwrap();
+        assert_eq!(
+            (g.listen.len(), g.gateway.as_str(), g.tls),
+            (1, "edge.shop", None)
+        );
+        let err = parse(&[
+            "--mode",
+            "gateway",
+            "--tls-cert",
+            "/c.pem",
+            "--gateway",
+            "edge",
+        ])
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "--listen",
+            "--gateway: \"edge\" is not NAME.NAMESPACE",
+            "--tls-cert: needs --tls-key",
+        ] {
+            assert!(err.contains(want), "{want} missing from {err}");
+        }
+        let err = parse(&["--listen", "0.0.0.0:8080"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--listen: only applies with --mode gateway"),
+            "{err}"
+        );
+        let err = parse(&["--mode", "edge", "--detect-timeout", "0s"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--mode") && err.contains("--detect-timeout"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct EndpointKey {
 pub struct EndpointState {
     /// Requests (or connections) currently sent to it.
     pub in_flight: AtomicU64,
+    /// Its connections, shared by every request to it.
+    pub pool: crate::http::pool::Pool,
 }
 
 /// The live state of one balancer: a service's endpoints at one target port.

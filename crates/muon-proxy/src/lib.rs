@@ -21,9 +21,12 @@ pub mod accesslog;
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod detect;
 pub mod discovery;
 pub mod drain;
 pub mod endpoint;
+pub mod gateway;
+pub mod http;
 pub mod inbound;
 pub mod listen;
 pub mod metrics;
@@ -34,7 +37,6 @@ pub mod server;
 pub mod table;
 pub mod tcp;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -46,6 +48,8 @@ pub enum Direction {
     Outbound,
     /// From somewhere else to the local app (port 15006).
     Inbound,
+    /// From outside the mesh into it (`--mode gateway`, `--listen`).
+    Gateway,
 }
 
 impl Direction {
@@ -53,6 +57,7 @@ impl Direction {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
+            Direction::Gateway => "gateway",
         }
     }
 }
@@ -134,8 +139,16 @@ pub struct Shared {
     pub pod: PodInfo,
     /// One permit per open proxied connection, across both directions.
     pub limit: Arc<Semaphore>,
-    /// Set once the inbound path has warned that `::6` is unavailable.
-    pub(crate) v6_source_warned: AtomicBool,
+    /// HTTP limits.
+    pub http: config::HttpConfig,
+    /// Gateway mode: `name.namespace` of the Gateway whose routes are served.
+    pub gateway: Option<String>,
+    /// The request counters of inbound requests to ports no service names.
+    pub inbound_stats: Arc<metrics::RequestStats>,
+    /// Shutdown: listeners stop on `draining`, HTTP connections close gracefully.
+    pub drain: Arc<drain::Drain>,
+    /// Gateway mode with `--tls-cert`: TLS for the gateway's clients.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Shared {
@@ -144,6 +157,7 @@ impl Shared {
         table: table::SharedTable,
         metrics: Arc<metrics::Metrics>,
     ) -> Self {
+        let inbound_stats = metrics.request_stats(Direction::Inbound, "", "");
         let on_demand = (config.control_plane.is_some()
             && config.discovery_mode == config::DiscoveryMode::OnDemand)
             .then(|| Arc::new(discovery::on_demand::OnDemand::new(metrics.clone())));
@@ -159,7 +173,11 @@ impl Shared {
                 namespace: config.pod_namespace.as_str().into(),
             },
             limit: Arc::new(Semaphore::new(config.max_connections)),
-            v6_source_warned: AtomicBool::new(false),
+            http: config.http.clone(),
+            gateway: config.gateway.as_ref().map(|g| g.gateway.clone()),
+            inbound_stats,
+            drain: Arc::new(drain::Drain::new()),
+            tls: None,
         }
     }
 }

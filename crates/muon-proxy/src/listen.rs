@@ -7,7 +7,7 @@
 
 use crate::accesslog::{self, Record};
 use crate::drain;
-use crate::{inbound, outbound, tcp, Direction, Outcome, Shared};
+use crate::{gateway, inbound, outbound, tcp, Direction, Outcome, Shared};
 use prometheus_client::metrics::gauge::Gauge;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use std::io;
@@ -205,8 +205,12 @@ fn admit(
             return None;
         }
     };
-    // Not redirected (no conntrack entry): the destination was this very socket.
-    let dst = original_dst(&stream, local).unwrap_or(local);
+    // Not redirected (no conntrack entry): the destination was this very socket. A gateway
+    // listener is not a capture: its clients connect to it.
+    let dst = match direction {
+        Direction::Gateway => local,
+        _ => original_dst(&stream, local).unwrap_or(local),
+    };
     admit_to(shared, direction, stream, src, local, dst)
 }
 
@@ -223,7 +227,7 @@ pub fn admit_to(
     let metrics = shared.metrics.direction(direction);
     metrics.opened.inc();
     let rec = Record::new(direction, src, dst);
-    if is_loop(dst, local) {
+    if direction != Direction::Gateway && is_loop(dst, local) {
         accesslog::finish(shared, &rec, Outcome::Loop);
         return None;
     }
@@ -264,6 +268,7 @@ pub async fn connection(shared: Arc<Shared>, conn: Admitted, mut drain: drain::W
             match rec.direction {
                 Direction::Outbound => outbound::handle(&shared, stream, rec).await,
                 Direction::Inbound => inbound::handle(&shared, stream, rec).await,
+                Direction::Gateway => gateway::handle(&shared, stream, rec).await,
             }
         };
         tokio::select! {

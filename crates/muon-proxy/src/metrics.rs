@@ -5,12 +5,18 @@
 //! no lock, no hashing per connection or request.
 
 use crate::{Direction, Outcome};
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 impl EncodeLabelValue for Direction {
     fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
@@ -54,6 +60,102 @@ struct ReloadLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    direction: Direction,
+    service: String,
+    route: String,
+    /// `2xx`…`5xx`.
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LatencyLabels {
+    direction: Direction,
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    direction: Direction,
+    /// `http1` or `http2`.
+    protocol: &'static str,
+}
+
+/// The status classes counted, in order.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Upper bounds of the latency buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram updated with atomics only (prometheus-client's takes a lock per
+/// observation). Sums are kept in microseconds.
+#[derive(Clone, Debug, Default)]
+pub struct LatencyHistogram(Arc<HistogramInner>);
+
+#[derive(Debug, Default)]
+struct HistogramInner {
+    /// Observations per bucket (not cumulative); the last is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.0.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        let mut cumulative = 0;
+        let mut buckets = [(0.0, 0); LATENCY_BUCKETS.len() + 1];
+        for (i, slot) in buckets.iter_mut().enumerate() {
+            cumulative += self.0.buckets[i].load(Ordering::Relaxed);
+            let upper = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::MAX);
+            *slot = (upper, cumulative);
+        }
+        let sum = self.0.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// The request counters of one (direction, service, route), and the latency histogram of
+/// its service, resolved once when a table is compiled.
+#[derive(Debug)]
+pub struct RequestStats {
+    classes: [Counter; CLASSES.len()],
+    latency: LatencyHistogram,
+}
+
+impl RequestStats {
+    /// Counts a finished request.
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        let class = usize::from(status / 100).clamp(1, CLASSES.len()) - 1;
+        self.classes[class].inc();
+        self.latency.observe(elapsed);
+    }
+}
+
 /// Pre-resolved handles for one direction.
 #[derive(Clone, Debug)]
 pub struct DirectionMetrics {
@@ -72,6 +174,7 @@ pub struct Metrics {
     registry: Registry,
     outbound: DirectionMetrics,
     inbound: DirectionMetrics,
+    gateway: DirectionMetrics,
     table_services: Gauge,
     reloads_ok: Counter,
     reloads_error: Counter,
@@ -79,6 +182,9 @@ pub struct Metrics {
     discovery_updates: Family<UpdateLabels, Counter>,
     discovery_reconnects: Counter,
     on_demand_subscriptions: Counter,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<LatencyLabels, LatencyHistogram>,
+    upstream_connections: Family<UpstreamLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -155,6 +261,25 @@ impl Metrics {
             on_demand_subscriptions.clone(),
         );
 
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<LatencyLabels, LatencyHistogram>::default();
+        let upstream_connections = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "muon_http_requests",
+            "HTTP requests by direction, service, route and status class",
+            requests.clone(),
+        );
+        registry.register(
+            "muon_http_request_duration_seconds",
+            "HTTP request latency (until the response ends) by direction and service",
+            latency.clone(),
+        );
+        registry.register(
+            "muon_http_upstream_connections",
+            "HTTP connections the proxy opened to upstreams (endpoints, apps), by protocol",
+            upstream_connections.clone(),
+        );
+
         // One statement per lookup: `get_or_create` returns a read guard, and a second
         // lookup in the same statement would wait for the write lock forever.
         let direction = |direction: Direction| {
@@ -179,6 +304,7 @@ impl Metrics {
         };
         let outbound = direction(Direction::Outbound);
         let inbound = direction(Direction::Inbound);
+        let gateway = direction(Direction::Gateway);
         let reloads_ok = reloads
             .get_or_create(&ReloadLabels { result: "ok" })
             .clone();
@@ -189,6 +315,7 @@ impl Metrics {
             registry,
             outbound,
             inbound,
+            gateway,
             table_services,
             reloads_ok,
             reloads_error,
@@ -196,7 +323,48 @@ impl Metrics {
             discovery_updates,
             discovery_reconnects,
             on_demand_subscriptions,
+            requests,
+            latency,
+            upstream_connections,
         }
+    }
+
+    /// The request counters of one route of a service (`route` "" for a service's default
+    /// rule). Takes the families' locks: call it when compiling, not per request.
+    pub fn request_stats(
+        &self,
+        direction: Direction,
+        service: &str,
+        route: &str,
+    ) -> Arc<RequestStats> {
+        let latency = self
+            .latency
+            .get_or_create(&LatencyLabels {
+                direction,
+                service: service.to_owned(),
+            })
+            .clone();
+        let classes = CLASSES.map(|status_class| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    direction,
+                    service: service.to_owned(),
+                    route: route.to_owned(),
+                    status_class,
+                })
+                .clone()
+        });
+        Arc::new(RequestStats { classes, latency })
+    }
+
+    /// The counter of upstream connections of one protocol (`http1`, `http2`).
+    pub fn upstream_connections(&self, direction: Direction, protocol: &'static str) -> Counter {
+        self.upstream_connections
+            .get_or_create(&UpstreamLabels {
+                direction,
+                protocol,
+            })
+            .clone()
     }
 
     pub fn discovery_connected(&self, up: bool) {
@@ -223,6 +391,7 @@ impl Metrics {
         match d {
             Direction::Outbound => &self.outbound,
             Direction::Inbound => &self.inbound,
+            Direction::Gateway => &self.gateway,
         }
     }
 
@@ -260,6 +429,9 @@ mod tests {
         m.direction(Direction::Inbound).sent.inc_by(7);
         m.closed(Direction::Outbound, Outcome::Loop);
         m.table_loaded(3);
+        let stats = m.request_stats(Direction::Outbound, "web.shop", "canary.shop");
+        stats.record(503, Duration::from_millis(7));
+        stats.record(200, Duration::from_secs(20));
         let text = m.encode();
         for want in [
             r#"muon_tcp_connections_opened_total{direction="outbound"} 1"#,
@@ -269,6 +441,9 @@ mod tests {
             r#"muon_tcp_bytes_total{direction="inbound",flow="sent"} 7"#,
             r#"muon_tcp_bytes_total{direction="outbound",flow="received"} 0"#,
             "muon_table_services 3",
+            r#"muon_http_requests_total{direction="outbound",service="web.shop",route="canary.shop",status_class="5xx"} 1"#,
+            r#"muon_http_request_duration_seconds_bucket{le="0.01",direction="outbound",service="web.shop"} 1"#,
+            r#"muon_http_request_duration_seconds_count{direction="outbound",service="web.shop"} 2"#,
             r#"muon_table_reloads_total{result="ok"} 1"#,
             r#"muon_table_reloads_total{result="error"} 0"#,
         ] {

@@ -2,9 +2,13 @@
 //!
 //! Two steps. [`plan`] decides, from the table alone and without I/O, what the connection is:
 //! a destination no service claims passes through to where the app was going (or, with
-//! `--outbound-policy registry-only`, is refused); a service port is carried as opaque bytes
-//! to one of its endpoints. [`handle`] carries the plan out: connect (round robin, falling
-//! through to the next endpoint when a connect fails) and copy.
+//! `--outbound-policy registry-only`, is refused); a service port declared `tcp`, `opaque` or
+//! `tls` is carried as opaque bytes to one of its endpoints without waiting for a byte; one
+//! declared `http`, `http2` or `grpc` is served as HTTP; an undeclared one is detected from
+//! its first bytes ([`crate::detect`], bounded by `--detect-timeout`), and [`after_sniff`]
+//! decides again. [`handle`] carries the plan out: connect (round robin, falling through to
+//! the next endpoint when a connect fails) and copy, or serve HTTP (`crate::http`), where
+//! every request is routed and balanced on its own.
 //!
 //! On demand (`--discovery-mode on-demand`) a service's endpoints may not be known yet: the
 //! plan says so, the first connection to it subscribes and waits, up to `--connect-timeout`,
@@ -13,11 +17,16 @@
 
 use crate::accesslog::Record;
 use crate::config::OutboundPolicy;
+use crate::detect::{self, Detected, Prefixed};
+use crate::http::{self, ConnCx, ConnKind};
 use crate::table::{Backends, Table, Target};
 use crate::tcp::{self, ConnectError};
 use crate::{balance, Direction, Outcome, Shared};
+use bytes::BytesMut;
+use muon_core::Protocol;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -32,6 +41,33 @@ pub enum Plan {
     Subscribe(Arc<str>),
     /// Bytes, unexamined, to an endpoint of the service port.
     Opaque(Arc<Target>),
+    /// Declared HTTP: served as HTTP. `h2`: HTTP/2 only (declared `http2` or `grpc`);
+    /// otherwise the first bytes say HTTP/1.1 or HTTP/2.
+    Http { target: Arc<Target>, h2: bool },
+    /// Undeclared: the first bytes decide ([`after_sniff`]).
+    Detect(Arc<Target>),
+}
+
+/// How a connection is carried once its first bytes are known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carry {
+    Opaque,
+    Http(::http::Version),
+    /// Declared HTTP, and the client said nothing in time: closed.
+    Close,
+}
+
+/// After sniffing: HTTP is served as HTTP; TLS, other protocols and clients that say nothing
+/// (server-first protocols) are carried as opaque bytes, unless the port was declared HTTP.
+pub fn after_sniff(detected: Detected, declared_http: bool) -> Carry {
+    match (detected, declared_http) {
+        (Detected::Http1, _) => Carry::Http(::http::Version::HTTP_11),
+        (Detected::Http2, _) => Carry::Http(::http::Version::HTTP_2),
+        (Detected::Timeout, true) => Carry::Close,
+        // hyper answers what is not HTTP with 400.
+        (Detected::Tls | Detected::Opaque, true) => Carry::Http(::http::Version::HTTP_11),
+        (_, false) => Carry::Opaque,
+    }
 }
 
 /// Decides what a connection to `dst` is. `subscribe`: a service with unknown endpoints is
@@ -46,12 +82,23 @@ pub fn plan(
         None if policy == OutboundPolicy::RegistryOnly => Plan::Refuse(Outcome::RefusedUnknown),
         None => Plan::Passthrough,
         Some(t) if subscribe && !t.backends.known => Plan::Subscribe(t.service.clone()),
-        Some(t) => Plan::Opaque(t.clone()),
+        Some(t) => match t.protocol {
+            Some(Protocol::Tcp | Protocol::Opaque | Protocol::Tls) => Plan::Opaque(t.clone()),
+            Some(Protocol::Http) => Plan::Http {
+                target: t.clone(),
+                h2: false,
+            },
+            Some(Protocol::Http2 | Protocol::Grpc) => Plan::Http {
+                target: t.clone(),
+                h2: true,
+            },
+            None => Plan::Detect(t.clone()),
+        },
     }
 }
 
 /// Proxies one outbound connection whose original destination is `rec.dst`.
-pub async fn handle(shared: &Shared, mut client: TcpStream, rec: &mut Record) -> Outcome {
+pub async fn handle(shared: &Arc<Shared>, client: TcpStream, rec: &mut Record) -> Outcome {
     let plan_now = |subscribe| {
         let table = shared.table.load();
         plan(table.as_deref(), rec.dst, shared.outbound_policy, subscribe)
@@ -61,37 +108,114 @@ pub async fn handle(shared: &Shared, mut client: TcpStream, rec: &mut Record) ->
         on_demand.wait(service, shared.connect_timeout).await;
         decided = plan_now(false);
     }
-    let mut upstream = match decided {
+    match decided {
         Plan::Refuse(outcome) => {
             debug!(dst = %rec.dst, "registry-only: no service claims this destination; refused");
-            return outcome;
+            outcome
         }
         Plan::Passthrough => match tcp::connect(rec.dst, None, shared.connect_timeout).await {
-            Ok(s) => {
+            Ok(mut upstream) => {
                 rec.endpoint = Some(rec.dst);
-                s
+                relay(shared, client, &mut upstream, rec).await
             }
             Err(e) => {
                 debug!(error = %e, "passthrough connect failed");
-                return e.outcome();
+                e.outcome()
             }
         },
-        Plan::Opaque(target) => {
-            rec.service = Some(target.service.clone());
-            match connect_any(shared, &target.backends, rec).await {
-                Ok(s) => s,
-                Err(outcome) => return outcome,
-            }
+        Plan::Opaque(target) => opaque(shared, client, &target, rec).await,
+        Plan::Http { target, h2: true } => {
+            let cx = ConnCx::new(
+                shared.clone(),
+                rec,
+                ::http::Version::HTTP_2,
+                ConnKind::Outbound(target),
+            );
+            http::serve(client, cx, rec, shared.drain.watch()).await
+        }
+        Plan::Http { target, h2: false } => {
+            sniffed(
+                shared,
+                client,
+                target,
+                rec,
+                shared.http.header_read_timeout,
+                true,
+            )
+            .await
+        }
+        Plan::Detect(target) => {
+            sniffed(
+                shared,
+                client,
+                target,
+                rec,
+                shared.http.detect_timeout,
+                false,
+            )
+            .await
         }
         // Only returned when asked to subscribe, which the second plan is not.
-        Plan::Subscribe(_) => return Outcome::NoEndpoints,
+        Plan::Subscribe(_) => Outcome::NoEndpoints,
+    }
+}
+
+/// Reads the first bytes (up to `wait`), then carries the connection as they say.
+async fn sniffed(
+    shared: &Arc<Shared>,
+    mut client: TcpStream,
+    target: Arc<Target>,
+    rec: &mut Record,
+    wait: std::time::Duration,
+    declared_http: bool,
+) -> Outcome {
+    let mut buf = BytesMut::new();
+    let detected = match detect::sniff(&mut client, &mut buf, wait).await {
+        Ok(d) => d,
+        Err(e) => {
+            debug!(error = %e, "reading the first bytes failed");
+            return Outcome::Error;
+        }
     };
+    // The sniffed bytes are replayed, and counted, as the connection goes on.
+    let client = Prefixed::new(buf.freeze(), client);
+    match after_sniff(detected, declared_http) {
+        Carry::Opaque => opaque(shared, client, &target, rec).await,
+        Carry::Http(version) => {
+            let cx = ConnCx::new(shared.clone(), rec, version, ConnKind::Outbound(target));
+            http::serve(client, cx, rec, shared.drain.watch()).await
+        }
+        Carry::Close => Outcome::IdleTimeout,
+    }
+}
+
+/// Opaque bytes to one of the target's endpoints.
+async fn opaque<S>(shared: &Shared, client: S, target: &Target, rec: &mut Record) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    rec.service = Some(target.service.clone());
+    match connect_any(shared, &target.backends, rec).await {
+        Ok(mut upstream) => relay(shared, client, &mut upstream, rec).await,
+        Err(outcome) => outcome,
+    }
+}
+
+async fn relay<S>(
+    shared: &Shared,
+    mut client: S,
+    upstream: &mut TcpStream,
+    rec: &mut Record,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let metrics = shared.metrics.direction(Direction::Outbound);
     tcp::relay(
         &mut client,
-        &mut upstream,
+        upstream,
         shared.idle_timeout,
-        metrics,
+        Some(metrics),
         rec,
     )
     .await
@@ -138,6 +262,7 @@ mod tests {
             version: 1,
             source: Source::ControlPlane,
             local_ips: &[],
+            metrics: &crate::metrics::Metrics::new(),
         };
         Table::compile(&m, &cx, &mut Registry::default())
     }
@@ -148,9 +273,15 @@ mod tests {
         let vip: SocketAddr = "198.19.0.1:80".parse().unwrap();
         let other: SocketAddr = "198.51.100.7:80".parse().unwrap();
         let allow = OutboundPolicy::AllowAny;
+        // Port 80 is declared http, 443 is not declared.
         assert!(
-            matches!(plan(Some(&t), vip, allow, true), Plan::Opaque(t) if &*t.service == "web.shop")
+            matches!(plan(Some(&t), vip, allow, true), Plan::Http { target, h2: false } if &*target.service == "web.shop")
         );
+        let undeclared: SocketAddr = "198.19.0.1:443".parse().unwrap();
+        assert!(matches!(
+            plan(Some(&t), undeclared, allow, true),
+            Plan::Detect(_)
+        ));
         assert!(matches!(
             plan(Some(&t), other, allow, true),
             Plan::Passthrough
@@ -171,11 +302,71 @@ mod tests {
         assert!(
             matches!(plan(Some(&t), vip, allow, true), Plan::Subscribe(s) if &*s == "web.shop")
         );
-        assert!(matches!(plan(Some(&t), vip, allow, false), Plan::Opaque(_)));
+        assert!(matches!(
+            plan(Some(&t), vip, allow, false),
+            Plan::Http { .. }
+        ));
         let answered = table(Some(&["web.shop"]));
         assert!(matches!(
             plan(Some(&answered), vip, allow, true),
-            Plan::Opaque(_)
+            Plan::Http { .. }
         ));
+    }
+
+    #[test]
+    fn sniffed_bytes_decide_how_a_connection_is_carried() {
+        use ::http::Version;
+        assert_eq!(
+            after_sniff(Detected::Http1, false),
+            Carry::Http(Version::HTTP_11)
+        );
+        assert_eq!(
+            after_sniff(Detected::Http2, false),
+            Carry::Http(Version::HTTP_2)
+        );
+        assert_eq!(after_sniff(Detected::Tls, false), Carry::Opaque);
+        assert_eq!(after_sniff(Detected::Opaque, false), Carry::Opaque);
+        // A server-first protocol on an undeclared port: the server's banner still flows.
+        assert_eq!(after_sniff(Detected::Timeout, false), Carry::Opaque);
+        assert_eq!(after_sniff(Detected::Timeout, true), Carry::Close);
+        assert_eq!(
+            after_sniff(Detected::Opaque, true),
+            Carry::Http(Version::HTTP_11)
+        );
+    }
+
+    #[test]
+    fn declared_protocols_skip_detection() {
+        let port = |p: Option<Protocol>| {
+            let mut m = mesh();
+            m.services.get_mut("web.shop").unwrap().ports[0].protocol = p;
+            let cx = Context {
+                version: 1,
+                source: Source::ControlPlane,
+                local_ips: &[],
+                metrics: &crate::metrics::Metrics::new(),
+            };
+            let t = Table::compile(&m, &cx, &mut Registry::default());
+            plan(
+                Some(&t),
+                "198.19.0.1:80".parse().unwrap(),
+                OutboundPolicy::AllowAny,
+                false,
+            )
+        };
+        for p in [Protocol::Tcp, Protocol::Opaque, Protocol::Tls] {
+            assert!(matches!(port(Some(p)), Plan::Opaque(_)), "{p:?}");
+        }
+        for p in [Protocol::Http2, Protocol::Grpc] {
+            assert!(
+                matches!(port(Some(p)), Plan::Http { h2: true, .. }),
+                "{p:?}"
+            );
+        }
+        assert!(matches!(
+            port(Some(Protocol::Http)),
+            Plan::Http { h2: false, .. }
+        ));
+        assert!(matches!(port(None), Plan::Detect(_)));
     }
 }

@@ -6,9 +6,8 @@
 //! every listener task owns its connection tasks (see `listen`).
 
 use crate::admin::{self, Kind};
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::discovery::{self, Publisher};
-use crate::drain::Drain;
 use crate::listen::{self, BindError};
 use crate::metrics::Metrics;
 use crate::table::SharedTable;
@@ -17,6 +16,7 @@ use arc_swap::ArcSwapOption;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -34,6 +34,8 @@ pub enum Error {
     Signals(io::Error),
     #[error("starting the discovery thread: {0}")]
     Discovery(io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::gateway::TlsError),
 }
 
 /// Runs the proxy until it has drained. Returns `Ok` after a clean drain.
@@ -43,15 +45,33 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
     let hup = signal(SignalKind::hangup()).map_err(Error::Signals)?;
 
-    let outbound = listen::bind_all(&config.outbound_addrs)?;
-    let inbound = listen::bind_all(&config.inbound_addrs)?;
+    // A sidecar captures both ways; a gateway only listens where it is told.
+    let data: Vec<(TcpListener, Direction)> = match (&config.mode, &config.gateway) {
+        (Mode::Gateway, Some(g)) => listen::bind_all(&g.listen)?
+            .into_iter()
+            .map(|l| (l, Direction::Gateway))
+            .collect(),
+        _ => {
+            let outbound = listen::bind_all(&config.outbound_addrs)?;
+            let inbound = listen::bind_all(&config.inbound_addrs)?;
+            outbound
+                .into_iter()
+                .map(|l| (l, Direction::Outbound))
+                .chain(inbound.into_iter().map(|l| (l, Direction::Inbound)))
+                .collect()
+        }
+    };
     let health = listen::bind(config.health_addr)?;
     let admin = listen::bind(config.admin_addr)?;
 
     let metrics = Arc::new(Metrics::new());
     let table: SharedTable = Arc::new(ArcSwapOption::empty());
-    let drain = Arc::new(Drain::new());
-    let shared = Arc::new(Shared::new(&config, table.clone(), metrics.clone()));
+    let mut shared = Shared::new(&config, table.clone(), metrics.clone());
+    if let Some(g) = &config.gateway {
+        shared.tls = crate::gateway::tls_acceptor(g)?;
+    }
+    let shared = Arc::new(shared);
+    let drain = shared.drain.clone();
     let publisher =
         Publisher::new(table.clone(), metrics.clone()).with_on_demand(shared.on_demand.clone());
     let (source, discovering) =
@@ -67,11 +87,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     background.spawn(admin::serve(admin, Kind::Admin, state));
 
     let mut listeners = JoinSet::new();
-    let all = outbound
-        .into_iter()
-        .map(|l| (l, Direction::Outbound))
-        .chain(inbound.into_iter().map(|l| (l, Direction::Inbound)));
-    for (listener, direction) in all {
+    for (listener, direction) in data {
         listeners.spawn(listen::serve(
             listener,
             direction,
@@ -82,6 +98,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     info!(
         pod = %config.pod_name,
         namespace = %config.pod_namespace,
+        mode = ?config.mode,
         version = env!("CARGO_PKG_VERSION"),
         "muon-proxy started"
     );
@@ -96,7 +113,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     let open = || {
         let m = |d| shared.metrics.direction(d).open.get();
-        m(Direction::Outbound) + m(Direction::Inbound)
+        m(Direction::Outbound) + m(Direction::Inbound) + m(Direction::Gateway)
     };
     info!(
         open = open(),

@@ -11,11 +11,14 @@
 //! carried into every new table, so a republish resets nothing.
 
 use crate::endpoint::{self, BalancerState, EndpointKey, EndpointState};
+use crate::metrics::{Metrics, RequestStats};
 use crate::model::{EndpointDef, Mesh, PortDef};
+use crate::route::{Filter, RouteDef, Router, RouterBuilder};
+use crate::Direction;
 use arc_swap::ArcSwapOption;
 use muon_core::Protocol;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -59,6 +62,46 @@ pub struct Backends {
     pub balancer: Arc<BalancerState>,
 }
 
+/// Where a matched rule sends requests.
+#[derive(Debug)]
+pub struct RuleTarget {
+    /// The route's resource name ("" for a service port's default rule: no route).
+    pub route: Arc<str>,
+    pub backends: Vec<WeightedBackend>,
+    /// Sum of the backends' weights (0: the rule has nowhere to send requests).
+    pub total_weight: u64,
+    /// The backends of the rule's `RequestMirror` filters, in filter order.
+    pub mirrors: Vec<Option<Arc<Backends>>>,
+    pub stats: Arc<RequestStats>,
+}
+
+/// One backendRef of a rule, resolved.
+#[derive(Debug)]
+pub struct WeightedBackend {
+    /// `name.namespace`, as the rule names it.
+    pub service: Arc<str>,
+    /// `None`: no such service or port (its share of requests gets 500).
+    pub backends: Option<Arc<Backends>>,
+    pub weight: u32,
+}
+
+impl RuleTarget {
+    /// The backend for a draw in `0..total_weight` (weighted choice).
+    pub fn pick(&self, draw: u64) -> Option<&WeightedBackend> {
+        let mut left = draw;
+        self.backends.iter().find(|b| {
+            let w = u64::from(b.weight);
+            match left < w {
+                true => true,
+                false => {
+                    left -= w;
+                    false
+                }
+            }
+        })
+    }
+}
+
 /// One service port: what a connection to one of its virtual IPs gets.
 #[derive(Debug)]
 pub struct Target {
@@ -68,6 +111,11 @@ pub struct Target {
     /// Declared; `None`: detect.
     pub protocol: Option<Protocol>,
     pub backends: Arc<Backends>,
+    /// The HTTPRoutes (or GRPCRoutes) attached to this port; `None`: requests go to the
+    /// service itself ([`Target::default`]).
+    pub router: Option<Arc<Router<RuleTarget>>>,
+    /// The rule requests follow when no route is attached: every request to `backends`.
+    pub default: Arc<RuleTarget>,
 }
 
 /// One port of this pod that a service sends traffic to.
@@ -77,6 +125,9 @@ pub struct InboundPort {
     pub protocol: Option<Protocol>,
     /// This pod's name in the service's endpoints.
     pub pod: Arc<str>,
+    pub stats: Arc<RequestStats>,
+    /// The app at this port: its connection pool, shared by every inbound connection.
+    pub app: Arc<EndpointState>,
 }
 
 /// A service as the table holds it (for backend references and `/config_dump`).
@@ -109,6 +160,8 @@ pub struct Table {
     by_name: HashMap<Arc<str>, Arc<Service>>,
     by_dst: HashMap<SocketAddr, Arc<Target>>,
     inbound: HashMap<SocketAddr, Arc<InboundPort>>,
+    /// By Gateway `name.namespace`: the routes attached to it.
+    gateways: HashMap<String, Arc<Router<RuleTarget>>>,
 }
 
 /// What a compile needs besides the model.
@@ -117,6 +170,24 @@ pub struct Context<'a> {
     pub source: Source,
     /// This pod's addresses: their ports in a service's endpoints are the inbound table.
     pub local_ips: &'a [IpAddr],
+    /// Where the request counters are resolved.
+    pub metrics: &'a Metrics,
+}
+
+/// Resolves a backendRef to the backends it names; port 0 means `default_port`.
+fn resolve(
+    backends: &HashMap<(Arc<str>, u16), Arc<Backends>>,
+    first_port: &HashMap<Arc<str>, u16>,
+    service: &Arc<str>,
+    port: u16,
+    default_port: Option<u16>,
+) -> Option<Arc<Backends>> {
+    let port = match (port, default_port) {
+        (0, Some(p)) => p,
+        (0, None) => *first_port.get(service)?,
+        (p, _) => p,
+    };
+    backends.get(&(service.clone(), port)).cloned()
 }
 
 impl Table {
@@ -129,11 +200,14 @@ impl Table {
             source: cx.source,
             ..Table::default()
         };
+        // 1. Every service port's endpoints, by (service, service port).
+        let mut backends: HashMap<(Arc<str>, u16), Arc<Backends>> = HashMap::new();
+        let mut first_port: HashMap<Arc<str>, u16> = HashMap::new();
+        let mut names: Vec<Arc<str>> = Vec::with_capacity(mesh.services.len());
         for (name, svc) in &mesh.services {
             let qualified: Arc<str> = name.as_str().into();
             let defs: &[EndpointDef] = mesh.endpoints.get(name).map_or(&[], Vec::as_slice);
             let known = mesh.endpoints_known(name);
-            let mut targets = Vec::with_capacity(svc.ports.len());
             for port in &svc.ports {
                 let endpoints = defs
                     .iter()
@@ -155,36 +229,133 @@ impl Table {
                         }
                     })
                     .collect();
-                let backends = Arc::new(Backends {
-                    service: qualified.clone(),
-                    target_port: port.target_port,
-                    endpoints,
-                    known,
-                    balancer: carry.balancer(&qualified, port.target_port),
+                backends.insert(
+                    (qualified.clone(), port.port),
+                    Arc::new(Backends {
+                        service: qualified.clone(),
+                        target_port: port.target_port,
+                        endpoints,
+                        known,
+                        balancer: carry.balancer(&qualified, port.target_port),
+                    }),
+                );
+                for e in defs.iter().filter(|e| cx.local_ips.contains(&e.ip)) {
+                    let addr = SocketAddr::new(e.ip, port.target_port);
+                    if table.inbound.contains_key(&addr) {
+                        continue;
+                    }
+                    let app = carry.endpoint(EndpointKey {
+                        service: "inbound".into(),
+                        addr,
+                        identity: "".into(),
+                    });
+                    table.inbound.insert(
+                        addr,
+                        Arc::new(InboundPort {
+                            service: qualified.clone(),
+                            protocol: port.protocol,
+                            pod: e.pod.clone(),
+                            stats: cx.metrics.request_stats(Direction::Inbound, name, ""),
+                            app,
+                        }),
+                    );
+                }
+            }
+            if let Some(p) = svc.ports.first() {
+                first_port.insert(qualified.clone(), p.port);
+            }
+            names.push(qualified);
+        }
+
+        // 2. Routers: per service port, and per gateway, from the routes attached to them.
+        let mut port_routes: BTreeMap<(Arc<str>, u16), RouterBuilder<RuleTarget>> = BTreeMap::new();
+        let mut gateway_routes: BTreeMap<String, RouterBuilder<RuleTarget>> = BTreeMap::new();
+        for route in mesh.routes.values() {
+            for parent in &route.parents {
+                if parent.gateway {
+                    let targets = rule_targets(
+                        route,
+                        cx,
+                        Direction::Gateway,
+                        &parent.name,
+                        None,
+                        &backends,
+                        &first_port,
+                    );
+                    gateway_routes
+                        .entry(parent.name.clone())
+                        .or_insert_with(|| RouterBuilder::new(true))
+                        .add(route.clone(), targets);
+                    continue;
+                }
+                let Some(svc) = mesh.services.get(&parent.name) else {
+                    continue;
+                };
+                let qualified: Arc<str> = parent.name.as_str().into();
+                let ports = svc.ports.iter().filter(|p| {
+                    (parent.port == 0 || parent.port == p.port)
+                        && (parent.section.is_empty() || parent.section == p.name)
+                });
+                for port in ports {
+                    let targets = rule_targets(
+                        route,
+                        cx,
+                        Direction::Outbound,
+                        &parent.name,
+                        Some(port.port),
+                        &backends,
+                        &first_port,
+                    );
+                    port_routes
+                        .entry((qualified.clone(), port.port))
+                        .or_insert_with(|| RouterBuilder::new(false))
+                        .add(route.clone(), targets);
+                }
+            }
+        }
+        let mut routers: HashMap<(Arc<str>, u16), Arc<Router<RuleTarget>>> = port_routes
+            .into_iter()
+            .map(|(k, b)| (k, Arc::new(b.build())))
+            .collect();
+        table.gateways = gateway_routes
+            .into_iter()
+            .map(|(k, b)| (k, Arc::new(b.build())))
+            .collect();
+
+        // 3. The targets, each with its router or its default rule.
+        for (svc, qualified) in mesh.services.values().zip(names) {
+            let mut targets = Vec::with_capacity(svc.ports.len());
+            for port in &svc.ports {
+                let key = (qualified.clone(), port.port);
+                let Some(own) = backends.get(&key).cloned() else {
+                    continue;
+                };
+                let default = Arc::new(RuleTarget {
+                    route: "".into(),
+                    backends: vec![WeightedBackend {
+                        service: qualified.clone(),
+                        backends: Some(own.clone()),
+                        weight: 1,
+                    }],
+                    total_weight: 1,
+                    mirrors: Vec::new(),
+                    stats: cx
+                        .metrics
+                        .request_stats(Direction::Outbound, &qualified, ""),
                 });
                 let target = Arc::new(Target {
                     service: qualified.clone(),
                     port: port.port,
                     protocol: port.protocol,
-                    backends,
+                    backends: own,
+                    router: routers.remove(&key),
+                    default,
                 });
                 for vip in &svc.vips {
                     table
                         .by_dst
                         .entry(SocketAddr::new(*vip, port.port))
                         .or_insert_with(|| target.clone());
-                }
-                for e in defs.iter().filter(|e| cx.local_ips.contains(&e.ip)) {
-                    table
-                        .inbound
-                        .entry(SocketAddr::new(e.ip, port.target_port))
-                        .or_insert_with(|| {
-                            Arc::new(InboundPort {
-                                service: qualified.clone(),
-                                protocol: port.protocol,
-                                pod: e.pod.clone(),
-                            })
-                        });
                 }
                 targets.push(target);
             }
@@ -203,6 +374,11 @@ impl Table {
         table
     }
 
+    /// The routes attached to the Gateway `name.namespace`.
+    pub fn gateway(&self, name: &str) -> Option<&Arc<Router<RuleTarget>>> {
+        self.gateways.get(name)
+    }
+
     /// A table of its own (version 1, fresh endpoint state) from a static table: for tests
     /// and tools; the proxy's sources go through `discovery`.
     pub fn from_service_table(table: &muon_core::ServiceTable) -> Table {
@@ -210,6 +386,7 @@ impl Table {
             version: 1,
             source: Source::File,
             local_ips: &[],
+            metrics: &Metrics::new(),
         };
         Table::compile(
             &crate::discovery::file::mesh(table),
@@ -294,6 +471,56 @@ impl Table {
     }
 }
 
+/// The targets of a route's rules for one parent: each rule's backends and mirrors
+/// resolved (port 0 means `default_port`: the port the request arrived on).
+fn rule_targets(
+    route: &RouteDef,
+    cx: &Context<'_>,
+    direction: Direction,
+    parent: &str,
+    default_port: Option<u16>,
+    backends: &HashMap<(Arc<str>, u16), Arc<Backends>>,
+    first_port: &HashMap<Arc<str>, u16>,
+) -> Vec<Arc<RuleTarget>> {
+    let stats = cx.metrics.request_stats(direction, parent, &route.name);
+    route
+        .rules
+        .iter()
+        .map(|rule| {
+            let resolved: Vec<WeightedBackend> = rule
+                .backends
+                .iter()
+                .map(|b| WeightedBackend {
+                    service: b.service.clone(),
+                    backends: resolve(backends, first_port, &b.service, b.port, default_port),
+                    weight: b.weight,
+                })
+                .collect();
+            let mirrors = rule
+                .filters
+                .iter()
+                .filter_map(|f| match f {
+                    Filter::Mirror(m) => Some(resolve(
+                        backends,
+                        first_port,
+                        &m.backend.service,
+                        m.backend.port,
+                        default_port,
+                    )),
+                    _ => None,
+                })
+                .collect();
+            Arc::new(RuleTarget {
+                route: route.name.clone(),
+                total_weight: resolved.iter().map(|b| u64::from(b.weight)).sum(),
+                backends: resolved,
+                mirrors,
+                stats: stats.clone(),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -348,18 +575,19 @@ pub(crate) mod tests {
         mesh
     }
 
-    fn cx<'a>(version: u64, local: &'a [IpAddr]) -> Context<'a> {
+    fn cx<'a>(version: u64, local: &'a [IpAddr], metrics: &'a Metrics) -> Context<'a> {
         Context {
             version,
             source: Source::ControlPlane,
             local_ips: local,
+            metrics,
         }
     }
 
     #[test]
     fn every_vip_of_a_port_shares_one_target_and_endpoint_state_survives_a_recompile() {
         let mut reg = endpoint::Registry::default();
-        let t = Table::compile(&mesh(), &cx(1, &[]), &mut reg);
+        let t = Table::compile(&mesh(), &cx(1, &[], &Metrics::new()), &mut reg);
         let v4 = t.lookup("198.19.0.1:80".parse().unwrap()).unwrap();
         let v6 = t.lookup("[2001:db8::1]:80".parse().unwrap()).unwrap();
         assert!(Arc::ptr_eq(v4, v6));
@@ -379,7 +607,7 @@ pub(crate) mod tests {
         // A republish (one endpoint gone) keeps the other endpoint's state and the balancer.
         let mut next = mesh();
         next.endpoints.get_mut("web.shop").unwrap().remove(1);
-        let t2 = Table::compile(&next, &cx(2, &[]), &mut reg);
+        let t2 = Table::compile(&next, &cx(2, &[], &Metrics::new()), &mut reg);
         let again = t2.lookup("198.19.0.1:80".parse().unwrap()).unwrap();
         assert!(Arc::ptr_eq(
             &v4.backends.endpoints[0].state,
@@ -389,13 +617,15 @@ pub(crate) mod tests {
         assert_eq!(again.backends.endpoints.len(), 1);
         // Two ports × one endpoint left.
         assert_eq!(reg.endpoints(), 2);
+        assert!(again.router.is_none());
+        assert_eq!(again.default.total_weight, 1);
     }
 
     #[test]
     fn this_pods_endpoints_are_the_inbound_table() {
         let mut reg = endpoint::Registry::default();
         let local = ["198.18.0.3".parse().unwrap()];
-        let t = Table::compile(&mesh(), &cx(1, &local), &mut reg);
+        let t = Table::compile(&mesh(), &cx(1, &local, &Metrics::new()), &mut reg);
         let p = t.inbound("198.18.0.3:8080".parse().unwrap()).unwrap();
         assert_eq!((&*p.service, &*p.pod), ("web.shop", "web-1"));
         assert_eq!(p.protocol, Some(Protocol::Http));
@@ -409,7 +639,7 @@ pub(crate) mod tests {
         let mut reg = endpoint::Registry::default();
         let mut m = mesh();
         m.answered = Some(Default::default());
-        let t = Table::compile(&m, &cx(1, &[]), &mut reg);
+        let t = Table::compile(&m, &cx(1, &[], &Metrics::new()), &mut reg);
         assert!(
             !t.lookup("198.19.0.1:80".parse().unwrap())
                 .unwrap()
@@ -417,7 +647,7 @@ pub(crate) mod tests {
                 .known
         );
         m.answered = Some(["web.shop".to_string()].into());
-        let t = Table::compile(&m, &cx(2, &[]), &mut reg);
+        let t = Table::compile(&m, &cx(2, &[], &Metrics::new()), &mut reg);
         assert!(
             t.lookup("198.19.0.1:80".parse().unwrap())
                 .unwrap()

@@ -91,7 +91,7 @@ pub async fn relay<C, U>(
     client: &mut C,
     upstream: &mut U,
     idle_timeout: Duration,
-    metrics: &DirectionMetrics,
+    metrics: Option<&DirectionMetrics>,
     rec: &mut Record,
 ) -> Outcome
 where
@@ -99,8 +99,8 @@ where
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let activity = Activity::new();
-    let mut up = Pump::new(&metrics.sent, &mut rec.bytes_sent);
-    let mut down = Pump::new(&metrics.received, &mut rec.bytes_received);
+    let mut up = Pump::new(metrics.map(|m| &m.sent), &mut rec.bytes_sent);
+    let mut down = Pump::new(metrics.map(|m| &m.received), &mut rec.bytes_received);
     let copy = std::future::poll_fn(|cx| {
         let up_done = up.poll(cx, &mut *client, &mut *upstream, &activity)?;
         let down_done = down.poll(cx, &mut *upstream, &mut *client, &activity)?;
@@ -134,12 +134,13 @@ struct Pump<'a> {
     done: bool,
     /// Written since the last flush (TLS and other buffered writers need a flush).
     unflushed: bool,
-    metric: &'a Counter,
+    /// `None` when the bytes are counted elsewhere (an upgraded HTTP connection).
+    metric: Option<&'a Counter>,
     bytes: &'a mut u64,
 }
 
 impl<'a> Pump<'a> {
-    fn new(metric: &'a Counter, bytes: &'a mut u64) -> Self {
+    fn new(metric: Option<&'a Counter>, bytes: &'a mut u64) -> Self {
         Pump {
             buf: vec![0; BUF_SIZE],
             pos: 0,
@@ -186,7 +187,9 @@ impl<'a> Pump<'a> {
                 } else {
                     (self.pos, self.end) = (0, n);
                     *self.bytes += n as u64;
-                    self.metric.inc_by(n as u64);
+                    if let Some(m) = self.metric {
+                        m.inc_by(n as u64);
+                    }
                     activity.touch();
                     if n == self.buf.len() && self.buf.len() < MAX_BUF {
                         self.buf.resize(MAX_BUF, 0);

@@ -246,7 +246,7 @@ fn service(name: &str, vip: &str, port: u32, target_port: u32) -> Resource {
             ports: vec![v1::ServicePort {
                 port,
                 target_port,
-                protocol: "http".into(),
+                protocol: "tcp".into(),
                 name: "http".into(),
             }],
         })),
@@ -551,6 +551,111 @@ fn sync_update_nack_and_reconnect_drive_the_outbound_table() {
         "{text}"
     );
     rt.shutdown_background();
+}
+
+fn route(name: &str, path_regex: &str) -> Resource {
+    Resource {
+        name: format!("{name}.shop"),
+        version: "1".into(),
+        kind: Some(Kind::Route(v1::Route {
+            name: name.into(),
+            namespace: "shop".into(),
+            kind: "HTTPRoute".into(),
+            parent_refs: vec![v1::ParentRef {
+                kind: "Service".into(),
+                name: "web.shop".into(),
+                ..Default::default()
+            }],
+            rules: vec![v1::RouteRule {
+                matches: vec![v1::RouteMatch {
+                    path_type: "RegularExpression".into(),
+                    path_value: path_regex.into(),
+                    ..Default::default()
+                }],
+                backends: vec![v1::BackendRef {
+                    service: "web.shop".into(),
+                    port: 80,
+                    weight: 1,
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+    }
+}
+
+/// Whether the table routes `path` on web's port 80 to a rule of route `items`.
+fn routes_items(shared: &Shared, path: &str) -> bool {
+    let table = shared.table.load_full().expect("a table");
+    let target = table.lookup("198.19.0.1:80".parse().unwrap()).expect("web");
+    let Some(router) = &target.router else {
+        return false;
+    };
+    let headers = http::HeaderMap::new();
+    let req = muon_proxy::route::Request {
+        method: &http::Method::GET,
+        path,
+        query: None,
+        headers: &headers,
+        host: None,
+    };
+    router
+        .find(&req)
+        .is_some_and(|f| &*f.route.name == "items.shop")
+}
+
+#[test]
+fn a_route_the_sidecar_cannot_use_is_nacked_with_its_reason_and_the_last_good_one_keeps_routing() {
+    let port = backends();
+    let cp = ControlPlane::start("127.0.0.1:0".parse().unwrap());
+    let state = tempfile::tempdir().unwrap();
+    let (shared, _rt) = start_client(config(&[
+        "--control-plane",
+        &cp.url(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]));
+    let mut conn = cp.accept();
+    conn.subscriptions();
+    conn.exchange(response(
+        kinds::SERVICES,
+        "1",
+        vec![service("web", "198.19.0.1", 80, u32::from(port))],
+    ));
+    conn.exchange(response(
+        kinds::ENDPOINTS,
+        "1",
+        vec![endpoints("web", &["127.0.0.1"])],
+    ));
+    let ack = conn.exchange(response(
+        kinds::ROUTES,
+        "1",
+        vec![route("items", "/items/[0-9]+")],
+    ));
+    assert!(ack.error_detail.is_none(), "{:?}", ack.error_detail);
+    conn.exchange(response(kinds::POLICIES, "1", vec![]));
+    assert!(routes_items(&shared, "/items/42"));
+    assert!(!routes_items(&shared, "/other"));
+
+    // A regex this sidecar cannot compile (a control plane of another version may send one).
+    let nack = conn.exchange(response(
+        kinds::ROUTES,
+        "2",
+        vec![route("items", "/items/([0-9]+")],
+    ));
+    let detail = nack.error_detail.expect("NACK");
+    assert_eq!(detail.resources, ["items.shop"]);
+    assert!(
+        detail.message.contains("items.shop")
+            && detail.message.contains("invalid regular expression"),
+        "{}",
+        detail.message
+    );
+    assert_eq!(nack.version_info, "1", "the last version accepted whole");
+    assert!(
+        routes_items(&shared, "/items/42"),
+        "the last good route keeps routing"
+    );
 }
 
 #[test]

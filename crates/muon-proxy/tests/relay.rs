@@ -69,6 +69,7 @@ fn spawn_proxy(
         let outcome = match direction {
             Direction::Outbound => outbound::handle(&shared, server, &mut rec).await,
             Direction::Inbound => inbound::handle(&shared, server, &mut rec).await,
+            Direction::Gateway => unreachable!("no gateway in these tests"),
         };
         (outcome, rec)
     })

@@ -89,6 +89,7 @@ impl Publisher {
             version: self.version,
             source,
             local_ips: &self.local_ips,
+            metrics: &self.metrics,
         };
         let table = Table::compile(mesh, &cx, &mut self.registry);
         let services = table.services();

@@ -1,0 +1,101 @@
+//! One access event per HTTP request (target `access`, message "request"), and its metrics.
+//!
+//! A [`RequestLog`] is filled in as the request goes (route, endpoint, status) and finished
+//! by the response body when it ends, so the duration and the byte counts cover the whole
+//! exchange. Counters were resolved when the table was compiled ([`RequestStats`]).
+
+use crate::metrics::RequestStats;
+use crate::{Direction, PodInfo};
+use http::HeaderMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// What the access event says about one request.
+#[derive(Debug)]
+pub struct RequestLog {
+    pub direction: Direction,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub protocol: &'static str,
+    pub method: http::Method,
+    pub authority: String,
+    pub path: String,
+    pub request_id: String,
+    /// `name.namespace` of the service the request was for (or the gateway's).
+    pub service: Option<Arc<str>>,
+    /// The route resource that matched ("" when the service has no routes).
+    pub route: Option<Arc<str>>,
+    pub endpoint: Option<SocketAddr>,
+    pub pod: Option<Arc<str>>,
+    pub status: u16,
+    pub grpc_status: Option<u32>,
+    /// Set when the proxy answered itself (the `x-muon-error` reason) or the exchange failed.
+    pub error: Option<&'static str>,
+    /// Request body bytes forwarded (shared with the request body).
+    pub sent: Arc<AtomicU64>,
+    pub bytes_received: u64,
+    pub started: Instant,
+    pub stats: Option<Arc<RequestStats>>,
+    pub me: PodInfo,
+}
+
+impl RequestLog {
+    /// Reads `grpc-status` from trailers (or from the headers of a trailers-only answer).
+    pub fn grpc_status_from(&mut self, headers: &HeaderMap) {
+        if let Some(code) = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+        {
+            self.grpc_status = Some(code);
+        }
+    }
+
+    /// Writes the event and counts the request.
+    pub fn finish(self: Box<Self>) {
+        let elapsed = self.started.elapsed();
+        if let Some(stats) = &self.stats {
+            stats.record(self.status, elapsed);
+        }
+        let duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        tracing::info!(
+            target: "access",
+            direction = self.direction.as_str(),
+            src = %self.src,
+            dst = %self.dst,
+            protocol = self.protocol,
+            method = self.method.as_str(),
+            authority = %self.authority,
+            path = %self.path,
+            status = self.status,
+            grpc_status = %OrEmpty(self.grpc_status),
+            route = self.route.as_deref().unwrap_or(""),
+            service = self.service.as_deref().unwrap_or(""),
+            endpoint = %OrEmpty(self.endpoint),
+            pod = self.pod.as_deref().unwrap_or(""),
+            duration_ms,
+            bytes_sent = self.sent.load(Ordering::Relaxed),
+            bytes_received = self.bytes_received,
+            request_id = %self.request_id,
+            error = self.error.unwrap_or(""),
+            proxy_pod = &*self.me.pod,
+            proxy_namespace = &*self.me.namespace,
+            "request"
+        );
+    }
+}
+
+/// Displays a value, or nothing.
+struct OrEmpty<T>(Option<T>);
+
+impl<T: fmt::Display> fmt::Display for OrEmpty<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
