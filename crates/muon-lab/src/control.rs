@@ -55,6 +55,7 @@ pub fn plan_pod(lab: &str, ipv6: bool) -> Result<PodState> {
         proxy_args: Vec::new(),
         app_pid: None,
         sidecar_pid: None,
+        gateway: None,
     })
 }
 
@@ -144,10 +145,26 @@ pub fn objects(lab: &LabState, topo: &Topology) -> Vec<Object> {
             json!({"vips": vips, "ports": ports, "selector": spec.selector}),
         ));
     }
+    if let Some(g) = &topo.gateway {
+        let protocol = if g.tls.is_some() { "HTTPS" } else { "HTTP" };
+        out.push(Object {
+            api_version: muon_core::resource::GATEWAY_API_VERSION.into(),
+            ..object(
+                "Gateway",
+                &g.name,
+                &g.namespace,
+                BTreeMap::new(),
+                json!({
+                    "gatewayClassName": "muon",
+                    "listeners": [{"name": protocol.to_ascii_lowercase(), "port": g.port(), "protocol": protocol}],
+                }),
+            )
+        });
+    }
     for pod in lab
         .pods
         .iter()
-        .filter(|p| lab.control_plane.as_deref() != Some(p.name.as_str()))
+        .filter(|p| lab.control_plane.as_deref() != Some(p.name.as_str()) && p.gateway.is_none())
     {
         let mut locality = serde_json::Map::new();
         if let Some(z) = &pod.zone {

@@ -8,7 +8,7 @@ use crate::addr;
 use crate::control;
 use crate::netns;
 use crate::process::{self, Spawn};
-use crate::state::{self, LabState, PodState, ServiceState};
+use crate::state::{self, GatewayPod, LabState, PodState, ServiceState};
 use crate::topology::{check_name, Topology, CONTROL_PLANE_POD};
 use anyhow::{bail, Context, Result};
 use muon_core::{ports, Endpoint, ServiceEntry, ServicePort, ServiceTable};
@@ -206,8 +206,18 @@ fn plan(name: &str, topo: &Topology, ipv6: bool, opts: &UpOptions) -> Result<Lab
                 proxy_args: spec.proxy_args.clone(),
                 app_pid: None,
                 sidecar_pid: None,
+                gateway: None,
             });
         }
+    }
+    if let Some(g) = &topo.gateway {
+        let i = pods.len();
+        let cp_ip = pods
+            .first()
+            .filter(|p| p.name == CONTROL_PLANE_POD)
+            .map(|p| p.ip)
+            .context("the gateway needs the lab's control plane")?;
+        pods.push(gateway_pod(name, g, i, ipv6, cp_ip)?);
     }
     let mut services = Vec::new();
     for (j, svc) in topo.services.iter().enumerate() {
@@ -236,6 +246,96 @@ fn plan(name: &str, topo: &Topology, ipv6: bool, opts: &UpOptions) -> Result<Lab
         pods,
         services,
     })
+}
+
+/// The gateway's pod: no capture, no sidecar; its app is `muon-proxy --mode gateway`,
+/// listening on the pod's addresses and serving the routes attached to the Gateway.
+fn gateway_pod(
+    lab: &str,
+    g: &crate::topology::GatewaySpec,
+    i: usize,
+    ipv6: bool,
+    cp_ip: Ipv4Addr,
+) -> Result<PodState> {
+    let port = g.port();
+    let mut listen = format!("0.0.0.0:{port}");
+    if ipv6 {
+        listen.push_str(&format!(",[::]:{port}"));
+    }
+    let bin = state::bin_dir(lab).join("muon-proxy").display().to_string();
+    let mut command = vec![
+        bin,
+        "--mode".into(),
+        "gateway".into(),
+        "--listen".into(),
+        listen,
+        "--gateway".into(),
+        format!("{}.{}", g.name, g.namespace),
+        "--control-plane".into(),
+        format!("http://{cp_ip}:{}", ports::CONTROL),
+        "--state-dir".into(),
+        state::proxy_state_dir(lab, &g.name).display().to_string(),
+        "--log-format".into(),
+        "json".into(),
+    ];
+    if g.tls.is_some() {
+        let dir = state::gateway_dir(lab);
+        command.extend([
+            "--tls-cert".into(),
+            dir.join("tls.crt").display().to_string(),
+            "--tls-key".into(),
+            dir.join("tls.key").display().to_string(),
+        ]);
+    }
+    command.extend(g.proxy_args.iter().cloned());
+    Ok(PodState {
+        netns: pod_netns(lab, &g.name),
+        name: g.name.clone(),
+        template: g.name.clone(),
+        namespace: g.namespace.clone(),
+        service_account: g.name.clone(),
+        ip: addr::pod_v4(i)?,
+        ipv6: ipv6.then(|| addr::pod_v6(i)),
+        zone: None,
+        labels: BTreeMap::from([("muon.io/gateway".to_string(), g.name.clone())]),
+        app_uid: ports::PROXY_UID,
+        sidecar: false,
+        command,
+        env: BTreeMap::new(),
+        proxy_args: Vec::new(),
+        app_pid: None,
+        sidecar_pid: None,
+        gateway: Some(GatewayPod {
+            port,
+            tls: g.tls.is_some(),
+            host_port: g.host_port,
+            forward_pid: None,
+        }),
+    })
+}
+
+/// Copies the gateway's certificate and key where its user can read them (the key only by
+/// it), and makes its state directory.
+fn prepare_gateway(lab: &LabState, topo: &Topology, pod: &PodState) -> Result<()> {
+    let (uid, gid) = (Some(ports::PROXY_UID.into()), Some(ports::PROXY_UID.into()));
+    let dir = state::proxy_state_dir(&lab.name, &pod.name);
+    std::fs::create_dir_all(&dir)?;
+    nix::unistd::chown(&dir, uid, gid)?;
+    let Some(tls) = topo.gateway.as_ref().and_then(|g| g.tls.as_ref()) else {
+        return Ok(());
+    };
+    let gdir = state::gateway_dir(&lab.name);
+    std::fs::create_dir_all(&gdir)?;
+    for (from, to, mode) in [
+        (&tls.cert_file, "tls.crt", 0o644),
+        (&tls.key_file, "tls.key", 0o600),
+    ] {
+        let to = gdir.join(to);
+        std::fs::copy(from, &to).with_context(|| format!("copying the gateway's {from}"))?;
+        nix::unistd::chown(&to, uid, gid)?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
 }
 
 /// The table every sidecar reads: services, their virtual IPs and their endpoints.
@@ -354,6 +454,13 @@ fn create(lab: &mut LabState, topo: &Topology, bins: &Path, timeout: Duration) -
         if lab.control_plane.as_deref() == Some(lab.pods[i].name.as_str()) {
             continue;
         }
+        if lab.pods[i].gateway.is_some() {
+            prepare_gateway(lab, topo, &lab.pods[i])?;
+            let pid = start_app(lab, &lab.pods[i])?;
+            lab.pods[i].app_pid = Some(pid);
+            lab.save()?;
+            continue;
+        }
         let spec = topo
             .pods
             .iter()
@@ -369,7 +476,18 @@ fn create(lab: &mut LabState, topo: &Topology, bins: &Path, timeout: Duration) -
         lab.pods[i].app_pid = Some(pid);
         lab.save()?;
     }
-    wait_ready(lab, topo, timeout)
+    wait_ready(lab, topo, timeout)?;
+    for i in 0..lab.pods.len() {
+        let host_port = lab.pods[i].gateway.as_ref().and_then(|g| g.host_port);
+        if let Some(host_port) = host_port {
+            let pid = crate::forward::spawn(lab, &lab.pods[i], host_port)?;
+            if let Some(g) = lab.pods[i].gateway.as_mut() {
+                g.forward_pid = Some(pid);
+            }
+            lab.save()?;
+        }
+    }
+    Ok(())
 }
 
 fn create_bridge(lab: &LabState) -> Result<()> {
@@ -607,8 +725,11 @@ fn wait_ready(lab: &LabState, topo: &Topology, timeout: Duration) -> Result<()> 
     let deadline = Instant::now() + timeout;
     let mut pending: Vec<(usize, Option<SocketAddr>)> = Vec::new();
     for (i, pod) in lab.pods.iter().enumerate() {
-        if pod.sidecar {
+        if pod.sidecar || pod.gateway.is_some() {
             pending.push((i, None));
+        }
+        if let Some(g) = &pod.gateway {
+            pending.push((i, Some(SocketAddr::new(IpAddr::V4(pod.ip), g.port))));
         }
         for (spec, st) in topo.services.iter().zip(&lab.services) {
             if st.endpoints.contains(&pod.name) {

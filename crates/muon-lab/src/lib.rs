@@ -8,6 +8,7 @@
 
 pub mod addr;
 pub mod control;
+pub mod forward;
 pub mod lab;
 pub mod netns;
 pub mod process;

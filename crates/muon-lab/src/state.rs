@@ -58,6 +58,23 @@ pub struct PodState {
     pub app_pid: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecar_pid: Option<i32>,
+    /// Set on the lab's gateway pod, whose "app" is muon-proxy in gateway mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayPod>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPod {
+    /// Where it listens, on the pod's addresses.
+    pub port: u16,
+    pub tls: bool,
+    /// The host's 127.0.0.1 port forwarded to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    /// The process forwarding `host_port` (it runs in this pod's namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_pid: Option<i32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +108,11 @@ pub fn log_file(name: &str, pod: &str, what: &str) -> PathBuf {
 
 pub fn pod_dir(name: &str, pod: &str) -> PathBuf {
     lab_dir(name).join("pods").join(pod)
+}
+
+/// The gateway's copies of its certificate and key (readable by the proxy's user).
+pub fn gateway_dir(name: &str) -> PathBuf {
+    lab_dir(name).join("gateway")
 }
 
 /// Where a sidecar keeps its last good tables (writable by the proxy's user).

@@ -23,6 +23,51 @@ pub struct Topology {
     /// it. `false`: sidecars read a static table file the lab writes.
     #[serde(default = "yes")]
     pub control_plane: bool,
+    /// An ingress gateway: `muon-proxy --mode gateway` in a pod of its own, serving the
+    /// routes attached to a Gateway of this name (needs the control plane).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySpec>,
+}
+
+/// The lab's gateway: a pod (no capture, no app) running muon-proxy as the mesh's edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewaySpec {
+    /// The Gateway object (and the pod). Default: `gateway`.
+    #[serde(default = "default_gateway_name")]
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// The port it listens on, on its pod address. Default: 8080 (8443 with TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Also listen on the host's 127.0.0.1 at this port (forwarded into the gateway pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    /// Terminate TLS for its clients with this certificate and key (PEM files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<GatewayTls>,
+    /// Extra flags for the gateway's muon-proxy.
+    #[serde(default)]
+    pub proxy_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayTls {
+    pub cert_file: String,
+    pub key_file: String,
+}
+
+impl GatewaySpec {
+    pub fn port(&self) -> u16 {
+        self.port
+            .unwrap_or(if self.tls.is_some() { 8443 } else { 8080 })
+    }
+}
+
+fn default_gateway_name() -> String {
+    "gateway".into()
 }
 
 /// One pod template; `replicas` instances are started from it.
@@ -295,6 +340,42 @@ impl Topology {
                 format!("{total} pod instances; at most {MAX_PODS}"),
             ));
         }
+        if let Some(g) = &self.gateway {
+            if let Err(r) = check_name(&g.name, 40) {
+                out.push((ItemPath::Root, format!("gateway: name {:?}: {r}", g.name)));
+            }
+            if let Err(r) = check_name(&g.namespace, 63) {
+                out.push((
+                    ItemPath::Root,
+                    format!("gateway: namespace {:?}: {r}", g.namespace),
+                ));
+            }
+            if g.name == CONTROL_PLANE_POD || instances.contains(&g.name) {
+                out.push((
+                    ItemPath::Root,
+                    format!("gateway: name {:?} is already a pod's", g.name),
+                ));
+            }
+            if !self.control_plane {
+                out.push((
+                    ItemPath::Root,
+                    "gateway: needs the control plane (controlPlane: true): it serves the routes applied to it".into(),
+                ));
+            }
+            if g.port == Some(0) || g.host_port == Some(0) {
+                out.push((ItemPath::Root, "gateway: ports must be 1..=65535".into()));
+            }
+            if let Some(tls) = &g.tls {
+                for (what, f) in [("certFile", &tls.cert_file), ("keyFile", &tls.key_file)] {
+                    if !Path::new(f).is_file() {
+                        out.push((
+                            ItemPath::Root,
+                            format!("gateway: tls.{what} {f:?} is not a file"),
+                        ));
+                    }
+                }
+            }
+        }
         let mut services = HashSet::new();
         for (i, svc) in self.services.iter().enumerate() {
             let at = ItemPath::Service(i);
@@ -438,6 +519,29 @@ services:
       - port: 8080
         protocol: http
 ";
+
+    #[test]
+    fn a_gateway_gets_its_defaults_and_its_problems_are_named() {
+        let t = Topology::parse(
+            "t.yaml",
+            &format!("{GOOD}gateway: {{name: edge, hostPort: 18080}}\n"),
+        )
+        .unwrap();
+        let g = t.gateway.unwrap();
+        assert_eq!(
+            (g.name.as_str(), g.namespace.as_str(), g.port(), g.host_port),
+            ("edge", "default", 8080, Some(18080))
+        );
+        let bad = format!("{GOOD}controlPlane: false\ngateway: {{name: web-0, tls: {{certFile: /nope.pem, keyFile: /nope.key}}}}\n");
+        let err = Topology::parse("t.yaml", &bad).unwrap_err().to_string();
+        for want in [
+            "already a pod's",
+            "needs the control plane",
+            "tls.certFile \"/nope.pem\" is not a file",
+        ] {
+            assert!(err.contains(want), "{want} missing from {err}");
+        }
+    }
 
     #[test]
     fn parses_the_documented_shape_with_defaults() {

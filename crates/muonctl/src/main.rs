@@ -85,6 +85,16 @@ enum Lab {
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// (Started by `lab up` for a gateway's hostPort) forward a host port into a pod.
+    #[command(hide = true)]
+    Forward {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        to: std::net::SocketAddr,
+    },
     /// Remove a lab: every namespace, interface, process and file it made.
     Down {
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -221,6 +231,10 @@ fn run_lab(cmd: Lab) -> Result<i32> {
             );
             Ok(0)
         }
+        Lab::Forward { netns, listen, to } => {
+            muon_lab::forward::run(&netns, listen, to)?;
+            Ok(0)
+        }
         Lab::Down { name, all } => {
             let names = match name {
                 Some(n) => vec![n],
@@ -250,7 +264,32 @@ fn up(args: UpArgs) -> Result<i32> {
     };
     let lab = muon_lab::up(&opts)?;
     print_status(&muon_lab::status(&lab.name)?);
-    let first = lab.pods.first().map(|p| p.name.as_str()).unwrap_or("POD");
+    // An app pod: the control plane's and the gateway's have no sidecar to try the mesh from.
+    let first = lab
+        .pods
+        .iter()
+        .find(|p| p.sidecar)
+        .or_else(|| {
+            lab.pods
+                .iter()
+                .find(|p| p.gateway.is_none() && Some(&p.name) != lab.control_plane.as_ref())
+        })
+        .map(|p| p.name.as_str())
+        .unwrap_or("POD");
+    for (pod, g) in lab
+        .pods
+        .iter()
+        .filter_map(|p| Some((p, p.gateway.as_ref()?)))
+    {
+        let scheme = if g.tls { "https" } else { "http" };
+        println!(
+            "\ngateway {}: {scheme}://{}:{}/ in the lab",
+            pod.name, pod.ip, g.port
+        );
+        if let Some(hp) = g.host_port {
+            println!("  and {scheme}://127.0.0.1:{hp}/ on this host");
+        }
+    }
     if args.detach {
         println!("\nlab {} is up.", lab.name);
         println!(
