@@ -41,6 +41,12 @@ usage:
 
 exit status: 0 on success, 1 on any failure (with a message on stderr), 2 on bad usage.
 """
+import os
+
+# gRPC's default (c-ares) resolver does not read the lab's per-pod /etc/hosts (mounted by
+# `ip netns exec`); getaddrinfo does, as every other app's lookups there.
+os.environ.setdefault("GRPC_DNS_RESOLVER", "native")
+
 import argparse
 import base64
 import json
@@ -243,7 +249,7 @@ def run_unary(client: Client, args) -> dict:
         if rest != payload:
             raise Failure(f"unary call {i}: echo {rest[:80]!r}, expected {payload!r}")
         pods[pod] = pods.get(pod, 0) + 1
-    return {"ok": args.count, "pods": pods}
+    return {"ok": args.count, "pods": dict(sorted(pods.items()))}
 
 
 def run_big(client: Client, args) -> dict:

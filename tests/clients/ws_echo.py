@@ -80,10 +80,13 @@ async def serve(args: argparse.Namespace) -> int:
         raise Failure(f"cannot listen on port {args.port}: {e}")
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        asyncio.get_running_loop().add_signal_handler(
+            sig, lambda: stop.done() or stop.set_result(None)
+        )
     async with ws_serve(echo, sock=sock, max_size=16 << 20):
-        where = sock.getsockname()
-        print(f"ws_echo: pod {pod} listening on {where[0]}:{where[1]}", file=sys.stderr, flush=True)
+        host, port = sock.getsockname()[:2]
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        print(f"ws_echo: pod {pod} listening on {where}", file=sys.stderr, flush=True)
         print("ready", flush=True)
         await stop
     return 0

@@ -82,6 +82,43 @@ pub fn demo_shop() -> PathBuf {
     to
 }
 
+/// The Python interpreter of the test clients (a virtualenv with grpcio and websockets, made
+/// by `cargo xtask test`), readable by every pod's user.
+pub fn python() -> String {
+    let python =
+        std::env::var("MUON_TEST_PYTHON").unwrap_or_else(|_| "/opt/muon-ci/venv/bin/python".into());
+    assert!(
+        Path::new(&python).exists(),
+        "{python} is missing: `cargo xtask test` creates it (python3 -m venv + pip install grpcio websockets)"
+    );
+    python
+}
+
+/// The test clients and servers (`tests/clients/*.py`), copied where the pods' unprivileged
+/// users can read them (a checkout in a private temporary directory is not).
+pub fn clients() -> PathBuf {
+    let dir = PathBuf::from(format!("/run/muon/test-bin/clients-{}", std::process::id()));
+    if !dir.join(".complete").exists() {
+        std::fs::create_dir_all(&dir).expect("create the clients directory");
+        for d in ["/run/muon", "/run/muon/test-bin"] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients");
+        for entry in std::fs::read_dir(&src).expect("tests/clients") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "py") {
+                let to = dir.join(path.file_name().expect("name"));
+                std::fs::copy(&path, &to).expect("copy a client");
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644))
+                    .expect("chmod");
+            }
+        }
+        std::fs::write(dir.join(".complete"), b"").expect("mark");
+    }
+    dir
+}
+
 /// A running lab, removed on drop.
 pub struct Lab {
     pub name: String,
@@ -138,6 +175,41 @@ impl Lab {
         }
         c.arg("--").args(cmd);
         c.output().expect("run muonctl lab exec")
+    }
+
+    /// Runs curl in a pod (as its app user) with `args`; returns (stdout, stderr, success).
+    pub fn curl_with(&self, pod: &str, args: &[&str]) -> (String, String, bool) {
+        let mut cmd = vec!["curl", "-sS", "-g", "--max-time", "10"];
+        cmd.extend_from_slice(args);
+        let out = self.exec(pod, &cmd);
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.success(),
+        )
+    }
+
+    /// Runs a test client (`tests/clients/NAME`) in a pod as root (whose connections are
+    /// captured like the app's) and parses the JSON line it prints last.
+    pub fn client_json(&self, pod: &str, script: &str, args: &[&str]) -> Value {
+        let path = clients().join(script);
+        let py = python();
+        let path = path.display().to_string();
+        let mut cmd: Vec<&str> = vec![&py, &path];
+        cmd.extend_from_slice(args);
+        let out = self.exec_as(pod, Some(0), &cmd);
+        let text = output_text(&out);
+        assert!(
+            out.status.success(),
+            "{script} {args:?} in {pod} failed:\n{text}"
+        );
+        let last = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.trim_start().starts_with('{'))
+            .next_back()
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("{script} printed no JSON:\n{text}"));
+        serde_json::from_str(&last).unwrap_or_else(|e| panic!("{script}: {e}: {last}"))
     }
 
     /// `curl -sS URL` inside a pod; Ok(body) on success, Err(curl's exit code and stderr).
@@ -235,11 +307,16 @@ impl Lab {
 
     /// Access-log events (JSON) from a pod's sidecar log.
     pub fn access_log(&self, pod: &str) -> Vec<Value> {
-        self.sidecar_log(pod)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["target"] == "access")
-            .collect()
+        access_events(&self.sidecar_log(pod))
+    }
+
+    /// A pod's app log (the gateway's proxy is its pod's app).
+    pub fn app_log(&self, pod: &str) -> String {
+        let out = muonctl()
+            .args(["lab", "logs", &self.name, pod])
+            .output()
+            .expect("run muonctl lab logs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `muonctl --lab NAME ARGS…`: management commands against this lab's control plane.
@@ -321,7 +398,24 @@ impl Drop for Lab {
     }
 }
 
+/// The access-log events (target `access`, JSON) in a proxy's log.
+pub fn access_events(log: &str) -> Vec<Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "access")
+        .collect()
+}
+
+/// Sum of the samples of metric `name` whose labels include every `label="value"` given.
+/// A metric that does not exist at all is an error, not 0: a renamed metric must fail the
+/// tests that read it.
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    assert!(
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .any(|l| l.split(['{', ' ']).next() == Some(name)),
+        "no metric {name} in\n{text}"
+    );
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// iptables for capture (nft and legacy backends), iproute2 for namespaces, curl as the
-/// client, python3 for test apps, util-linux for setpriv, procps for sysctl.
+/// client, python3 for test apps, util-linux for setpriv, procps for sysctl, openssl for the
+/// gateway's test certificate.
 pub const PACKAGES: &[&str] = &[
     "iptables",
     "iproute2",
@@ -17,6 +18,7 @@ pub const PACKAGES: &[&str] = &[
     "python3-venv",
     "util-linux",
     "procps",
+    "openssl",
 ];
 
 /// Installs the packages of `PACKAGES` that dpkg does not know as installed.
@@ -43,13 +45,13 @@ pub fn ensure_packages() -> Result<()> {
 }
 
 /// The Python interpreter of the test clients: `$MUON_TEST_PYTHON`, else a virtualenv in
-/// /opt/muon-ci/venv with grpcio and grpcio-reflection, created when missing.
+/// /opt/muon-ci/venv with grpcio, grpcio-reflection and websockets, created when missing.
 pub fn ensure_test_python() -> Result<PathBuf> {
     let python = PathBuf::from(
         std::env::var("MUON_TEST_PYTHON").unwrap_or_else(|_| "/opt/muon-ci/venv/bin/python".into()),
     );
     let ready = Command::new(&python)
-        .args(["-c", "import grpc, grpc_reflection"])
+        .args(["-c", "import grpc, grpc_reflection, websockets"])
         .output()
         .is_ok_and(|o| o.status.success());
     if ready {
@@ -73,6 +75,7 @@ pub fn ensure_test_python() -> Result<PathBuf> {
         "grpcio",
         "grpcio-reflection",
         "protobuf",
+        "websockets",
     ]))?;
     Ok(python)
 }

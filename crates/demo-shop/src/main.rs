@@ -170,11 +170,17 @@ async fn reflect(req: Request<Incoming>) -> Response<Full<Bytes>> {
     {
         status = code;
     }
-    let headers: serde_json::Map<String, serde_json::Value> = parts
-        .headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), json!(String::from_utf8_lossy(v.as_bytes()))))
-        .collect();
+    // Repeated fields join with commas, as one value (RFC 9110 §5.3).
+    let mut headers = serde_json::Map::new();
+    for name in parts.headers.keys() {
+        let values: Vec<String> = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        headers.insert(name.to_string(), json!(values.join(",")));
+    }
     reply(
         status,
         json!({

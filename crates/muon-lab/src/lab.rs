@@ -590,6 +590,8 @@ fn pod_env(pod: &PodState) -> BTreeMap<String, String> {
         env.insert("POD_IPV6".into(), v6.to_string());
     }
     env.insert("POD_SERVICE_ACCOUNT".into(), pod.service_account.clone());
+    // gRPC's default resolver (c-ares) ignores the pod's hosts file; getaddrinfo reads it.
+    env.insert("GRPC_DNS_RESOLVER".into(), "native".into());
     if let Some(z) = &pod.zone {
         env.insert("POD_ZONE".into(), z.clone());
     }

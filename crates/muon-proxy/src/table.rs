@@ -241,7 +241,14 @@ impl Table {
                 );
                 for e in defs.iter().filter(|e| cx.local_ips.contains(&e.ip)) {
                     let addr = SocketAddr::new(e.ip, port.target_port);
-                    if table.inbound.contains_key(&addr) {
+                    // Two services may send to one port of this pod: the first by name wins,
+                    // unless only a later one declares the port's protocol.
+                    let declared = port.protocol.is_some();
+                    if table
+                        .inbound
+                        .get(&addr)
+                        .is_some_and(|p| p.protocol.is_some() || !declared)
+                    {
                         continue;
                     }
                     let app = carry.endpoint(EndpointKey {

@@ -178,8 +178,12 @@ impl<T> RouterBuilder<T> {
 /// How specific a match is (larger first), within one route kind.
 fn precedence(kind: RouteKind, m: Option<&MatchDef>) -> (u8, usize, bool, usize, usize) {
     let Some(m) = m else {
-        // No matches: `PathPrefix /` for HTTP, every call for gRPC.
-        return (1, 0, false, 0, 0);
+        // No matches: `PathPrefix /` for HTTP (the shortest prefix), every call for gRPC
+        // (the least specific of all).
+        return match kind {
+            RouteKind::Http => (1, 0, false, 0, 0),
+            RouteKind::Grpc => (0, 0, false, 0, 0),
+        };
     };
     match kind {
         RouteKind::Http => {
