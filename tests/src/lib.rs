@@ -205,8 +205,7 @@ impl Lab {
         );
         let last = String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter(|l| l.trim_start().starts_with('{'))
-            .next_back()
+            .rfind(|l| l.trim_start().starts_with('{'))
             .map(str::to_owned)
             .unwrap_or_else(|| panic!("{script} printed no JSON:\n{text}"));
         serde_json::from_str(&last).unwrap_or_else(|e| panic!("{script}: {e}: {last}"))
