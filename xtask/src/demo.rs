@@ -1,7 +1,9 @@
-//! `cargo xtask demo`: a three-service shop in a local lab. A client calls orders by name;
-//! orders asks inventory (two replicas in two zones). Every hop is captured by iptables and
-//! carried by sidecars, and the demo shows the answers, each sidecar's connection counters
-//! and their access-log lines.
+//! `cargo xtask demo`: a shop in a local lab. A client calls orders by name; orders asks
+//! inventory (two replicas in two zones). Every hop is captured by iptables and carried by
+//! sidecars (HTTP between them over pooled HTTP/2), and the demo shows the answers, each
+//! sidecar's counters and access-log lines, then HTTP routing: a canary HTTPRoute splitting
+//! orders v1/v2 90/10 (and by header), and the ingress gateway routing by path from the
+//! host.
 
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -11,6 +13,35 @@ use std::process::Command;
 
 const LAB: &str = "demo";
 const REQUESTS: usize = 6;
+/// Requests sent through the canary route to show the split.
+const CANARY_REQUESTS: usize = 200;
+
+/// orders v1/v2 at 90/10, and every request with `x-canary: always` to v2.
+const CANARY: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: orders-canary, namespace: default}
+spec:
+  parentRefs: [{name: orders, port: 8080}]
+  rules:
+    - matches: [{headers: [{name: x-canary, value: always}]}]
+      backendRefs: [{name: orders-v2, port: 8080}]
+    - backendRefs:
+        - {name: orders, port: 8080, weight: 90}
+        - {name: orders-v2, port: 8080, weight: 10}
+"#;
+
+/// The ingress gateway's routes: /orders to orders, /stock to inventory.
+const EDGE: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shop-edge, namespace: default}
+spec:
+  parentRefs: [{name: edge, kind: Gateway}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /orders}}]
+      backendRefs: [{name: orders, port: 8080}]
+    - matches: [{path: {type: PathPrefix, value: /stock}}]
+      backendRefs: [{name: inventory, port: 8080}]
+"#;
 
 pub fn run(keep: bool) -> Result<()> {
     util::require_root("the lab creates network namespaces and iptables rules inside them")?;
@@ -25,7 +56,8 @@ pub fn run(keep: bool) -> Result<()> {
     std::fs::copy(bins.join("demo-shop"), &app).context("copying demo-shop")?;
     std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755))?;
     let topology = workdir.join("shop.yaml");
-    std::fs::write(&topology, topology_yaml(&app))?;
+    let host_port = free_port()?;
+    std::fs::write(&topology, topology_yaml(&app, host_port))?;
 
     // A demo left over from an earlier `--keep` would hold the name.
     if Path::new("/run/muon/lab").join(LAB).exists() {
@@ -48,11 +80,14 @@ pub fn run(keep: bool) -> Result<()> {
     if let Err(e) = up {
         bail!("the lab did not come up: {e:#}");
     }
-    let result = show(&muonctl);
+    let result = show(&muonctl).and_then(|()| routing(&muonctl, &workdir, host_port));
     if keep && result.is_ok() {
         println!("\n== the mesh is still up");
         println!("  muonctl is {}", muonctl.display());
         println!("  call orders:      muonctl lab exec {LAB} client -- curl -s http://orders:8080/orders/widget");
+        println!("  the canary:       muonctl lab exec {LAB} client -- curl -s -H 'x-canary: always' http://orders:8080/orders/widget");
+        println!("  from this host:   curl -s http://127.0.0.1:{host_port}/orders/widget   (the ingress gateway)");
+        println!("  the routes:       muonctl --lab {LAB} get routes");
         println!("  see the pods:     muonctl lab status {LAB}");
         println!("  the mesh's state: muonctl --lab {LAB} proxy-status; muonctl --lab {LAB} get endpoints");
         println!("  sidecar log:      muonctl lab logs {LAB} orders --sidecar");
@@ -64,10 +99,17 @@ pub fn run(keep: bool) -> Result<()> {
     result.and(down)
 }
 
-fn topology_yaml(app: &Path) -> String {
+/// A port on the host's loopback that is free now, for the gateway's hostPort.
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn topology_yaml(app: &Path, host_port: u16) -> String {
     let app = app.display();
     format!(
-        r#"# The demo shop: client -> orders -> inventory (two replicas, two zones).
+        r#"# The demo shop: client -> orders (v1, and a v2 canary) -> inventory (two replicas, two
+# zones), and an ingress gateway reachable from the host.
 pods:
   - name: client
     labels: {{app: client}}
@@ -76,6 +118,11 @@ pods:
     labels: {{app: orders}}
     zone: zone-a
     command: ["{app}", "orders", "--port", "8080", "--inventory", "inventory:8080"]
+  - name: orders-v2
+    labels: {{app: orders-v2}}
+    serviceAccount: orders
+    zone: zone-b
+    command: ["{app}", "orders", "--port", "8080", "--inventory", "inventory:8080", "--version", "v2"]
   - name: inventory-a
     labels: {{app: inventory}}
     serviceAccount: inventory
@@ -90,10 +137,177 @@ services:
   - name: orders
     selector: {{app: orders}}
     ports: [{{port: 8080, protocol: http}}]
+  - name: orders-v2
+    selector: {{app: orders-v2}}
+    ports: [{{port: 8080, protocol: http}}]
   - name: inventory
     selector: {{app: inventory}}
     ports: [{{port: 8080, protocol: http}}]
+gateway:
+  name: edge
+  hostPort: {host_port}
 "#
+    )
+}
+
+/// The HTTP part: a canary route (90/10 and by header), then the gateway routing by path.
+fn routing(muonctl: &Path, workdir: &Path, host_port: u16) -> Result<()> {
+    println!("\n== a canary HTTPRoute: orders v1/v2 at 90/10, and x-canary: always to v2");
+    let file = workdir.join("orders-canary.yaml");
+    std::fs::write(&file, CANARY)?;
+    for line in CANARY.lines() {
+        println!("  | {line}");
+    }
+    ctl(
+        muonctl,
+        &["--lab", LAB, "apply", "-f", &file.display().to_string()],
+    )?;
+    // The route reaches the client's sidecar within moments (pushes are debounced).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let v = orders_version(muonctl, &["-H", "x-canary: always"])?;
+        if v.as_deref() == Some("v2") {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the canary route did not reach the client's sidecar");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // One curl, many requests on one keep-alive connection: each request is balanced and
+    // routed on its own.
+    let url = format!("http://orders:8080/orders/widget?n=[1-{CANARY_REQUESTS}]");
+    let (ok, out) = ctl_output(
+        muonctl,
+        &[
+            "lab",
+            "exec",
+            LAB,
+            "client",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "60",
+            "-w",
+            "\n",
+            &url,
+        ],
+    )?;
+    if !ok {
+        bail!("the canary requests failed: {out}");
+    }
+    let mut split = std::collections::BTreeMap::<String, usize>::new();
+    for line in out.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        *split
+            .entry(v["version"].as_str().unwrap_or("?").to_string())
+            .or_default() += 1;
+    }
+    let total: usize = split.values().sum();
+    println!("  {total} requests, one connection from the app:");
+    for (version, n) in &split {
+        println!(
+            "    orders {version}: {n:>4}  ({:.1}%)",
+            100.0 * *n as f64 / total.max(1) as f64
+        );
+    }
+    let canary = orders_version(muonctl, &["-H", "x-canary: always"])?;
+    println!(
+        "  with x-canary: always -> orders {}",
+        canary.as_deref().unwrap_or("?")
+    );
+    if total != CANARY_REQUESTS || split.get("v2").copied().unwrap_or(0) == 0 {
+        bail!("the canary split looks wrong: {split:?}");
+    }
+
+    println!("\n== the ingress gateway, from this host: routes by path (/orders -> orders, /stock -> inventory)");
+    let file = workdir.join("shop-edge.yaml");
+    std::fs::write(&file, EDGE)?;
+    ctl(
+        muonctl,
+        &["--lab", LAB, "apply", "-f", &file.display().to_string()],
+    )?;
+    let mut shown = 0;
+    for path in ["/orders/widget", "/stock/gadget", "/admin"] {
+        let url = format!("http://127.0.0.1:{host_port}{path}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        let (code, body) = loop {
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", &url])
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+            // Until the route arrives every path is 404 (no route); /admin stays 404.
+            if code != "404" || path == "/admin" || std::time::Instant::now() > deadline {
+                break (code.to_string(), body.trim().to_string());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        println!("  curl http://127.0.0.1:{host_port}{path}  -> {code} {body}");
+        if (path == "/admin") == (code == "404") {
+            shown += 1;
+        }
+    }
+    if shown != 3 {
+        bail!("the gateway did not route as its HTTPRoute says");
+    }
+
+    println!("\n== access log of the client's sidecar (one event per HTTP request; last 3)");
+    let (_, log) = ctl_output(muonctl, &["lab", "logs", LAB, "client", "--sidecar"])?;
+    let requests: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"access\"") && l.contains("\"request\""))
+        .collect();
+    for line in requests.iter().rev().take(3).rev() {
+        println!("  {}", summarize_request(line));
+    }
+    Ok(())
+}
+
+/// The `version` orders answers with, for a request with extra curl arguments.
+fn orders_version(muonctl: &Path, extra: &[&str]) -> Result<Option<String>> {
+    let mut args = vec![
+        "lab",
+        "exec",
+        LAB,
+        "client",
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+    ];
+    args.extend_from_slice(extra);
+    args.push("http://orders:8080/orders/widget");
+    let (_, out) = ctl_output(muonctl, &args)?;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+    Ok(v["version"].as_str().map(str::to_owned))
+}
+
+/// One request event as a readable line.
+fn summarize_request(line: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        return line.to_string();
+    };
+    let s = |k: &str| match &v[k] {
+        serde_json::Value::String(s) if s.is_empty() => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    format!(
+        "{} {} {}{} -> {} route={} service={} pod={} {}ms id={}",
+        s("direction"),
+        s("method"),
+        s("authority"),
+        s("path"),
+        s("status"),
+        s("route"),
+        s("service"),
+        s("pod"),
+        s("duration_ms"),
+        s("request_id"),
     )
 }
 
@@ -137,7 +351,12 @@ fn show(muonctl: &Path) -> Result<()> {
             _ => bail!("request {i} failed: {body}"),
         }
     }
-    println!("\n== which sidecars carried them (connections opened, from each sidecar's /metrics)");
+    println!(
+        "\n== which sidecars carried them (from each sidecar's /metrics: HTTP requests, and TCP"
+    );
+    println!(
+        "   connections: the app's connections, and between sidecars one pooled HTTP/2 connection)"
+    );
     let mut all_counted = true;
     for pod in ["client", "orders", "inventory-a", "inventory-b"] {
         let (_, metrics) = ctl_output(
@@ -155,9 +374,14 @@ fn show(muonctl: &Path) -> Result<()> {
                 "http://127.0.0.1:15020/metrics",
             ],
         )?;
-        let out = counter(&metrics, "outbound");
-        let inb = counter(&metrics, "inbound");
-        println!("  {pod:<12} outbound {out:>3}   inbound {inb:>3}");
+        let conns = |d| counter(&metrics, "muon_tcp_connections_opened_total", d);
+        let reqs = |d| counter(&metrics, "muon_http_requests_total", d);
+        let (out, inb) = (reqs("outbound"), reqs("inbound"));
+        println!(
+            "  {pod:<12} requests out {out:>3} in {inb:>3}   connections out {:>3} in {:>3}",
+            conns("outbound"),
+            conns("inbound")
+        );
         let expected = match pod {
             "client" => out >= REQUESTS as u64,
             "orders" => inb >= REQUESTS as u64 && out >= REQUESTS as u64,
@@ -170,14 +394,17 @@ fn show(muonctl: &Path) -> Result<()> {
     for line in status.lines() {
         println!("  {line}");
     }
-    println!("\n== access log (orders' sidecar, one line per connection)");
+    println!("\n== access log (orders' sidecar: one event per connection, one per request)");
     let (_, log) = ctl_output(muonctl, &["lab", "logs", LAB, "orders", "--sidecar"])?;
     for line in log
         .lines()
         .filter(|l| l.contains("\"access\""))
         .take(2 * REQUESTS)
     {
-        println!("  {}", summarize_access(line));
+        match line.contains("\"request\"") {
+            true => println!("  {}", summarize_request(line)),
+            false => println!("  {}", summarize_access(line)),
+        }
     }
     println!(
         "\ninventory answers came from: {}",
@@ -189,11 +416,11 @@ fn show(muonctl: &Path) -> Result<()> {
     Ok(())
 }
 
-fn counter(metrics: &str, direction: &str) -> u64 {
+fn counter(metrics: &str, name: &str, direction: &str) -> u64 {
     let needle = format!("direction=\"{direction}\"");
     metrics
         .lines()
-        .filter(|l| l.starts_with("muon_tcp_connections_opened_total") && l.contains(&needle))
+        .filter(|l| l.starts_with(name) && l.contains(&needle))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }

@@ -125,6 +125,7 @@ pub async fn handle(shared: &Arc<Shared>, client: TcpStream, rec: &mut Record) -
         },
         Plan::Opaque(target) => opaque(shared, client, &target, rec).await,
         Plan::Http { target, h2: true } => {
+            rec.service = Some(target.service.clone());
             let cx = ConnCx::new(
                 shared.clone(),
                 rec,
@@ -182,6 +183,7 @@ async fn sniffed(
     match after_sniff(detected, declared_http) {
         Carry::Opaque => opaque(shared, client, &target, rec).await,
         Carry::Http(version) => {
+            rec.service = Some(target.service.clone());
             let cx = ConnCx::new(shared.clone(), rec, version, ConnKind::Outbound(target));
             http::serve(client, cx, rec, shared.drain.watch()).await
         }
