@@ -1,7 +1,7 @@
 //! The one place where Muon's objects meet the proto: user objects to and from the
 //! management API's `Object`, and user objects to the data plane's resources.
 
-use crate::registry::Stored;
+use crate::model::Stored;
 use muon_api::json::{json_from_struct, struct_from_json};
 use muon_api::v1;
 use muon_core::resource::{

@@ -19,8 +19,9 @@
 //! error and leaves the sidecar's acked version alone.
 
 use crate::metrics::Metrics;
-use crate::registry::{Registry, Resource, Snapshot};
-use crate::wire::EncodedResponse;
+use crate::registry::Registry;
+use crate::snapshot::{Resource, Snapshot};
+use bytes::Bytes;
 use muon_api::v1::kinds::{self, PerKind, ResourceKind};
 use muon_api::v1::{self, DiscoveryRequest};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -30,6 +31,22 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
+
+/// `muon.v1.DiscoveryResponse` with each `Resource` as its encoded bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EncodedResponse {
+    #[prost(string, tag = "1")]
+    pub type_url: String,
+    #[prost(string, tag = "2")]
+    pub version_info: String,
+    #[prost(string, tag = "3")]
+    pub nonce: String,
+    /// Encoded `muon.v1.Resource`s.
+    #[prost(bytes = "bytes", repeated, tag = "4")]
+    pub resources: Vec<Bytes>,
+    #[prost(string, repeated, tag = "5")]
+    pub removed_resources: Vec<String>,
+}
 
 /// What `ListProxies` shows of one kind of one stream.
 #[derive(Debug, Clone, Default)]

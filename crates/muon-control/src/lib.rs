@@ -1,9 +1,11 @@
 //! Muon's control plane.
 //!
 //! Objects come in through the management API (`management`, persisted by `store`) and from
-//! other sources (`sources`: the config directory); the `registry` merges them and computes
-//! what sidecars see; `discovery` pushes it to each sidecar over one stream, debounced and
-//! coalesced, and `wire` sends it with each resource encoded once. `convert` is the one place objects meet the proto. `server` wires it together.
+//! other sources (`sources`: the config directory); the `registry` keeps them (`model`),
+//! checks what spans objects (`rules`), and debounces changes into the data-plane view
+//! (`snapshot`); `discovery` pushes it to each sidecar over one stream, coalesced, and
+//! `wire` sends it with each resource encoded once. `convert` is the one place objects meet
+//! the proto. `server` wires it together.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -12,8 +14,11 @@ pub mod discovery;
 pub mod http;
 pub mod management;
 pub mod metrics;
+pub mod model;
 pub mod registry;
+pub mod rules;
 pub mod server;
+pub mod snapshot;
 pub mod sources;
 pub mod store;
 pub mod wire;

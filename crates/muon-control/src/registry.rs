@@ -11,56 +11,17 @@
 //! A resource keeps its version until its content changes, so a stream can send exactly the
 //! resources that changed since what it sent last.
 
-use crate::convert;
 use crate::metrics::Metrics;
+pub use crate::model::{Event, Source, Stored};
+use crate::rules;
+pub use crate::snapshot::{resource_kind, Resource, Snapshot};
 use crate::store::{Store, StoreError};
-use bytes::Bytes;
-use muon_api::v1;
-use muon_api::v1::kinds::{PerKind, ResourceKind};
-use muon_core::resource::{Kind, Object, ObjectKey, Spec, WorkloadSpec};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use muon_core::resource::{Kind, Object, ObjectKey};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch, Mutex};
 use tracing::{debug, info, warn};
-
-/// Where an object came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Source {
-    /// The management API (persisted in the store).
-    Api,
-    /// The `--config-dir` directory; read-only through the API.
-    File,
-    /// The Kubernetes API (not yet implemented; the seam for it is [`Registry::replace_source`]).
-    Kubernetes,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Api => "api",
-            Source::File => "file",
-            Source::Kubernetes => "kubernetes",
-        }
-    }
-}
-
-/// An object with what the registry knows about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stored {
-    pub object: Object,
-    /// Increases with every change of this object.
-    pub generation: u64,
-    pub source: Source,
-}
-
-/// A change, for the management API's Watch.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub deleted: bool,
-    pub stored: Stored,
-    pub version: u64,
-}
 
 /// Why a change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -82,77 +43,6 @@ pub enum RegistryError {
 pub struct Outcome {
     pub results: Vec<(ObjectKey, &'static str)>,
     pub version: u64,
-}
-
-/// One data-plane resource, shared by every stream that sends it.
-#[derive(Debug)]
-pub struct Resource {
-    /// The registry version at which this resource last changed.
-    pub version: u64,
-    pub proto: v1::Resource,
-    /// `proto`, encoded once for every stream that sends it.
-    pub encoded: Bytes,
-}
-
-impl Resource {
-    fn new(version: u64, name: String, kind: v1::resource::Kind) -> Resource {
-        let proto = v1::Resource {
-            name,
-            version: version.to_string(),
-            kind: Some(kind),
-        };
-        let encoded = prost::Message::encode_to_vec(&proto).into();
-        Resource {
-            version,
-            proto,
-            encoded,
-        }
-    }
-}
-
-/// The names of each kind that one snapshot added, changed or removed.
-#[derive(Debug, Default)]
-pub struct Changes {
-    /// The [`Snapshot::seq`] of the snapshot these changes produced.
-    pub seq: u64,
-    pub names: PerKind<BTreeSet<String>>,
-}
-
-/// How many snapshots' [`Changes`] a snapshot remembers. A stream waiting for an ACK skips
-/// the snapshots published meanwhile; within this many it still compares only what changed.
-const HISTORY: usize = 16;
-
-/// The data-plane view at one registry version. Immutable; replaced as a whole.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub version: u64,
-    /// Counts snapshots: each is one more than its predecessor's.
-    pub seq: u64,
-    /// When the oldest change in this snapshot happened (for the push latency metric).
-    pub changed_at: Option<Instant>,
-    /// Per kind: resource name → resource.
-    pub kinds: PerKind<BTreeMap<String, Arc<Resource>>>,
-    /// The changes that produced the last [`HISTORY`] snapshots, oldest first; the last one
-    /// produced this snapshot.
-    pub history: VecDeque<Arc<Changes>>,
-}
-
-impl Snapshot {
-    /// The names of `kind` added, changed or removed after snapshot `seq`, or `None` when
-    /// this snapshot does not remember that far back (then everything must be compared).
-    pub fn changed_since(&self, seq: u64, kind: ResourceKind) -> Option<BTreeSet<&str>> {
-        let oldest = self.history.front().map_or(self.seq, |c| c.seq);
-        if seq > self.seq || seq + 1 < oldest {
-            return None;
-        }
-        Some(
-            self.history
-                .iter()
-                .filter(|c| c.seq > seq)
-                .flat_map(|c| c.names[kind].iter().map(String::as_str))
-                .collect(),
-        )
-    }
 }
 
 struct Inner {
@@ -210,7 +100,14 @@ impl Registry {
             version: loaded.version,
             sources: [(Source::Api, loaded.objects)].into(),
         };
-        let first = compute(&inner, &Snapshot::default(), None, trust_domain, &metrics);
+        let first = crate::snapshot::compute(
+            &inner.merged(),
+            inner.version,
+            &Snapshot::default(),
+            None,
+            trust_domain,
+            &metrics,
+        );
         let (changed, _) = watch::channel(loaded.version);
         let (snapshot, _) = watch::channel(Arc::new(first));
         let (events, _) = broadcast::channel(EVENT_BUFFER);
@@ -314,7 +211,7 @@ impl Registry {
                 after.insert(k, s);
             }
         }
-        problems.extend(vip_conflicts(&after, &changed));
+        problems.extend(rules::vip_conflicts(&after, &changed));
         if !problems.is_empty() {
             return Err(RegistryError::Invalid(problems.join("\n")));
         }
@@ -475,8 +372,9 @@ impl Registry {
             let inner = self.inner.lock().await;
             let previous = self.snapshot();
             let started = Instant::now();
-            let snap = compute(
-                &inner,
+            let snap = crate::snapshot::compute(
+                &inner.merged(),
+                inner.version,
                 &previous,
                 Some(first),
                 &self.trust_domain,
@@ -487,155 +385,4 @@ impl Registry {
             self.snapshot.send_replace(Arc::new(snap));
         }
     }
-}
-
-/// (namespace, label key, label value) → the workloads with that label, in object-key order.
-type WorkloadIndex<'a> = HashMap<
-    (&'a str, &'a str, &'a str),
-    Vec<(&'a muon_core::resource::Metadata, &'a WorkloadSpec)>,
->;
-
-/// Computes the data-plane view; resources equal to the previous snapshot's keep their
-/// version (and their shared allocation).
-fn compute(
-    inner: &Inner,
-    previous: &Snapshot,
-    changed_at: Option<Instant>,
-    trust_domain: &str,
-    metrics: &Metrics,
-) -> Snapshot {
-    let merged = inner.merged();
-    let version = inner.version;
-    let mut counts: HashMap<Kind, usize> = HashMap::new();
-    // Workloads by namespace and label, so a service's endpoints look only at the workloads
-    // that carry its selector's first label instead of every workload of the namespace.
-    let mut workloads: WorkloadIndex = HashMap::new();
-    for (k, s) in &merged {
-        *counts.entry(k.kind).or_default() += 1;
-        if let Spec::Workload(w) = &s.object.spec {
-            let meta = &s.object.metadata;
-            for (key, value) in &meta.labels {
-                workloads
-                    .entry((k.namespace.as_str(), key.as_str(), value.as_str()))
-                    .or_default()
-                    .push((meta, w));
-            }
-        }
-    }
-    for kind in Kind::ALL {
-        metrics.set_objects(kind.as_str(), counts.get(&kind).copied().unwrap_or(0));
-    }
-    let mut snap = Snapshot {
-        version,
-        seq: previous.seq + 1,
-        changed_at,
-        kinds: Default::default(),
-        history: Default::default(),
-    };
-    let mut changes = Changes {
-        seq: snap.seq,
-        names: Default::default(),
-    };
-    let mut put = |name: String, kind: v1::resource::Kind| {
-        let of = resource_kind(&kind);
-        let res = match previous.kinds[of].get(&name) {
-            Some(old) if old.proto.kind.as_ref() == Some(&kind) => old.clone(),
-            _ => {
-                changes.names[of].insert(name.clone());
-                Arc::new(Resource::new(version, name.clone(), kind))
-            }
-        };
-        snap.kinds[of].insert(name, res);
-    };
-    for (k, s) in &merged {
-        let meta = &s.object.metadata;
-        let name = convert::qualified(&k.name, &k.namespace);
-        match &s.object.spec {
-            Spec::Service(svc) => {
-                put(
-                    name.clone(),
-                    v1::resource::Kind::Service(convert::service_resource(meta, svc)),
-                );
-                // An empty selector selects nothing; otherwise every selected workload
-                // carries its first label.
-                let wl = svc.selector.iter().next().and_then(|(key, value)| {
-                    workloads.get(&(k.namespace.as_str(), key.as_str(), value.as_str()))
-                });
-                let eps = convert::endpoints_resource(
-                    meta,
-                    svc,
-                    wl.into_iter().flatten().copied(),
-                    trust_domain,
-                );
-                put(name, v1::resource::Kind::Endpoints(eps));
-            }
-            Spec::HttpRoute(r) => {
-                put(
-                    name,
-                    v1::resource::Kind::Route(convert::route_resource(meta, r)),
-                );
-            }
-            Spec::GrpcRoute(r) => {
-                put(
-                    convert::route_name(k.kind, &k.name, &k.namespace),
-                    v1::resource::Kind::Route(convert::grpc_route_resource(meta, r)),
-                );
-            }
-            Spec::Workload(_) | Spec::Gateway(_) => {}
-        }
-    }
-    for (of, now) in snap.kinds.iter() {
-        let removed = previous.kinds[of].keys().filter(|n| !now.contains_key(*n));
-        changes.names[of].extend(removed.cloned());
-    }
-    let skip = (previous.history.len() + 1).saturating_sub(HISTORY);
-    snap.history = previous.history.iter().skip(skip).cloned().collect();
-    snap.history.push_back(Arc::new(changes));
-    snap
-}
-
-/// The discovery kind a resource is sent as.
-pub fn resource_kind(kind: &v1::resource::Kind) -> ResourceKind {
-    match kind {
-        v1::resource::Kind::Service(_) => ResourceKind::Services,
-        v1::resource::Kind::Endpoints(_) => ResourceKind::Endpoints,
-        v1::resource::Kind::Route(_) => ResourceKind::Routes,
-        v1::resource::Kind::Policy(_) => ResourceKind::Policies,
-    }
-}
-
-/// Two services may not claim the same virtual IP and port: a sidecar could not tell which
-/// one a connection is for. Reports conflicts that involve an object being changed.
-fn vip_conflicts(after: &BTreeMap<&ObjectKey, &Stored>, changed: &[Stored]) -> Vec<String> {
-    let mut claims: BTreeMap<(std::net::IpAddr, u32), &ObjectKey> = BTreeMap::new();
-    let mut problems = Vec::new();
-    let changed: Vec<ObjectKey> = changed.iter().map(|s| s.object.key()).collect();
-    for (key, s) in after {
-        let Spec::Service(svc) = &s.object.spec else {
-            continue;
-        };
-        for vip in &svc.vips {
-            let Ok(ip) = vip.parse() else { continue };
-            for p in &svc.ports {
-                match claims.get(&(ip, p.port)) {
-                    Some(other) if changed.contains(key) || changed.contains(other) => {
-                        let (this, that) = if changed.contains(key) {
-                            (*key, *other)
-                        } else {
-                            (*other, *key)
-                        };
-                        problems.push(format!(
-                            "{this}: spec.vips: {vip} port {} is already used by {that}",
-                            p.port
-                        ));
-                    }
-                    Some(_) => {}
-                    None => {
-                        claims.insert((ip, p.port), key);
-                    }
-                }
-            }
-        }
-    }
-    problems
 }

@@ -9,7 +9,8 @@
 //! `--config-dir`, polled every second. A file that does not parse or validate is logged and
 //! ignored, and its last good objects stay; a file that is removed takes its objects with it.
 
-use crate::registry::{Registry, Source};
+use crate::model::Source;
+use crate::registry::Registry;
 use muon_core::resource::{Invalid, Object};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

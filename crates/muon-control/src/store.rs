@@ -10,7 +10,7 @@
 //! Cost: each change rewrites every stored object. That is fine for thousands of objects;
 //! an append-only log with compaction is the step after that.
 
-use crate::registry::Stored;
+use crate::model::Stored;
 use muon_core::resource::{Object, ObjectKey};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -146,7 +146,7 @@ fn parse(bytes: &[u8]) -> Result<Loaded, String> {
         let stored = Stored {
             object,
             generation: r.generation,
-            source: crate::registry::Source::Api,
+            source: crate::model::Source::Api,
         };
         if objects.insert(stored.object.key(), stored).is_some() {
             return Err(format!("object {} is stored twice", i + 1));
@@ -161,7 +161,7 @@ fn parse(bytes: &[u8]) -> Result<Loaded, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::Source;
+    use crate::model::Source;
 
     fn workload(name: &str) -> Stored {
         let json = serde_json::json!({

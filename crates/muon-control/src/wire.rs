@@ -2,7 +2,7 @@
 //! would generate, written out so that a response carries its resources already encoded and
 //! its encoding is freed as soon as it is sent.
 //!
-//! Each snapshot encodes a resource once ([`crate::registry::Resource::encoded`]); every
+//! Each snapshot encodes a resource once ([`crate::snapshot::Resource::encoded`]); every
 //! stream that sends it shares those bytes. With the generated `DiscoveryResponse`, each
 //! stream would deep-copy every resource it sends (the whole mesh on its first response)
 //! only to encode it. An embedded message and a `bytes` field are the same on the wire, so
@@ -14,7 +14,7 @@
 //! by tonic as usual. Framing: gRPC over HTTP/2, length-prefixed messages
 //! (<https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md>), no compression.
 
-use crate::discovery::{DiscoveryService, Responses};
+use crate::discovery::{DiscoveryService, EncodedResponse, Responses};
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::body::Frame;
 use muon_api::v1::{self, DiscoveryRequest};
@@ -24,22 +24,6 @@ use std::pin::Pin;
 use tonic::codec::Codec;
 use tonic::codegen::{http, Body, BoxFuture, Context, Poll, Service, StdError};
 use tonic::{Status, Streaming};
-
-/// `muon.v1.DiscoveryResponse` with each `Resource` as its encoded bytes.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct EncodedResponse {
-    #[prost(string, tag = "1")]
-    pub type_url: String,
-    #[prost(string, tag = "2")]
-    pub version_info: String,
-    #[prost(string, tag = "3")]
-    pub nonce: String,
-    /// Encoded `muon.v1.Resource`s.
-    #[prost(bytes = "bytes", repeated, tag = "4")]
-    pub resources: Vec<Bytes>,
-    #[prost(string, repeated, tag = "5")]
-    pub removed_resources: Vec<String>,
-}
 
 const STREAM_PATH: &str = "/muon.v1.Discovery/Stream";
 

@@ -163,65 +163,13 @@ impl fmt::Display for Family {
     }
 }
 
-/// A network prefix, normalised to its network address (as iptables itself stores it, so
-/// generated rules read like `iptables-save` output).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    len: u8,
-}
+pub use muon_core::net::Cidr;
 
-impl Cidr {
-    /// Parses `addr/len` or a bare address (a host prefix).
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        let (addr_s, len_s) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr_s
-            .parse()
-            .map_err(|_| format!("{s:?} is not a CIDR (expected e.g. 10.0.0.0/8 or fd00::/8)"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match len_s {
-            None => max,
-            Some(l) => match l.parse::<u8>() {
-                Ok(n) if n <= max => n,
-                _ => return Err(format!("{s:?} has an invalid prefix length (0..={max})")),
-            },
-        };
-        let addr = match addr {
-            IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
-            }
-            IpAddr::V6(a) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
-            }
-        };
-        Ok(Cidr { addr, len })
-    }
-
-    pub fn family(&self) -> Family {
-        if self.addr.is_ipv4() {
-            Family::V4
-        } else {
-            Family::V6
-        }
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Cidr, String> {
-        Cidr::parse(s)
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
+/// The family of a prefix, for the per-family rulesets.
+pub fn family_of(c: &Cidr) -> Family {
+    match c.is_ipv4() {
+        true => Family::V4,
+        false => Family::V6,
     }
 }
 

@@ -54,7 +54,7 @@ pub fn ruleset(config: &Config, family: Family) -> Ruleset {
         Capture::Only(cidrs) => Capture::Only(
             cidrs
                 .iter()
-                .filter(|c| c.family() == family)
+                .filter(|c| crate::config::family_of(c) == family)
                 .map(ToString::to_string)
                 .collect(),
         ),
@@ -165,7 +165,7 @@ fn output_chain(config: &Config, family: Family, include: &Capture<String>) -> C
     for cidr in config
         .exclude_outbound_cidrs
         .iter()
-        .filter(|c| c.family() == family)
+        .filter(|c| crate::config::family_of(c) == family)
     {
         rules.push(format!("-d {cidr} -j RETURN"));
     }

@@ -311,12 +311,18 @@ impl Check<'_> {
         }
     }
 
+    /// An address a service or workload can have: an IP, routable unicast.
     fn ip(&mut self, field: &str, value: &str) {
-        if value.parse::<IpAddr>().is_err() {
-            self.fail(
+        match value.parse::<IpAddr>() {
+            Err(_) => self.fail(
                 field,
                 format!("{value:?} is not an IP address (e.g. 198.19.0.1 or 2001:db8::1)"),
-            );
+            ),
+            Ok(ip) => {
+                if let Err(reason) = crate::net::check_unicast(ip) {
+                    self.fail(field, reason);
+                }
+            }
         }
     }
 
@@ -804,6 +810,35 @@ mod tests {
         assert!(p
             .iter()
             .any(|m| m.contains("spec.ports[1].targetPort: must be a port number")));
+    }
+
+    #[test]
+    fn vips_and_workload_addresses_must_be_routable_unicast() {
+        for bad in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "fe80::1",
+        ] {
+            let mut v = service();
+            v["spec"]["vips"] = json!([bad]);
+            let p = problems(v);
+            assert!(
+                p[0].starts_with("Service shop/web: spec.vips[0]: ")
+                    && p[0].contains("not a routable unicast"),
+                "{bad}: {p:?}"
+            );
+        }
+        let p = problems(json!({
+            "apiVersion": "muon.io/v1alpha1", "kind": "Workload",
+            "metadata": {"name": "w"}, "spec": {"address": "127.0.0.1"}
+        }));
+        assert!(
+            p[0].contains("spec.address: 127.0.0.1 is a loopback address"),
+            "{p:?}"
+        );
     }
 
     #[test]
