@@ -6,7 +6,6 @@
 //! [`Config`] is the validated, typed result that rule generation works from.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use clap::Parser;
 use muon_core::ports;
