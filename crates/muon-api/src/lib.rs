@@ -3,6 +3,15 @@
 
 pub mod json;
 
+/// The largest gRPC message either end of the discovery stream or the management API
+/// decodes or encodes. The control plane splits discovery responses well below it
+/// ([`DISCOVERY_SPLIT_BYTES`]) and refuses objects above its object limit, so nothing it can
+/// build from valid objects is larger.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A discovery response whose resources add up to more than this is sent in parts.
+pub const DISCOVERY_SPLIT_BYTES: usize = 8 << 20;
+
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("muon.v1");

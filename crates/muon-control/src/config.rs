@@ -60,6 +60,19 @@ pub struct Args {
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "MUON_CONTROL_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Service virtual IPs must lie in one of these prefixes (repeatable, or comma-separated
+    /// in the environment). Without any, any routable unicast address is accepted.
+    #[arg(long, env = "MUON_CONTROL_SERVICE_CIDR", value_delimiter = ',')]
+    pub service_cidr: Vec<String>,
+    /// The largest object accepted, in bytes (its JSON form).
+    #[arg(long, env = "MUON_CONTROL_MAX_OBJECT_BYTES", default_value_t = 1 << 20)]
+    pub max_object_bytes: usize,
+    /// The largest apply accepted, in bytes (every object of it together).
+    #[arg(long, env = "MUON_CONTROL_MAX_APPLY_BYTES", default_value_t = 8 << 20)]
+    pub max_apply_bytes: usize,
+    /// Discovery responses with more bytes of resources than this are sent in parts.
+    #[arg(long, hide = true, default_value_t = muon_api::DISCOVERY_SPLIT_BYTES)]
+    pub discovery_split_bytes: usize,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -78,6 +91,10 @@ pub struct Config {
     pub debounce_max: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    pub service_cidrs: Vec<muon_core::net::Cidr>,
+    pub max_object_bytes: usize,
+    pub max_apply_bytes: usize,
+    pub discovery_split_bytes: usize,
 }
 
 impl Config {
@@ -93,6 +110,28 @@ impl Config {
                 a.debounce, a.debounce_max
             ));
         }
+        let mut service_cidrs = Vec::new();
+        for c in &a.service_cidr {
+            match muon_core::net::Cidr::parse(c.trim()) {
+                Ok(c) => service_cidrs.push(c),
+                Err(e) => problems.push(format!("--service-cidr: {e}")),
+            }
+        }
+        // Below this, ordinary objects would not fit; above the message limit, an object
+        // could not be sent at all.
+        let limit = muon_api::MAX_MESSAGE_BYTES / 2;
+        if a.max_object_bytes < 4096 || a.max_object_bytes > limit {
+            problems.push(format!(
+                "--max-object-bytes {} must be from 4096 to {limit}",
+                a.max_object_bytes
+            ));
+        }
+        if a.max_apply_bytes < a.max_object_bytes || a.max_apply_bytes > limit {
+            problems.push(format!(
+                "--max-apply-bytes {} must be from --max-object-bytes to {limit}",
+                a.max_apply_bytes
+            ));
+        }
         if !problems.is_empty() {
             anyhow::bail!("invalid flags:\n  {}", problems.join("\n  "));
         }
@@ -106,6 +145,10 @@ impl Config {
             debounce_max: a.debounce_max,
             log_format: a.log_format,
             log_level: a.log_level,
+            service_cidrs,
+            max_object_bytes: a.max_object_bytes,
+            max_apply_bytes: a.max_apply_bytes,
+            discovery_split_bytes: a.discovery_split_bytes.max(1),
         })
     }
 
@@ -121,6 +164,10 @@ impl Config {
             debounce_max: Duration::from_millis(200),
             log_format: LogFormat::Human,
             log_level: "info".into(),
+            service_cidrs: Vec::new(),
+            max_object_bytes: 1 << 20,
+            max_apply_bytes: 8 << 20,
+            discovery_split_bytes: muon_api::DISCOVERY_SPLIT_BYTES,
         }
     }
 }
@@ -146,10 +193,20 @@ mod tests {
             "Bad Domain",
             "--debounce",
             "2s",
+            "--service-cidr",
+            "198.19.0.0/16,nope",
+            "--max-object-bytes",
+            "10",
         ]))
         .unwrap_err()
         .to_string();
-        assert!(err.contains("--trust-domain"), "{err}");
-        assert!(err.contains("--debounce"), "{err}");
+        for want in [
+            "--trust-domain",
+            "--debounce",
+            "--service-cidr: \"nope\"",
+            "--max-object-bytes 10",
+        ] {
+            assert!(err.contains(want), "{want} missing from {err}");
+        }
     }
 }

@@ -46,6 +46,9 @@ pub struct EncodedResponse {
     pub resources: Vec<Bytes>,
     #[prost(string, repeated, tag = "5")]
     pub removed_resources: Vec<String>,
+    /// More parts follow (a response larger than [`muon_api::DISCOVERY_SPLIT_BYTES`]).
+    #[prost(bool, tag = "6")]
+    pub continues: bool,
 }
 
 /// What `ListProxies` shows of one kind of one stream.
@@ -56,16 +59,19 @@ pub struct KindStatus {
     pub acked_version: Option<u64>,
     /// A response is waiting for its ACK, or a change has not been sent yet.
     pub pending: bool,
-    /// The last response of this kind was NACKed (and nothing was ACKed since).
-    pub nacked: bool,
-    pub last_error: String,
+    /// The resources the sidecar refused and has not accepted a version of since (nor seen
+    /// deleted): name → its reason.
+    pub rejected: BTreeMap<String, String>,
+    /// A whole response refused (no resource named), until a later one is ACKed.
+    pub response_error: Option<String>,
     pub last_nack_at: Option<SystemTime>,
 }
 
 impl KindStatus {
-    /// SYNCED, STALE or NACKED, as `ListProxies` reports it.
+    /// SYNCED, STALE or NACKED, as `ListProxies` reports it: NACKED while any resource the
+    /// sidecar refused is still refused.
     pub fn state(&self) -> &'static str {
-        if self.nacked {
+        if !self.rejected.is_empty() || self.response_error.is_some() {
             "NACKED"
         } else if self.pending || self.sent_version != self.acked_version {
             "STALE"
@@ -73,6 +79,50 @@ impl KindStatus {
             "SYNCED"
         }
     }
+
+    /// Why, for LAST ERROR: every resource still refused, `name: reason`.
+    pub fn last_error(&self) -> String {
+        let mut parts: Vec<String> = self.response_error.iter().cloned().collect();
+        parts.extend(self.rejected.iter().map(|(n, r)| format!("{n}: {r}")));
+        parts.join("; ")
+    }
+
+    /// Applies the sidecar's answer to a response that carried `names`.
+    fn answered(&mut self, names: &[String], err: Option<&v1::ErrorDetail>) {
+        match err {
+            None => {
+                for n in names {
+                    self.rejected.remove(n);
+                }
+                self.response_error = None;
+            }
+            Some(e) if e.resources.is_empty() => {
+                self.response_error = Some(e.message.clone());
+                self.last_nack_at = Some(SystemTime::now());
+            }
+            Some(e) => {
+                // Whatever the response carried and the sidecar did not refuse, it took.
+                for n in names.iter().filter(|n| !e.resources.contains(n)) {
+                    self.rejected.remove(n);
+                }
+                for n in &e.resources {
+                    self.rejected.insert(n.clone(), reason_of(&e.message, n));
+                }
+                self.response_error = None;
+                self.last_nack_at = Some(SystemTime::now());
+            }
+        }
+    }
+}
+
+/// The part of a NACK message about `name` (the sidecar joins `name: reason` with `; `).
+fn reason_of(message: &str, name: &str) -> String {
+    let prefix = format!("{name}: ");
+    message
+        .split("; ")
+        .find_map(|part| part.strip_prefix(&prefix))
+        .unwrap_or(message)
+        .to_string()
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +182,8 @@ pub struct DiscoveryService {
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
     nonces: Arc<AtomicU64>,
+    /// Responses above this many bytes of resources are sent in parts.
+    split_bytes: usize,
 }
 
 impl DiscoveryService {
@@ -147,11 +199,18 @@ impl DiscoveryService {
             metrics,
             shutdown,
             nonces: Arc::new(AtomicU64::new(1)),
+            split_bytes: muon_api::DISCOVERY_SPLIT_BYTES,
         }
     }
 }
 
 impl DiscoveryService {
+    /// Sends responses above `bytes` of resources in parts (tests use a small value).
+    pub fn with_split_bytes(mut self, bytes: usize) -> Self {
+        self.split_bytes = bytes.max(1);
+        self
+    }
+
     /// Starts the task that serves one discovery stream; returns what it sends.
     pub(crate) fn open(&self, inbound: Streaming<DiscoveryRequest>) -> Responses {
         // One slot: the stream task builds a response only when the previous one was taken.
@@ -180,8 +239,10 @@ struct KindState {
     names: BTreeSet<String>,
     /// Resource name → the version this stream sent.
     sent: HashMap<String, u64>,
-    /// Responses waiting for an ACK: nonce → snapshot version.
-    in_flight: Vec<(String, u64)>,
+    /// Responses waiting for an ACK.
+    in_flight: Vec<InFlight>,
+    /// The parts of a split response still to send (each after the previous one's ACK).
+    parts: std::collections::VecDeque<Part>,
     /// A response is owed regardless of changes (first subscription, subscription change).
     forced: bool,
     /// The snapshot changed since this kind was last compared.
@@ -201,8 +262,12 @@ impl KindState {
         self.wildcard || self.names.contains(name)
     }
 
-    /// Whether a response may be built now.
+    /// Whether a response may be built now. The parts of a split response go first, one per
+    /// ACK.
     fn ready(&self) -> bool {
+        if !self.parts.is_empty() {
+            return self.in_flight.is_empty();
+        }
         self.subscribed && (self.forced || (self.dirty && self.in_flight.is_empty()))
     }
 
@@ -263,6 +328,62 @@ impl KindState {
         d.removed.sort();
         d
     }
+}
+
+/// A response sent and not answered yet.
+struct InFlight {
+    nonce: String,
+    version: u64,
+    /// The last part of its response: its ACK is the response's.
+    last: bool,
+    /// The resources it carried (added, changed and removed).
+    names: Vec<String>,
+}
+
+/// One part of a response (all of it when it was small enough).
+struct Part {
+    resources: Vec<Arc<Resource>>,
+    removed: Vec<String>,
+    version: u64,
+    continues: bool,
+}
+
+/// Cuts a diff into parts of at most `limit` bytes of resources (a resource larger than the
+/// limit is a part of its own); the removed names go with the last part.
+fn split(
+    changed: Vec<Arc<Resource>>,
+    removed: Vec<String>,
+    version: u64,
+    limit: usize,
+) -> Vec<Part> {
+    let mut parts = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for r in changed {
+        if !current.is_empty() && size + r.encoded.len() > limit {
+            parts.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += r.encoded.len();
+        current.push(r);
+    }
+    parts.push(current);
+    let n = parts.len();
+    let mut removed = Some(removed);
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, resources)| Part {
+            resources,
+            removed: if i + 1 == n {
+                removed.take().unwrap_or_default()
+            } else {
+                Vec::new()
+            },
+            version,
+            continues: i + 1 < n,
+        })
+        .collect()
 }
 
 /// Adds `res` to the diff unless this stream already sent its version.
@@ -389,6 +510,12 @@ impl StreamTask<'_> {
 
     /// Applies one request: a subscription change, an ACK or a NACK.
     fn handle(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
+        if let (true, Some(err)) = (req.type_url.is_empty(), &req.error_detail) {
+            // A sidecar that could not decode a response says so before it reconnects.
+            warn!(error = %err.message, "a proxy could not decode a discovery response");
+            self.svc.metrics.nacked("undecodable");
+            return Ok(());
+        }
         let Some(kind) = ResourceKind::from_type_url(&req.type_url) else {
             return Err(Status::invalid_argument(format!(
                 "unknown type_url {:?}; expected one of {}",
@@ -428,26 +555,25 @@ impl StreamTask<'_> {
         let Some(pos) = k
             .in_flight
             .iter()
-            .position(|(n, _)| *n == req.response_nonce)
+            .position(|f| f.nonce == req.response_nonce)
         else {
             debug!(nonce = %req.response_nonce, "ACK/NACK of an unknown or stale nonce");
             return Ok(());
         };
-        let (_, version) = k.in_flight.remove(pos);
-        match req.error_detail {
-            Some(err) => {
-                let type_url = kind.type_url();
-                warn!(type_url, version, error = %err.message, resources = ?err.resources, "NACK");
-                k.status.nacked = true;
-                k.status.last_error = err.message;
-                k.status.last_nack_at = Some(SystemTime::now());
-                self.svc.metrics.nacked(type_url);
-            }
-            None => {
-                k.status.acked_version = Some(version);
-                k.status.nacked = false;
-            }
+        let sent = k.in_flight.remove(pos);
+        if !sent.last {
+            // A part of a split response: the sidecar applies the parts with the last one.
+            return Ok(());
         }
+        let err = req.error_detail.as_ref();
+        if let Some(err) = err {
+            let type_url = kind.type_url();
+            warn!(type_url, version = sent.version, error = %err.message, resources = ?err.resources, "NACK");
+            self.svc.metrics.nacked(type_url);
+        } else {
+            k.status.acked_version = Some(sent.version);
+        }
+        k.status.answered(&sent.names, err);
         Ok(())
     }
 
@@ -457,7 +583,7 @@ impl StreamTask<'_> {
         for (status, k) in entry.kinds.values_mut().zip(self.kinds.values()) {
             *status = KindStatus {
                 subscribed: k.subscribed,
-                pending: k.forced || k.dirty || !k.in_flight.is_empty(),
+                pending: k.forced || k.dirty || !k.in_flight.is_empty() || !k.parts.is_empty(),
                 ..k.status.clone()
             };
         }
@@ -471,27 +597,46 @@ impl StreamTask<'_> {
             if !k.ready() {
                 continue;
             }
-            let forced = std::mem::take(&mut k.forced);
-            k.dirty = false;
-            let Diff {
-                changed,
-                removed,
-                compared,
-            } = k.diff(snap, kind);
-            self.svc.metrics.compared(kind.type_url(), compared);
-            if changed.is_empty() && removed.is_empty() && !forced {
-                continue;
+            let mut forced = false;
+            if k.parts.is_empty() {
+                forced = std::mem::take(&mut k.forced);
+                k.dirty = false;
+                let Diff {
+                    changed,
+                    removed,
+                    compared,
+                } = k.diff(snap, kind);
+                self.svc.metrics.compared(kind.type_url(), compared);
+                if changed.is_empty() && removed.is_empty() && !forced {
+                    continue;
+                }
+                k.parts = split(changed, removed, snap.version, self.svc.split_bytes).into();
             }
+            let Some(part) = k.parts.pop_front() else {
+                continue;
+            };
             self.next_kind = (kind.index() + 1) % kinds::COUNT;
             let nonce = self.svc.nonces.fetch_add(1, Ordering::Relaxed).to_string();
-            k.in_flight.push((nonce.clone(), snap.version));
-            k.status.sent_version = Some(snap.version);
+            let names = part
+                .resources
+                .iter()
+                .map(|r| r.proto.name.clone())
+                .chain(part.removed.iter().cloned())
+                .collect();
+            k.in_flight.push(InFlight {
+                nonce: nonce.clone(),
+                version: part.version,
+                last: !part.continues,
+                names,
+            });
+            k.status.sent_version = Some(part.version);
             let resp = EncodedResponse {
                 type_url: kind.type_url().to_string(),
-                version_info: snap.version.to_string(),
+                version_info: part.version.to_string(),
                 nonce,
-                resources: changed.iter().map(|r| r.encoded.clone()).collect(),
-                removed_resources: removed,
+                resources: part.resources.iter().map(|r| r.encoded.clone()).collect(),
+                removed_resources: part.removed,
+                continues: part.continues,
             };
             let latency = match (forced, snap.changed_at) {
                 (false, Some(at)) => Some(Instant::now().saturating_duration_since(at)),

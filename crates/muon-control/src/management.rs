@@ -8,6 +8,7 @@
 
 use crate::convert::{object_from_proto, object_to_proto};
 use crate::discovery::Proxies;
+use crate::model::Stored;
 use crate::registry::{Outcome, Registry, RegistryError};
 use muon_api::v1;
 use muon_core::resource::{Kind, ObjectKey, DEFAULT_NAMESPACE};
@@ -51,7 +52,8 @@ fn status(e: RegistryError) -> Status {
 fn parse_kind(kind: &str) -> Result<Kind, Status> {
     Kind::parse(kind).ok_or_else(|| {
         Status::invalid_argument(format!(
-            "unknown kind {kind:?}; expected Service, Workload or HTTPRoute"
+            "unknown kind {kind:?}; expected one of {}",
+            Kind::ALL.map(Kind::as_str).join(", ")
         ))
     })
 }
@@ -83,6 +85,52 @@ fn refs(o: Outcome) -> Vec<v1::ObjectRef> {
             result: result.to_string(),
         })
         .collect()
+}
+
+/// A page of List is cut after this many bytes of objects (objects are at most
+/// `--max-object-bytes` each, so a page stays far below the message limit).
+const LIST_PAGE_BYTES: usize = 4 << 20;
+
+/// The objects after `token` (the key of the last object of the previous page,
+/// `Kind/namespace/name`), up to `limit` bytes, and the next page's token ("" at the end).
+/// Objects come in key order, so a page boundary survives changes between pages.
+fn page(
+    objects: &[Stored],
+    token: &str,
+    limit: usize,
+) -> Result<(Vec<v1::Object>, String), Status> {
+    let after = match token {
+        "" => None,
+        t => {
+            let mut parts = t.splitn(3, '/');
+            let (Some(kind), Some(namespace), Some(name)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(Status::invalid_argument(format!(
+                    "page_token {t:?} is not one this server gave"
+                )));
+            };
+            Some(key(kind, namespace, name)?)
+        }
+    };
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    let mut last = None;
+    for s in objects
+        .iter()
+        .filter(|s| after.as_ref().is_none_or(|a| s.object.key() > *a))
+    {
+        let o = object_to_proto(s);
+        let n = prost::Message::encoded_len(&o);
+        if !out.is_empty() && bytes + n > limit {
+            let k: ObjectKey = last.unwrap_or_else(|| s.object.key());
+            return Ok((out, format!("{}/{}/{}", k.kind, k.namespace, k.name)));
+        }
+        bytes += n;
+        out.push(o);
+        last = Some(s.object.key());
+    }
+    Ok((out, String::new()))
 }
 
 fn timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -190,9 +238,11 @@ impl v1::management_server::Management for ManagementService {
         };
         let ns = (!req.namespace.is_empty()).then_some(req.namespace.as_str());
         let (objects, version) = self.registry.list(kind, ns).await;
+        let (page, next_page_token) = page(&objects, &req.page_token, LIST_PAGE_BYTES)?;
         Ok(Response::new(v1::ListResponse {
-            objects: objects.iter().map(object_to_proto).collect(),
+            objects: page,
             version,
+            next_page_token,
         }))
     }
 
@@ -221,7 +271,7 @@ impl v1::management_server::Management for ManagementService {
                         sent_version: version(k.sent_version),
                         acked_version: version(k.acked_version),
                         state: k.state().to_string(),
-                        last_error: k.last_error.clone(),
+                        last_error: k.last_error(),
                         last_nack_at: k.last_nack_at.map(timestamp),
                     })
                     .collect(),

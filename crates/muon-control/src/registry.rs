@@ -76,6 +76,7 @@ pub struct Registry {
     inner: Mutex<Inner>,
     store: Store,
     trust_domain: String,
+    limits: rules::Limits,
     metrics: Arc<Metrics>,
     /// The registry version, bumped by every change; the debouncer watches it.
     changed: watch::Sender<u64>,
@@ -92,6 +93,7 @@ impl Registry {
     pub fn open(
         data_dir: &std::path::Path,
         trust_domain: &str,
+        limits: rules::Limits,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Registry>, StoreError> {
         let (store, loaded) = Store::open(data_dir)?;
@@ -115,6 +117,7 @@ impl Registry {
             inner: Mutex::new(inner),
             store,
             trust_domain: trust_domain.to_string(),
+            limits,
             metrics,
             changed,
             snapshot,
@@ -163,7 +166,7 @@ impl Registry {
         dry_run: bool,
     ) -> Result<Outcome, RegistryError> {
         let mut inner = self.inner.lock().await;
-        let mut problems = Vec::new();
+        let mut problems = rules::size_problems(&objects, &self.limits);
         let mut seen = BTreeMap::new();
         for (i, o) in objects.iter().enumerate() {
             let key = o.key();
@@ -212,6 +215,7 @@ impl Registry {
             }
         }
         problems.extend(rules::vip_conflicts(&after, &changed));
+        problems.extend(rules::address_problems(&after, &changed, &self.limits));
         if !problems.is_empty() {
             return Err(RegistryError::Invalid(problems.join("\n")));
         }
@@ -260,6 +264,18 @@ impl Registry {
     /// Replaces every object of a read-only source (the config directory, later Kubernetes).
     /// This is the seam for new sources: they send their complete set whenever it changes.
     pub async fn replace_source(&self, source: Source, objects: Vec<Object>) {
+        // Over the size limit, an object is left out (the API would refuse it too).
+        let objects: Vec<Object> = objects
+            .into_iter()
+            .filter(|o| {
+                let n = rules::object_bytes(o);
+                let ok = n <= self.limits.max_object_bytes;
+                if !ok {
+                    warn!(object = %o.key(), bytes = n, limit = self.limits.max_object_bytes, source = source.as_str(), "object over --max-object-bytes; left out");
+                }
+                ok
+            })
+            .collect();
         let mut inner = self.inner.lock().await;
         let old = inner.sources.remove(&source).unwrap_or_default();
         let mut next = BTreeMap::new();

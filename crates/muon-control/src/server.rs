@@ -22,9 +22,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info};
 
-/// Largest discovery or management message, either way. A full endpoints state of a large
-/// mesh is a few MB; tonic's default (4 MB) is too tight for that.
-const MAX_MESSAGE: usize = 64 << 20;
+/// Largest discovery or management message, either way: the one limit both ends use.
+const MAX_MESSAGE: usize = muon_api::MAX_MESSAGE_BYTES;
 
 /// A running control plane.
 pub struct Server {
@@ -41,7 +40,18 @@ impl Server {
     /// Loads the store (refusing a corrupt one), binds both addresses and starts serving.
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
         let metrics = Arc::new(Metrics::new());
-        let registry = Registry::open(&config.data_dir, &config.trust_domain, metrics.clone())?;
+        let limits = crate::rules::Limits {
+            service_cidrs: config.service_cidrs.clone(),
+            reserved: own_addresses(config.grpc_addr),
+            max_object_bytes: config.max_object_bytes,
+            max_apply_bytes: config.max_apply_bytes,
+        };
+        let registry = Registry::open(
+            &config.data_dir,
+            &config.trust_domain,
+            limits,
+            metrics.clone(),
+        )?;
         let grpc = TcpListener::bind(config.grpc_addr)
             .await
             .with_context(|| format!("binding --grpc-addr {}", config.grpc_addr))?;
@@ -75,7 +85,8 @@ impl Server {
                 proxies.clone(),
                 metrics.clone(),
                 stop.clone(),
-            ),
+            )
+            .with_split_bytes(config.discovery_split_bytes),
             MAX_MESSAGE,
         );
         let management = v1::management_server::ManagementServer::new(ManagementService::new(
@@ -130,6 +141,28 @@ impl Server {
         self.shutdown.send_replace(true);
         while self.tasks.join_next().await.is_some() {}
         info!("stopped");
+    }
+}
+
+/// The addresses sidecars reach this control plane at: the gRPC address, or with a wildcard
+/// every address of this host's interfaces. No service may take one as its VIP.
+fn own_addresses(grpc: SocketAddr) -> Vec<std::net::IpAddr> {
+    if !grpc.ip().is_unspecified() {
+        return vec![grpc.ip()];
+    }
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => addrs
+            .filter_map(|a| {
+                let s = a.address?;
+                s.as_sockaddr_in()
+                    .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                    .or_else(|| s.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list this host's addresses; VIPs are not checked against them");
+            Vec::new()
+        }
     }
 }
 

@@ -185,6 +185,7 @@ mod tests {
             nonce: "3".into(),
             resources: vec![resource.encode_to_vec().into(); 2],
             removed_resources: vec!["old.shop".into()],
+            continues: true,
         };
         let got = v1::DiscoveryResponse::decode(sent.encode_to_vec().as_slice()).unwrap();
         assert_eq!(
@@ -195,6 +196,7 @@ mod tests {
                 nonce: "3".into(),
                 resources: vec![resource.clone(), resource],
                 removed_resources: vec!["old.shop".into()],
+                continues: true,
             }
         );
     }

@@ -148,6 +148,7 @@ async fn apply_get_list_delete() {
         .list(v1::ListRequest {
             kind: "workloads".into(),
             namespace: "default".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -163,6 +164,7 @@ async fn apply_get_list_delete() {
         .list(v1::ListRequest {
             kind: String::new(),
             namespace: "shop".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -954,5 +956,241 @@ async fn watch_streams_applies_and_deletes_of_its_kind() {
         .unwrap();
     assert_eq!(deleted.r#type, "deleted");
     assert!(deleted.version > applied.version);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits, addresses, split responses, per-resource NACKs (issue 8)
+
+#[tokio::test]
+async fn oversized_objects_and_applies_are_refused_with_their_size_and_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let mut c = mgmt(&server).await;
+    // A Workload with 150,000 labels: about 5 MB, over the 1 MiB default.
+    let labels: serde_json::Map<String, Value> = (0..150_000)
+        .map(|i| (format!("k{i}"), json!("v")))
+        .collect();
+    let big = obj(json!({
+        "apiVersion": "muon.io/v1alpha1", "kind": "Workload",
+        "metadata": {"name": "big", "labels": labels},
+        "spec": {"address": "198.18.0.9"}
+    }));
+    let err = apply(&mut c, vec![big]).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("Workload default/big: the object is")
+            && err
+                .message()
+                .contains("the limit is 1.0 MiB (--max-object-bytes)"),
+        "{}",
+        err.message()
+    );
+    // Nothing was stored, and what is stored reads back.
+    assert!(get(&mut c, "Workload", "big").await.is_err());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_vip_may_not_be_a_workloads_or_the_control_planes_address_nor_outside_the_service_cidr() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(dir.path());
+    config.service_cidrs = vec!["198.19.0.0/16".parse().unwrap()];
+    let server = Server::start(&config).await.unwrap();
+    let mut c = mgmt(&server).await;
+    apply(&mut c, vec![workload("web-1", "web", "198.18.0.2", 1)])
+        .await
+        .unwrap();
+    for (vip, want) in [
+        (
+            "198.18.0.2",
+            "spec.vips[0]: 198.18.0.2 is the address of Workload default/web-1",
+        ),
+        (
+            "10.0.0.1",
+            "spec.vips[0]: 10.0.0.1 is outside the service CIDRs (198.19.0.0/16; --service-cidr)",
+        ),
+        ("127.0.0.1", "spec.vips[0]: 127.0.0.1 is a loopback address"),
+        (
+            "224.0.0.1",
+            "spec.vips[0]: 224.0.0.1 is a multicast address",
+        ),
+    ] {
+        let err = apply(&mut c, vec![service("web", vip)]).await.unwrap_err();
+        assert!(
+            err.message().contains("Service default/web") && err.message().contains(want),
+            "{vip}: {}",
+            err.message()
+        );
+    }
+    apply(&mut c, vec![service("web", "198.19.0.1")])
+        .await
+        .unwrap();
+    // And the other way round: a workload at a service's VIP.
+    let err = apply(&mut c, vec![workload("thief", "x", "198.19.0.1", 1)])
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .contains("Workload default/thief: spec.address: 198.19.0.1 is a virtual IP of Service default/web"),
+        "{}",
+        err.message()
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_large_list_comes_back_page_by_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let mut c = mgmt(&server).await;
+    // 100 workloads of about 100 KiB each: 10 MB, more than one page (4 MiB).
+    for batch in 0..4 {
+        let objects = (0..25)
+            .map(|i| {
+                let n = batch * 25 + i;
+                let labels: serde_json::Map<String, Value> = (0..4000)
+                    .map(|j| (format!("label-{j}"), json!("value-x")))
+                    .collect();
+                obj(json!({
+                    "apiVersion": "muon.io/v1alpha1", "kind": "Workload",
+                    "metadata": {"name": format!("w-{n:03}"), "labels": labels},
+                    "spec": {"address": format!("198.18.1.{}", n + 1)}
+                }))
+            })
+            .collect();
+        apply(&mut c, objects).await.unwrap();
+    }
+    let mut names = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let r = c
+            .list(v1::ListRequest {
+                kind: "Workload".into(),
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        names.extend(r.objects.iter().map(|o| o.metadata.clone().unwrap().name));
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    assert!(pages >= 3, "{pages} pages");
+    assert_eq!(names.len(), 100);
+    assert_eq!(names[0], "w-000");
+    assert_eq!(names[99], "w-099");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_response_over_the_split_size_comes_in_parts_that_count_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::for_tests(dir.path());
+    config.discovery_split_bytes = 100;
+    let server = Server::start(&config).await.unwrap();
+    let mut c = mgmt(&server).await;
+    let services: Vec<v1::Object> = (0..10)
+        .map(|i| service(&format!("s{i}"), &format!("198.19.0.{}", i + 1)))
+        .collect();
+    apply(&mut c, services).await.unwrap();
+    eventually(|| async {
+        (server.registry.snapshot().kinds[ResourceKind::Services].len() == 10).then_some(())
+    })
+    .await;
+    let mut p = Proxy::connect(&server).await;
+    p.subscribe(kinds::SERVICES, &["*"]).await;
+    let mut got = Vec::new();
+    let mut parts = 0;
+    loop {
+        let r = p.recv().await;
+        parts += 1;
+        got.extend(names(&r).into_iter().map(String::from));
+        p.ack(&r).await;
+        if !r.continues {
+            break;
+        }
+    }
+    assert!(parts >= 5, "{parts} parts");
+    got.sort();
+    assert_eq!(got.len(), 10, "{got:?}");
+    // Only the last part's ACK counts: the proxy is SYNCED once it is in.
+    eventually(|| {
+        let mut c = c.clone();
+        async move {
+            (proxy_states(&mut c).await == [("services".into(), "SYNCED".into(), String::new())])
+                .then_some(())
+        }
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refused_resource_stays_nacked_until_a_version_of_it_is_accepted_or_it_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let mut c = mgmt(&server).await;
+    apply(
+        &mut c,
+        vec![service("web", "198.19.0.1"), service("api", "198.19.0.2")],
+    )
+    .await
+    .unwrap();
+    eventually(|| async {
+        (server.registry.snapshot().kinds[ResourceKind::Services].len() == 2).then_some(())
+    })
+    .await;
+    let mut p = Proxy::connect(&server).await;
+    p.subscribe(kinds::SERVICES, &["*"]).await;
+    let r = p.recv().await;
+    // The sidecar refuses web and takes api.
+    p.send(DiscoveryRequest {
+        type_url: r.type_url.clone(),
+        response_nonce: r.nonce.clone(),
+        error_detail: Some(v1::ErrorDetail {
+            message: "web.default: cannot use it".into(),
+            resources: vec!["web.default".into()],
+        }),
+        ..Default::default()
+    })
+    .await;
+    let state = |c: &ManagementClient<Channel>, want: &'static str, err: &'static str| {
+        let mut c = c.clone();
+        async move {
+            let s = proxy_states(&mut c).await;
+            (s == [("services".into(), want.into(), err.into())]).then_some(())
+        }
+    };
+    eventually(|| state(&c, "NACKED", "web.default: cannot use it")).await;
+    // An unrelated change is ACKed: web is still refused, so still NACKED.
+    apply(&mut c, vec![service("api", "198.19.0.3")])
+        .await
+        .unwrap();
+    let r = p.recv().await;
+    assert_eq!(names(&r), ["api.default"]);
+    p.ack(&r).await;
+    eventually(|| state(&c, "NACKED", "web.default: cannot use it")).await;
+    // web is deleted: its error goes with it.
+    c.delete(v1::DeleteRequest {
+        objects: vec![v1::ObjectRef {
+            kind: "Service".into(),
+            namespace: "default".into(),
+            name: "web".into(),
+            ..Default::default()
+        }],
+    })
+    .await
+    .unwrap();
+    let r = p.recv().await;
+    assert_eq!(r.removed_resources, ["web.default"]);
+    p.ack(&r).await;
+    eventually(|| state(&c, "SYNCED", "")).await;
     server.shutdown().await;
 }

@@ -109,6 +109,7 @@ impl OnDemandAnswers {
             nonce,
             resources: found.into_iter().map(|n| known[n].clone()).collect(),
             removed_resources: missing.into_iter().cloned().collect(),
+            continues: false,
         }
     }
 }
@@ -282,6 +283,7 @@ fn response(type_url: &str, version: &str, resources: Vec<Resource>) -> Discover
         nonce: format!("{type_url}-{version}"),
         resources,
         removed_resources: vec![],
+        continues: false,
     }
 }
 
@@ -1338,5 +1340,61 @@ fn table_file_and_control_plane_together_are_refused() {
     assert!(
         stderr.contains("--control-plane") && stderr.contains("--table-file"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_response_in_parts_is_applied_whole_when_its_last_part_arrives() {
+    let port = backends();
+    let cp = ControlPlane::start("127.0.0.1:0".parse().unwrap());
+    let state = tempfile::tempdir().unwrap();
+    let (shared, rt) = start_client(config(&[
+        "--control-plane",
+        &cp.url(),
+        "--state-dir",
+        state.path().to_str().unwrap(),
+    ]));
+    let mut conn = cp.accept();
+    conn.subscriptions();
+    // The first (full) state of services, in two parts.
+    let mut first = response(
+        kinds::SERVICES,
+        "1",
+        vec![service("web", "198.19.0.1", 80, u32::from(port))],
+    );
+    first.continues = true;
+    let ack = conn.exchange(first);
+    assert!(ack.error_detail.is_none());
+    let second = response(
+        kinds::SERVICES,
+        "1",
+        vec![service("api", "198.19.0.9", 80, u32::from(port))],
+    );
+    let ack = conn.exchange(second);
+    assert_eq!(
+        ack.version_info, "1",
+        "the last part's ACK carries the version"
+    );
+    for (kind, resources) in [
+        (
+            kinds::ENDPOINTS,
+            vec![
+                endpoints("web", &["127.0.0.1"]),
+                endpoints("api", &["127.0.0.2"]),
+            ],
+        ),
+        (kinds::ROUTES, vec![]),
+        (kinds::POLICIES, vec![]),
+    ] {
+        conn.exchange(response(kind, "1", resources));
+    }
+    // Both parts are in: the first part was not taken for the whole state.
+    assert_eq!(
+        call(&rt, &shared, "198.19.0.1:80"),
+        (Outcome::Ok, "one".into())
+    );
+    assert_eq!(
+        call(&rt, &shared, "198.19.0.9:80"),
+        (Outcome::Ok, "two".into())
     );
 }

@@ -71,21 +71,46 @@ pub fn get(addr: &str, args: GetArgs) -> Result<i32> {
                 .map_err(|s| status_error(addr, "get", s))?
                 .into_inner()],
             None => {
-                client
-                    .list(ListRequest {
-                        kind: kind.into(),
-                        namespace: args.namespace.clone().unwrap_or_default(),
-                    })
-                    .await
-                    .map_err(|s| status_error(addr, "list", s))?
-                    .into_inner()
-                    .objects
+                list_all(
+                    &mut client,
+                    addr,
+                    kind,
+                    &args.namespace.clone().unwrap_or_default(),
+                )
+                .await?
             }
         };
         anyhow::Ok(objects)
     })??;
     print!("{}", render(kind, &objects, args.output)?);
     Ok(0)
+}
+
+/// Every object of `kind` in `namespace` ("" for all), page by page.
+async fn list_all(
+    client: &mut muon_api::v1::management_client::ManagementClient<tonic::transport::Channel>,
+    addr: &str,
+    kind: &str,
+    namespace: &str,
+) -> Result<Vec<Object>> {
+    let mut objects = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let resp = client
+            .list(ListRequest {
+                kind: kind.into(),
+                namespace: namespace.into(),
+                page_token,
+            })
+            .await
+            .map_err(|s| status_error(addr, "list", s))?
+            .into_inner();
+        objects.extend(resp.objects);
+        if resp.next_page_token.is_empty() {
+            return Ok(objects);
+        }
+        page_token = resp.next_page_token;
+    }
 }
 
 /// An object as users write it.
@@ -398,18 +423,10 @@ fn endpoints(addr: &str, args: &GetArgs) -> Result<i32> {
     let namespace = args.namespace.clone().unwrap_or_default();
     let (services, workloads) = control::block_on(async {
         let client = control::connect(addr).await?;
-        let fetch = |kind: &str| {
-            let req = ListRequest {
-                kind: kind.into(),
-                namespace: namespace.clone(),
-            };
+        let fetch = |kind: &'static str| {
             let mut c = client.clone();
-            async move {
-                c.list(req)
-                    .await
-                    .map(|r| r.into_inner().objects)
-                    .map_err(|s| status_error(addr, "list", s))
-            }
+            let namespace = namespace.clone();
+            async move { list_all(&mut c, addr, kind, &namespace).await }
         };
         let services = fetch("Service").await?;
         let workloads = fetch("Workload").await?;

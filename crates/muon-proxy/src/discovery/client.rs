@@ -24,7 +24,7 @@ use crate::config::{Config, DiscoveryMode};
 use crate::metrics::Metrics;
 use muon_api::v1::discovery_client::DiscoveryClient;
 use muon_api::v1::{kinds, DiscoveryRequest, DiscoveryResponse, ErrorDetail, Locality, Node};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +38,9 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(15);
 /// Deadline for the TCP + HTTP/2 connect to the control plane.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline for the control plane to open the stream and send its first response (a
+/// control plane that accepts and never answers is given up on, and tried again later).
+const FIRST_RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
 /// HTTP/2 pings find a control plane that vanished without closing the connection.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -98,6 +101,10 @@ pub enum SessionError {
     Closed,
     #[error(transparent)]
     Worker(#[from] super::worker::Gone),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("a response could not be decoded ({0}); NACKed, keeping the last good tables")]
+    Undecodable(String),
 }
 
 /// Keeps a session going for the life of the process.
@@ -142,11 +149,21 @@ async fn session(
             .keep_alive_while_idle(true),
         Err(e) => return SessionError::Address(settings.addr.clone(), e),
     };
-    let channel = match endpoint.connect().await {
-        Ok(c) => c,
-        Err(e) => return SessionError::Connect(settings.addr.clone(), error_chain(&e)),
+    let channel = match tokio::time::timeout(CONNECT_TIMEOUT * 2, endpoint.connect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return SessionError::Connect(settings.addr.clone(), error_chain(&e)),
+        Err(_) => {
+            return SessionError::Timeout(format!(
+                "connecting to {} took more than {:?}",
+                settings.addr,
+                CONNECT_TIMEOUT * 2
+            ))
+        }
     };
-    let mut client = DiscoveryClient::new(channel);
+    // The same limit as the control plane's: it never builds a larger message.
+    let mut client = DiscoveryClient::new(channel)
+        .max_decoding_message_size(muon_api::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(muon_api::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(OUTBOX);
     for (i, type_url) in kinds::ALL.into_iter().enumerate() {
         let req = DiscoveryRequest {
@@ -158,16 +175,41 @@ async fn session(
         // Room for every kind: the channel is empty and larger than `kinds::ALL`.
         let _ = tx.try_send(req);
     }
-    let mut stream = match client.stream(ReceiverStream::new(rx)).await {
-        Ok(r) => r.into_inner(),
-        Err(status) => return status.into(),
+    let opened = tokio::time::timeout(
+        FIRST_RESPONSE_TIMEOUT,
+        client.stream(ReceiverStream::new(rx)),
+    );
+    let mut stream = match opened.await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(status)) => return status.into(),
+        Err(_) => {
+            return SessionError::Timeout(format!(
+                "the control plane at {} did not open the discovery stream within {FIRST_RESPONSE_TIMEOUT:?}",
+                settings.addr
+            ))
+        }
     };
     metrics.discovery_connected(true);
     info!(addr = %settings.addr, node = %settings.node.id, "discovery stream open");
     let mut seen: HashSet<String> = HashSet::new();
+    // Parts of a split response, by kind, until its last part arrives.
+    let mut parts: HashMap<String, DiscoveryResponse> = HashMap::new();
+    let mut answered_once = false;
     loop {
+        let first_deadline = async {
+            match answered_once {
+                true => std::future::pending().await,
+                false => tokio::time::sleep(FIRST_RESPONSE_TIMEOUT).await,
+            }
+        };
         let message = tokio::select! {
             m = stream.message() => m,
+            () = first_deadline => {
+                return SessionError::Timeout(format!(
+                    "no response from the control plane at {} within {FIRST_RESPONSE_TIMEOUT:?} of subscribing",
+                    settings.addr
+                ));
+            }
             () = unsent(on_demand) => {
                 let Some(req) = on_demand.and_then(subscribe_request) else {
                     continue;
@@ -181,10 +223,58 @@ async fn session(
         let resp = match message {
             Ok(Some(resp)) => resp,
             Ok(None) => return SessionError::Closed,
+            Err(status)
+                if status.code() == tonic::Code::Internal
+                    || status.code() == tonic::Code::ResourceExhausted =>
+            {
+                // A message this sidecar cannot decode: say so on the stream (the control
+                // plane logs and counts it) rather than silently reconnecting into it again.
+                let nack = DiscoveryRequest {
+                    error_detail: Some(ErrorDetail {
+                        message: format!("cannot decode a response: {}", status.message()),
+                        resources: Vec::new(),
+                    }),
+                    ..Default::default()
+                };
+                let _ = tx.send(nack).await;
+                return SessionError::Undecodable(status.message().to_string());
+            }
             Err(status) => return status.into(),
         };
         // A response means the control plane is really there: start the backoff over.
         backoff.reset();
+        answered_once = true;
+        if resp.continues {
+            // One part of a larger response: kept until the last part; its ACK only says
+            // that it arrived.
+            let acc = parts
+                .entry(resp.type_url.clone())
+                .or_insert_with(|| DiscoveryResponse {
+                    type_url: resp.type_url.clone(),
+                    ..Default::default()
+                });
+            acc.resources.extend(resp.resources);
+            acc.removed_resources.extend(resp.removed_resources);
+            let ack = DiscoveryRequest {
+                type_url: resp.type_url,
+                response_nonce: resp.nonce,
+                ..Default::default()
+            };
+            if tx.send(ack).await.is_err() {
+                return SessionError::Closed;
+            }
+            continue;
+        }
+        let resp = match parts.remove(&resp.type_url) {
+            Some(mut acc) => {
+                acc.resources.extend(resp.resources);
+                acc.removed_resources.extend(resp.removed_resources);
+                acc.version_info = resp.version_info;
+                acc.nonce = resp.nonce;
+                acc
+            }
+            None => resp,
+        };
         let full = seen.insert(resp.type_url.clone());
         // Off the runtime: applying and compiling may take a while on a big mesh.
         let (reply, resp) = match worker.call(move |a| (respond(a, &resp, full), resp)).await {

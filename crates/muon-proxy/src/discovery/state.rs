@@ -242,6 +242,7 @@ impl State {
                 nonce: String::new(),
                 resources: k.resources.values().cloned().collect(),
                 removed_resources: Vec::new(),
+                continues: false,
             })
             .collect()
     }
@@ -303,6 +304,7 @@ pub(crate) mod tests {
             nonce: format!("n-{version}"),
             resources,
             removed_resources: vec![],
+            continues: false,
         }
     }
 
