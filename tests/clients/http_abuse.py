@@ -1,4 +1,4 @@
-"""Misbehaving HTTP/1.1 clients on raw sockets: what does the server (or proxy) do?
+"""Misbehaving HTTP/1.1 and HTTP/2 clients on raw sockets: what does the server (or proxy) do?
 
 Each mode prints one JSON line describing the server's reaction, and exits 0 whatever that
 reaction was (a test judges it); it exits 1 only when it could not run (e.g. connection
@@ -14,6 +14,9 @@ usage:
       sends "GET / HTTP/1.1", "Host: x", then B bytes (default 1) of further header lines
       every S seconds (default 1), never ending the header section, until the server
       closes the connection or --max seconds (default 30) pass
+  http_abuse.py h2-silent --host H --port P [--max S]
+      sends the HTTP/2 connection preface and an empty SETTINGS frame, then nothing, and
+      reads until the server closes the connection or --max seconds (default 30) pass
 
 Common options: --timeout S (default 10: connect, and the wait for an answer),
 --close-wait S (default 1: after a response, how long to wait for the server to close the
@@ -31,6 +34,9 @@ output:
      "headers": {...}}
     closed_after: seconds from connect until the server closed (null if it never did
     within --max); status: the status of any response it sent (e.g. 408), else null
+  h2-silent:
+    {"closed_after": float|null, "goaway": bool, "frames": [frame type, ...]}
+    goaway: the server sent a GOAWAY frame before closing
 """
 import argparse
 import json
@@ -244,7 +250,52 @@ def run_slowloris(args) -> dict:
         }
 
 
-MODES = {"malformed": run_malformed, "oversized": run_oversized, "slowloris": run_slowloris}
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_GOAWAY = 7
+
+
+def h2_frame_types(buf: bytes) -> list:
+    """The types of the whole frames in buf, in order."""
+    types, i = [], 0
+    while i + 9 <= len(buf):
+        length = int.from_bytes(buf[i : i + 3], "big")
+        if i + 9 + length > len(buf):
+            break
+        types.append(buf[i + 3])
+        i += 9 + length
+    return types
+
+
+def run_h2_silent(args) -> dict:
+    sock = connect(args)
+    with sock:
+        start = time.monotonic()
+        end = start + args.max
+        # The preface and an empty SETTINGS frame (type 4), then silence.
+        sock.sendall(H2_PREFACE + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+        buf = bytearray()
+        closed_after = None
+        while time.monotonic() < end:
+            data, event = recv_some(sock, end - time.monotonic())
+            if data:
+                buf += data
+            if event in ("eof", "reset"):
+                closed_after = time.monotonic() - start
+                break
+        frames = h2_frame_types(bytes(buf))
+        return {
+            "closed_after": None if closed_after is None else round(closed_after, 3),
+            "goaway": H2_GOAWAY in frames,
+            "frames": frames,
+        }
+
+
+MODES = {
+    "malformed": run_malformed,
+    "oversized": run_oversized,
+    "slowloris": run_slowloris,
+    "h2-silent": run_h2_silent,
+}
 
 
 def positive(text: str) -> float:
@@ -273,6 +324,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--interval", type=positive, default=1.0, help="seconds between sends")
     s.add_argument("--max", type=positive, default=30.0, help="give up after, seconds")
     s.add_argument("--chunk", type=int, default=1, help="bytes per send")
+    h = sub.add_parser("h2-silent", parents=[common], help="an HTTP/2 preface, then nothing")
+    h.add_argument("--max", type=positive, default=30.0, help="give up after, seconds")
     return p
 
 

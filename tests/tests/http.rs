@@ -580,6 +580,18 @@ fn httproutes_match_filter_split_and_time_out_as_the_gateway_api_says() {
         rule(&["-H", "x-a: 1", "http://web:8080/p/x?q=1"]),
         "header-and-query"
     );
+    // Dot segments are resolved before matching, and the app gets the resolved path.
+    let (out, err, ok) = lab.curl_with(
+        "client",
+        &["--path-as-is", "http://web:8080/x/../p/longer/./exact"],
+    );
+    assert!(ok, "{err}");
+    let seen = json(&out);
+    assert_eq!(
+        (&seen["headers"]["x-rule"], &seen["path"]),
+        (&Value::from("exact"), &Value::from("/p/longer/exact")),
+        "{seen}"
+    );
     let (status, _, _) = curl_i(&lab, "client", &["http://web:8080/plonger"]);
     assert_eq!(status, 404, "the prefix /p does not match /plonger");
 
@@ -689,6 +701,26 @@ fn httproutes_match_filter_split_and_time_out_as_the_gateway_api_says() {
             "{url}: {took}s for a {bound}s bound"
         );
     }
+    // A client that gives up before the answer is logged as such (status 499).
+    let (_, _, ok) = lab.curl_with(
+        "client",
+        &["--max-time", "1", "http://web:8080/delay/3000?cancelled"],
+    );
+    assert!(!ok, "curl should have given up");
+    let cancelled = eventually(
+        "the cancelled request's access event",
+        Duration::from_secs(10),
+        || {
+            requests(&lab, "client")
+                .into_iter()
+                .find(|e| e["path"] == "/delay/3000?cancelled")
+        },
+    );
+    assert_eq!(
+        (&cancelled["status"], &cancelled["error"]),
+        (&Value::from(499), &Value::from("client-cancelled")),
+        "{cancelled}"
+    );
     let fast = lab
         .curl_with(
             "client",
@@ -835,6 +867,18 @@ services:
         .as_f64()
         .unwrap_or_else(|| panic!("never closed: {slow}"));
     assert!(closed < 15.0, "{slow}");
+
+    // An HTTP/2 client that sends its preface and nothing more is sent away (GOAWAY) at
+    // --header-read-timeout.
+    let silent = lab.client_json(
+        "client",
+        "http_abuse.py",
+        &["h2-silent", "--host", &web, "--port", "8080", "--max", "20"],
+    );
+    let closed = silent["closed_after"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("never closed: {silent}"));
+    assert!(closed < 15.0 && silent["goaway"] == true, "{silent}");
 
     // 100 client connections at once become a handful between the sidecars.
     let before = lab.metric(

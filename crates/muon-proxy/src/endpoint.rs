@@ -10,7 +10,7 @@
 use crate::balance::RoundRobin;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// What identifies an endpoint across tables. An identity change makes a new endpoint: a
@@ -29,6 +29,24 @@ pub struct EndpointState {
     pub in_flight: AtomicU64,
     /// Its connections, shared by every request to it.
     pub pool: crate::http::pool::Pool,
+}
+
+impl EndpointState {
+    /// Counts one request in flight to this endpoint until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+/// One request in flight to an endpoint (see [`EndpointState::begin`]).
+#[derive(Debug)]
+pub struct InFlight(Arc<EndpointState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The live state of one balancer: a service's endpoints at one target port.
@@ -95,7 +113,6 @@ impl Carry<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
 
     fn key(addr: &str, identity: &str) -> EndpointKey {
         EndpointKey {

@@ -112,7 +112,7 @@ async fn serve<I>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    rec.service = shared.gateway.as_deref().map(Arc::from);
+    rec.service = shared.gateway.clone();
     let cx = ConnCx::new(shared.clone(), rec, version, ConnKind::Gateway { scheme });
     http::serve(io, cx, rec, shared.drain.watch()).await
 }

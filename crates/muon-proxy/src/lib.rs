@@ -142,7 +142,10 @@ pub struct Shared {
     /// HTTP limits.
     pub http: config::HttpConfig,
     /// Gateway mode: `name.namespace` of the Gateway whose routes are served.
-    pub gateway: Option<String>,
+    pub gateway: Option<Arc<str>>,
+    /// Mirrored requests in flight (at most [`http::forward::MAX_MIRRORS`]; more are not
+    /// mirrored).
+    pub mirrors: std::sync::atomic::AtomicUsize,
     /// The request counters of inbound requests to ports no service names.
     pub inbound_stats: Arc<metrics::RequestStats>,
     /// Shutdown: listeners stop on `draining`, HTTP connections close gracefully.
@@ -174,7 +177,8 @@ impl Shared {
             },
             limit: Arc::new(Semaphore::new(config.max_connections)),
             http: config.http.clone(),
-            gateway: config.gateway.as_ref().map(|g| g.gateway.clone()),
+            gateway: config.gateway.as_ref().map(|g| g.gateway.as_str().into()),
+            mirrors: Default::default(),
             inbound_stats,
             drain: Arc::new(drain::Drain::new()),
             tls: None,

@@ -54,6 +54,9 @@ pub struct Endpoint {
 pub struct Backends {
     /// `name.namespace`.
     pub service: Arc<str>,
+    /// The service port, and what it declares.
+    pub port: u16,
+    pub protocol: Option<Protocol>,
     pub target_port: u16,
     pub endpoints: Vec<Endpoint>,
     /// `endpoints` is what the source says (possibly none). False only on demand for a
@@ -233,6 +236,8 @@ impl Table {
                     (qualified.clone(), port.port),
                     Arc::new(Backends {
                         service: qualified.clone(),
+                        port: port.port,
+                        protocol: port.protocol,
                         target_port: port.target_port,
                         endpoints,
                         known,

@@ -349,9 +349,14 @@ fn start_client(config: Config) -> (Arc<Shared>, tokio::runtime::Runtime) {
 
 /// Two backends on the same port: 127.0.0.1 answers "one", 127.0.0.2 answers "two".
 fn backends() -> u16 {
-    let one = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    backends_at("127.0.0.1", "127.0.0.2")
+}
+
+/// Two backends on the same port: `one` answers "one", `two` answers "two".
+fn backends_at(one: &str, two: &str) -> u16 {
+    let one = std::net::TcpListener::bind((one, 0)).unwrap();
     let port = one.local_addr().unwrap().port();
-    let two = std::net::TcpListener::bind(("127.0.0.2", port)).unwrap();
+    let two = std::net::TcpListener::bind((two, port)).unwrap();
     for (l, name) in [(one, "one"), (two, "two")] {
         std::thread::spawn(move || {
             for mut s in l.incoming().map_while(Result::ok) {
@@ -956,6 +961,26 @@ impl Drop for RealControlPlane {
 }
 
 /// web (one workload at `web_ip`) and gone (no workload), both on `port`.
+const WORKLOAD_ONE: &str = "198.18.0.1";
+const WORKLOAD_TWO: &str = "198.18.0.2";
+
+/// Moves this test's thread, and every thread and process it starts from now on, into a
+/// network namespace of its own (gone with them), with `lo` up and `addrs` on it: addresses
+/// a Workload may have, reachable only here. The host's namespace is not touched. Needs
+/// root, as the end-to-end tests do (CI is root).
+fn private_network(addrs: &[&str]) {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("unshare(CLONE_NEWNET): this test needs root");
+    let ip = |args: &[&str]| {
+        let status = Command::new("ip").args(args).status().expect("run ip");
+        assert!(status.success(), "ip {args:?}");
+    };
+    ip(&["link", "set", "lo", "up"]);
+    for a in addrs {
+        ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"]);
+    }
+}
+
 fn write_mesh(dir: &std::path::Path, port: u16, web_ip: &str) {
     let yaml = format!(
         "apiVersion: muon.io/v1alpha1
@@ -993,7 +1018,10 @@ fn metric(shared: &Shared, prefix: &str) -> u64 {
 
 #[test]
 fn on_demand_against_muon_control_subscribes_once_and_resubscribes_after_its_restart() {
-    let port = backends();
+    // muon-control refuses loopback Workload addresses: the workloads live at lab
+    // addresses, in a network namespace of this test's own.
+    private_network(&[WORKLOAD_ONE, WORKLOAD_TWO]);
+    let port = backends_at(WORKLOAD_ONE, WORKLOAD_TWO);
     let dirs = tempfile::tempdir().unwrap();
     let (config_dir, data_dir, state_dir) = (
         dirs.path().join("config"),
@@ -1001,7 +1029,7 @@ fn on_demand_against_muon_control_subscribes_once_and_resubscribes_after_its_res
         dirs.path().join("state"),
     );
     std::fs::create_dir_all(&config_dir).unwrap();
-    write_mesh(&config_dir, port, "127.0.0.1");
+    write_mesh(&config_dir, port, WORKLOAD_ONE);
     let grpc = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -1050,7 +1078,7 @@ fn on_demand_against_muon_control_subscribes_once_and_resubscribes_after_its_res
     let acks = r#"muon_discovery_updates_total{type_url="endpoints",result="ack"} "#;
     let before = metric(&shared, acks);
     drop(cp);
-    write_mesh(&config_dir, port, "127.0.0.2");
+    write_mesh(&config_dir, port, WORKLOAD_TWO);
     let _cp = RealControlPlane::start(grpc, &config_dir, &data_dir);
     wait_for(
         "the endpoints of the new stream",

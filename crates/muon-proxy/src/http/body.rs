@@ -3,11 +3,13 @@
 //! access event when they end. Plain enums, no boxing per request.
 
 use super::log::RequestLog;
+use super::pool::StreamGuard;
+use crate::endpoint::InFlight;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
@@ -20,9 +22,18 @@ pub struct RequestBody {
     inner: ReqInner,
     /// Bytes forwarded so far, read by the request's log.
     sent: Option<Arc<AtomicU64>>,
-    /// A mirror's copy of every data frame; dropped (the mirror's body fails) when the
+    /// Mirrors' copies of every data frame; one is dropped (its body fails) when its
     /// mirror falls behind, so it never slows the real request.
-    mirror: Option<mpsc::Sender<Bytes>>,
+    mirrors: Vec<Tee>,
+}
+
+/// One mirror's feed: the copy ends cleanly only if `done` was set first (the original
+/// body ended); a copy cut short ends with an error, so the mirror never takes a truncated
+/// body for a whole one.
+#[derive(Debug)]
+struct Tee {
+    tx: mpsc::Sender<Bytes>,
+    done: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -30,7 +41,7 @@ enum ReqInner {
     Incoming(Incoming),
     Full(Option<Bytes>),
     /// A mirror's copy, fed by the original request's body.
-    Copy(mpsc::Receiver<Bytes>),
+    Copy(mpsc::Receiver<Bytes>, Arc<AtomicBool>),
 }
 
 impl RequestBody {
@@ -39,7 +50,7 @@ impl RequestBody {
         RequestBody {
             inner: ReqInner::Incoming(body),
             sent: Some(sent),
-            mirror: None,
+            mirrors: Vec::new(),
         }
     }
 
@@ -51,7 +62,7 @@ impl RequestBody {
         RequestBody {
             inner: ReqInner::Full((!b.is_empty()).then_some(b)),
             sent: None,
-            mirror: None,
+            mirrors: Vec::new(),
         }
     }
 
@@ -59,11 +70,21 @@ impl RequestBody {
     /// waited for, when the mirror cannot keep up).
     pub fn tee(&mut self) -> RequestBody {
         let (tx, rx) = mpsc::channel(16);
-        self.mirror = Some(tx);
+        let done = Arc::new(AtomicBool::new(false));
+        self.mirrors.push(Tee {
+            tx,
+            done: done.clone(),
+        });
         RequestBody {
-            inner: ReqInner::Copy(rx),
+            inner: ReqInner::Copy(rx, done),
             sent: None,
-            mirror: None,
+            mirrors: Vec::new(),
+        }
+    }
+
+    fn end_mirrors(&mut self) {
+        for m in self.mirrors.drain(..) {
+            m.done.store(true, Ordering::Release);
         }
     }
 
@@ -90,27 +111,30 @@ impl Body for RequestBody {
                 Poll::Pending => return Poll::Pending,
             },
             ReqInner::Full(b) => b.take().map(|b| Ok(Frame::data(b))),
-            ReqInner::Copy(rx) => match rx.poll_recv(cx) {
+            ReqInner::Copy(rx, done) => match rx.poll_recv(cx) {
                 Poll::Ready(Some(b)) => Some(Ok(Frame::data(b))),
-                Poll::Ready(None) => None,
+                Poll::Ready(None) if done.load(Ordering::Acquire) => None,
+                Poll::Ready(None) => Some(Err("the mirror fell behind; its copy was cut".into())),
                 Poll::Pending => return Poll::Pending,
             },
         };
-        if let Some(Ok(f)) = &frame {
-            if let Some(data) = f.data_ref() {
-                if let Some(sent) = &this.sent {
-                    sent.fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-                if let Some(tx) = &this.mirror {
-                    if tx.try_send(data.clone()).is_err() {
-                        this.mirror = None;
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    if let Some(sent) = &this.sent {
+                        sent.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
+                    this.mirrors.retain(|m| m.tx.try_send(data.clone()).is_ok());
+                }
+                // A body of known length may not be polled past its last frame.
+                if !this.mirrors.is_empty() && this.is_end_stream() {
+                    this.end_mirrors();
                 }
             }
-        }
-        if frame.is_none() {
-            // The end: the mirror's copy ends too.
-            this.mirror = None;
+            // The end: the mirrors' copies end too, whole.
+            None => this.end_mirrors(),
+            // A failed body: the copies are cut.
+            Some(Err(_)) => this.mirrors.clear(),
         }
         Poll::Ready(frame)
     }
@@ -119,7 +143,7 @@ impl Body for RequestBody {
         match &self.inner {
             ReqInner::Incoming(b) => b.is_end_stream(),
             ReqInner::Full(b) => b.is_none(),
-            ReqInner::Copy(_) => false,
+            ReqInner::Copy(..) => false,
         }
     }
 
@@ -127,7 +151,7 @@ impl Body for RequestBody {
         match &self.inner {
             ReqInner::Incoming(b) => b.size_hint(),
             ReqInner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            ReqInner::Copy(_) => SizeHint::default(),
+            ReqInner::Copy(..) => SizeHint::default(),
         }
     }
 }
@@ -138,6 +162,16 @@ impl Body for RequestBody {
 pub struct ResponseBody {
     inner: RespInner,
     log: Option<Box<RequestLog>>,
+    /// Released when the response is done with.
+    _held: Held,
+}
+
+/// What a response holds until it ends: its HTTP/2 stream's place on a pooled connection,
+/// and its count in the endpoint's in-flight requests.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub stream: Option<StreamGuard>,
+    pub in_flight: Option<InFlight>,
 }
 
 #[derive(Debug)]
@@ -147,10 +181,11 @@ enum RespInner {
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming, log: Option<Box<RequestLog>>) -> Self {
+    pub fn upstream(body: Incoming, log: Option<Box<RequestLog>>, held: Held) -> Self {
         ResponseBody {
             inner: RespInner::Incoming(body),
             log,
+            _held: held,
         }
     }
 
@@ -158,6 +193,7 @@ impl ResponseBody {
         ResponseBody {
             inner: RespInner::Full((!b.is_empty()).then_some(b)),
             log,
+            _held: Held::default(),
         }
     }
 

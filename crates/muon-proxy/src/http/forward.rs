@@ -6,7 +6,7 @@
 //! current table, so one long-lived HTTP/2 or gRPC connection from an app is spread over
 //! every replica and follows route and endpoint changes as they come.
 
-use super::body::{RequestBody, ResponseBody};
+use super::body::{BoxError, Held, RequestBody, ResponseBody};
 use super::errors::{self, ProxyError};
 use super::headers::{self, ORIG_PROTO};
 use super::log::RequestLog;
@@ -14,10 +14,13 @@ use super::upstream::{self, Hop, Proto};
 use super::ConnCx;
 use crate::route::filter::{self, Origin};
 use crate::route::{Filter, HeaderModifier, Request as RouteRequest, RuleDef};
-use crate::table::{Backends, RuleTarget, Target};
+use crate::table::{Backends, Endpoint, RuleTarget, Target};
 use http::header::{HeaderValue, HOST, LOCATION};
 use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use muon_core::Protocol;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +31,9 @@ use tracing::debug;
 const MAX_CONNECT_TRIES: usize = 3;
 /// A mirrored request gets this long; its answer is never waited for by the client.
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(30);
+/// Mirrored requests in flight at most, per proxy; past that, requests are not mirrored
+/// (a slow mirror must not pile up copies).
+pub const MAX_MIRRORS: usize = 256;
 
 /// A request admitted: on its way upstream, with its log.
 pub(super) type Admitted = (Request<RequestBody>, Box<RequestLog>);
@@ -75,8 +81,25 @@ pub(super) fn admit(
         return Err(Box::new(fail(log, ProxyError::HeadersTooLarge, grpc)));
     }
     log.request_id = headers::ensure_request_id(&mut parts.headers);
+    if let Some(normal) = super::path::normalize(parts.uri.path()) {
+        match normalized_uri(&parts.uri, &normal) {
+            Some(uri) => parts.uri = uri,
+            None => return Err(Box::new(fail(log, ProxyError::BadRequest, grpc))),
+        }
+    }
     let req = Request::from_parts(parts, RequestBody::incoming(body, sent));
     Ok((req, log))
+}
+
+/// `uri` with its path replaced (the query kept).
+fn normalized_uri(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    let mut parts = uri.clone().into_parts();
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    parts.path_and_query = Some(pq.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
 }
 
 /// The request's authority: the URI's (HTTP/2, absolute form) or the `Host` header.
@@ -86,19 +109,35 @@ fn authority<'a>(uri: &'a http::Uri, headers: &'a http::HeaderMap) -> Option<&'a
         .or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()))
 }
 
-/// A host without its port, lowercase, for hostname matching.
-fn host_of(authority: &str) -> String {
-    let host = match authority.strip_prefix('[') {
-        // An IPv6 literal keeps its brackets.
-        Some(rest) => rest
-            .find(']')
-            .map_or(authority, |end| &authority[..end + 2]),
-        None => match authority.rsplit_once(':') {
-            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => authority,
-        },
+/// An authority's host (an IPv6 literal keeps its brackets) and port.
+fn split_authority(a: &str) -> (&str, Option<u16>) {
+    let end = match a.strip_prefix('[') {
+        Some(rest) => rest.find(']').map_or(a.len(), |e| e + 2),
+        None => a.rfind(':').unwrap_or(a.len()),
     };
-    host.to_ascii_lowercase()
+    let (host, rest) = a.split_at(end);
+    match rest.strip_prefix(':').map(str::parse::<u16>) {
+        Some(Ok(port)) => (host, Some(port)),
+        // `host:junk` has no port: it is all host.
+        Some(Err(_)) if rest.len() > 1 && !a.starts_with('[') => (a, None),
+        _ => (host, None),
+    }
+}
+
+/// A host without its port, lowercase, for hostname matching.
+fn host_of(authority: &str) -> Cow<'_, str> {
+    let host = split_authority(authority).0;
+    match host.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => Cow::Owned(host.to_ascii_lowercase()),
+        false => Cow::Borrowed(host),
+    }
+}
+
+fn default_port(scheme: &str) -> u16 {
+    match scheme {
+        "https" => 443,
+        _ => 80,
+    }
 }
 
 /// The proxy's own answer, finishing the log.
@@ -135,20 +174,20 @@ pub async fn outbound(
         .unwrap_or(planned)
         .clone();
     log.service = Some(target.service.clone());
-    let origin = OriginParts::of(&req, "http", target.port);
+    let site = Site {
+        scheme: "http",
+        port: target.port,
+    };
     match &target.router {
-        None => forward(cx, req, log, None, &target.default, &origin).await,
-        Some(router) => {
-            let view = route_view(&req, None);
-            match router.find(&view) {
-                Some(found) => forward(cx, req, log, Some(found.rule), found.target, &origin).await,
-                None => {
-                    let grpc = errors::is_grpc(req.headers());
-                    log.stats = Some(target.default.stats.clone());
-                    fail(log, ProxyError::NoRoute, grpc)
-                }
+        None => forward(cx, req, log, None, &target.default, site).await,
+        Some(router) => match router.find(&route_view(&req, None)) {
+            Some(found) => forward(cx, req, log, Some(found.rule), found.target, site).await,
+            None => {
+                let grpc = errors::is_grpc(req.headers());
+                log.stats = Some(target.default.stats.clone());
+                fail(log, ProxyError::NoRoute, grpc)
             }
-        }
+        },
     }
 }
 
@@ -163,17 +202,20 @@ pub async fn gateway(
         Err(resp) => return *resp,
     };
     let grpc = errors::is_grpc(req.headers());
-    let name = cx.shared.gateway.as_deref().unwrap_or_default();
-    log.service = Some(Arc::from(name));
+    let name = cx.shared.gateway.clone().unwrap_or_else(|| Arc::from(""));
     let table = cx.shared.table.load_full();
-    let Some(router) = table.as_ref().and_then(|t| t.gateway(name)).cloned() else {
+    let router = table.as_ref().and_then(|t| t.gateway(&name)).cloned();
+    log.service = Some(name);
+    let Some(router) = router else {
         return fail(log, ProxyError::NoRoute, grpc);
     };
-    let host = authority(req.uri(), req.headers()).map(host_of);
-    let origin = OriginParts::of(&req, scheme, cx.dst.port());
-    let view = route_view(&req, Some(host.as_deref().unwrap_or("")));
-    match router.find(&view) {
-        Some(found) => forward(cx, req, log, Some(found.rule), found.target, &origin).await,
+    let host = authority(req.uri(), req.headers()).map_or(Cow::Borrowed(""), host_of);
+    let site = Site {
+        scheme,
+        port: cx.dst.port(),
+    };
+    match router.find(&route_view(&req, Some(&host))) {
+        Some(found) => forward(cx, req, log, Some(found.rule), found.target, site).await,
         None => fail(log, ProxyError::NoRoute, grpc),
     }
 }
@@ -188,23 +230,39 @@ fn route_view<'a>(req: &'a Request<RequestBody>, host: Option<&'a str>) -> Route
     }
 }
 
-/// What a redirect needs of the original request (owned: the request moves on).
-struct OriginParts {
+/// Where a request came in, for redirects: the scheme, and the listener's port (the
+/// service port for a sidecar).
+#[derive(Clone, Copy)]
+struct Site {
     scheme: &'static str,
-    host: String,
     port: u16,
 }
 
-impl OriginParts {
-    fn of(req: &Request<RequestBody>, scheme: &'static str, port: u16) -> OriginParts {
-        OriginParts {
-            scheme,
-            host: authority(req.uri(), req.headers())
-                .map(host_of)
-                .unwrap_or_default(),
-            port,
+/// The `Location` a `RequestRedirect` sends the client to. An unchanged port is the one the
+/// client used: the `Host`'s, or the scheme's default when the `Host` names none (behind a
+/// port mapping the listener's own port means nothing to the client); the listener's only
+/// when the request has no authority at all.
+fn redirect_location(req: &Request<RequestBody>, r: &crate::route::Redirect, site: Site) -> String {
+    let (host, port) = match authority(req.uri(), req.headers()) {
+        Some(a) => {
+            let (_, port) = split_authority(a);
+            (
+                host_of(a),
+                port.unwrap_or_else(|| default_port(site.scheme)),
+            )
         }
-    }
+        None => (Cow::Borrowed(""), site.port),
+    };
+    filter::redirect_location(
+        r,
+        &Origin {
+            scheme: site.scheme,
+            host: &host,
+            port,
+            path: req.uri().path(),
+            query: req.uri().query(),
+        },
+    )
 }
 
 /// Applies the rule to the request and sends it to one of the rule's backends.
@@ -214,7 +272,7 @@ async fn forward(
     mut log: Box<RequestLog>,
     rule: Option<&RuleDef>,
     target: &RuleTarget,
-    origin: &OriginParts,
+    site: Site,
 ) -> Response<ResponseBody> {
     log.route = Some(target.route.clone());
     log.stats = Some(target.stats.clone());
@@ -224,16 +282,7 @@ async fn forward(
     for f in rule.map_or(&[][..], |r| r.filters.as_slice()) {
         match f {
             Filter::Redirect(r) => {
-                let location = filter::redirect_location(
-                    r,
-                    &Origin {
-                        scheme: origin.scheme,
-                        host: &origin.host,
-                        port: origin.port,
-                        path: req.uri().path(),
-                        query: req.uri().query(),
-                    },
-                );
+                let location = redirect_location(&req, r, site);
                 return redirect(log, r.status, &location);
             }
             Filter::RequestHeaders(m) => filter::modify_headers(m, req.headers_mut()),
@@ -251,13 +300,12 @@ async fn forward(
     if target.total_weight == 0 {
         return fail(log, ProxyError::NoBackend, grpc);
     }
-    let Some(backends) = target
+    let Some(picked) = target
         .pick(headers::random() % target.total_weight)
         .and_then(|b| b.backends.as_ref())
     else {
         return fail(log, ProxyError::NoBackend, grpc);
     };
-    log.service = Some(backends.service.clone());
     let deadline = match (
         rule.and_then(|r| r.timeout),
         rule.and_then(|r| r.backend_timeout),
@@ -267,7 +315,11 @@ async fn forward(
     };
     let upgrade = (cx.version != Version::HTTP_2 && headers::is_upgrade(req.headers()))
         .then(|| hyper::upgrade::on(&mut req));
-    let sent = send(cx, backends, req, &mut log, upgrade.is_some());
+    let sent = async {
+        let backends = known(&cx.shared, picked).await;
+        log.service = Some(backends.service.clone());
+        send(cx, &backends, req, &mut log, upgrade.is_some()).await
+    };
     let result = match deadline {
         Some(d) => tokio::time::timeout(d, sent)
             .await
@@ -275,9 +327,27 @@ async fn forward(
         None => sent.await,
     };
     match result {
-        Ok(resp) => respond(cx, resp, log, response_headers, upgrade),
+        Ok((resp, held)) => respond(cx, resp, log, response_headers, upgrade, held),
         Err(e) => fail(log, e, grpc),
     }
+}
+
+/// `backends` once its endpoints are known: on demand, a backend a route names may never
+/// have been subscribed to (only the services clients connect to are); it is subscribed
+/// now, waited for (up to the connect timeout), and taken from the table that answer made.
+async fn known(shared: &crate::Shared, backends: &Arc<Backends>) -> Arc<Backends> {
+    let (false, Some(on_demand)) = (backends.known, &shared.on_demand) else {
+        return backends.clone();
+    };
+    on_demand
+        .wait(&backends.service, shared.connect_timeout)
+        .await;
+    let table = shared.table.load();
+    table
+        .as_ref()
+        .and_then(|t| t.service(&backends.service))
+        .and_then(|s| s.target(backends.port))
+        .map_or_else(|| backends.clone(), |t| t.backends.clone())
 }
 
 fn redirect(
@@ -329,8 +399,12 @@ fn rewrite(req: &mut Request<RequestBody>, rw: &crate::route::Rewrite) {
 
 /// Sends a copy of the request to a mirror backend, without waiting for it: the copy's
 /// body follows the original's (and is cut if the mirror falls behind); its answer is
-/// dropped.
+/// dropped. At most [`MAX_MIRRORS`] copies are in flight.
 fn mirror(cx: &ConnCx, req: &mut Request<RequestBody>, backends: Arc<Backends>) {
+    let Some(slot) = MirrorSlot::take(&cx.shared) else {
+        debug!(mirror = %backends.service, "too many mirrored requests in flight; not mirrored");
+        return;
+    };
     let body = match req.body().is_empty() {
         true => RequestBody::empty(),
         false => req.body_mut().tee(),
@@ -340,50 +414,97 @@ fn mirror(cx: &ConnCx, req: &mut Request<RequestBody>, backends: Arc<Backends>) 
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
-    let shared = cx.shared.clone();
-    let version = cx.version;
-    let (direction, src, dst) = (cx.direction, cx.src, cx.dst);
+    let cx = MirrorCx {
+        shared: cx.shared.clone(),
+        direction: cx.direction,
+        src: cx.src,
+        version: cx.version,
+        authority: cx.authority.clone(),
+    };
     tokio::spawn(async move {
-        let Some(ep) = pick_endpoint(&backends) else {
-            return;
-        };
-        let hop = Hop {
-            addr: ep.addr,
-            source: None,
-            connect_timeout: shared.connect_timeout,
-            pool: &ep.state.pool,
-            metrics: &shared.metrics,
-            direction,
-        };
-        let proto = hop_proto(ep.meshed, version);
+        let _slot = slot;
         let sent = async {
+            let backends = known(&cx.shared, &backends).await;
+            let ep = pick_endpoint(&backends).ok_or("no endpoints")?;
+            let hop = hop_to(&cx.shared, ep, cx.direction);
+            let proto = hop_proto(ep.meshed, backends.protocol, cx.version);
             let conn = hop.conn(proto).await?;
-            let authority = dst.to_string();
-            upstream::prepare(&mut copy, proto, &authority);
-            mark_orig_proto(&mut copy, ep.meshed, version);
-            hop.send(conn, copy).await
+            upstream::prepare(&mut copy, proto, &cx.authority);
+            mark_orig_proto(&mut copy, ep.meshed, cx.version);
+            let (resp, _stream) = hop.send(conn, copy).await?;
+            let status = resp.status();
+            // Read (and drop) the answer through, so its connection can serve again.
+            let mut body = resp.into_body();
+            while let Some(frame) = body.frame().await {
+                frame?;
+            }
+            Ok::<_, BoxError>((ep.addr, status))
         };
         match tokio::time::timeout(MIRROR_TIMEOUT, sent).await {
-            Ok(Ok(resp)) => {
-                debug!(%src, mirror = %ep.addr, status = resp.status().as_u16(), "mirrored")
+            Ok(Ok((addr, status))) => {
+                debug!(src = %cx.src, mirror = %addr, status = status.as_u16(), "mirrored")
             }
-            Ok(Err(e)) => debug!(%src, mirror = %ep.addr, error = %e, "mirror failed"),
-            Err(_) => debug!(%src, mirror = %ep.addr, "mirror timed out"),
+            Ok(Err(e)) => debug!(src = %cx.src, error = %e, "mirror failed"),
+            Err(_) => debug!(src = %cx.src, "mirror timed out"),
         }
     });
 }
 
-fn pick_endpoint(b: &Backends) -> Option<&crate::table::Endpoint> {
+/// What a mirrored request needs of its connection, owned (it outlives the request).
+struct MirrorCx {
+    shared: Arc<crate::Shared>,
+    direction: crate::Direction,
+    src: std::net::SocketAddr,
+    version: Version,
+    authority: Arc<str>,
+}
+
+/// One of the [`MAX_MIRRORS`] places for a mirrored request.
+struct MirrorSlot(Arc<crate::Shared>);
+
+impl MirrorSlot {
+    fn take(shared: &Arc<crate::Shared>) -> Option<MirrorSlot> {
+        let taken = shared
+            .mirrors
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_MIRRORS).then_some(n + 1)
+            });
+        taken.ok().map(|_| MirrorSlot(shared.clone()))
+    }
+}
+
+impl Drop for MirrorSlot {
+    fn drop(&mut self) {
+        self.0.mirrors.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The hop to one endpoint, on its pooled connections.
+fn hop_to<'a>(shared: &'a crate::Shared, ep: &'a Endpoint, direction: crate::Direction) -> Hop<'a> {
+    Hop {
+        addr: ep.addr,
+        source: None,
+        connect_timeout: shared.connect_timeout,
+        pool: &ep.state.pool,
+        metrics: &shared.metrics,
+        direction,
+    }
+}
+
+fn pick_endpoint(b: &Backends) -> Option<&Endpoint> {
     let i = b.balancer.rr.order(b.endpoints.len()).next()?;
     b.endpoints.get(i)
 }
 
-/// The protocol of the hop to an endpoint: a meshed endpoint gets the mesh's HTTP/2, one
-/// without a sidecar the app's own protocol.
-fn hop_proto(meshed: bool, client: Version) -> Proto {
-    match meshed {
-        true => Proto::Http2,
-        false => Proto::of(client),
+/// The protocol of the hop to an endpoint: a meshed endpoint gets the mesh's HTTP/2; one
+/// without a sidecar what its port declares (`http`: HTTP/1.1, `http2` and `grpc`:
+/// HTTP/2), else the protocol the client spoke.
+fn hop_proto(meshed: bool, declared: Option<Protocol>, client: Version) -> Proto {
+    match (meshed, declared) {
+        (true, _) => Proto::Http2,
+        (false, Some(Protocol::Http)) => Proto::Http1,
+        (false, Some(Protocol::Http2 | Protocol::Grpc)) => Proto::Http2,
+        (false, _) => Proto::of(client),
     }
 }
 
@@ -403,44 +524,51 @@ fn mark_orig_proto<B>(req: &mut Request<B>, meshed: bool, client: Version) {
     }
 }
 
-/// Picks an endpoint (round robin; the next one when connecting fails) and sends.
+/// Picks an endpoint (round robin; the next one when connecting fails, up to
+/// [`MAX_CONNECT_TRIES`]) and sends.
 async fn send(
     cx: &ConnCx,
     backends: &Backends,
     mut req: Request<RequestBody>,
     log: &mut RequestLog,
     upgrade: bool,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<(Response<Incoming>, Held), ProxyError> {
     if backends.endpoints.is_empty() {
         return Err(ProxyError::NoEndpoints);
     }
-    let authority = cx.dst.to_string();
     let order = backends.balancer.rr.order(backends.endpoints.len());
     for i in order.take(MAX_CONNECT_TRIES) {
         let ep = &backends.endpoints[i];
-        let hop = Hop {
-            addr: ep.addr,
-            source: None,
-            connect_timeout: cx.shared.connect_timeout,
-            pool: &ep.state.pool,
-            metrics: &cx.shared.metrics,
-            direction: cx.direction,
-        };
+        let hop = hop_to(&cx.shared, ep, cx.direction);
         log.endpoint = Some(ep.addr);
         log.pod = Some(ep.pod.clone());
         if upgrade {
             // Upgrades travel as HTTP/1.1 on a connection of their own, meshed or not.
-            upstream::prepare(&mut req, Proto::Http1, &authority);
-            req.headers_mut().remove(ORIG_PROTO);
-            return hop.upgrade(req).await.map_err(|e| {
-                debug!(error = %e, "upgrade request failed");
-                match e.before_sending() {
-                    true => ProxyError::ConnectFailed,
-                    false => ProxyError::UpstreamFailed,
+            let conn = match hop.upgrade_conn().await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(endpoint = %ep.addr, error = %e, "connect failed; trying the next endpoint");
+                    continue;
                 }
-            });
+            };
+            upstream::prepare(&mut req, Proto::Http1, &cx.authority);
+            req.headers_mut().remove(ORIG_PROTO);
+            let in_flight = ep.state.begin();
+            return match hop.upgrade(conn, req).await {
+                Ok(resp) => Ok((
+                    resp,
+                    Held {
+                        stream: None,
+                        in_flight: Some(in_flight),
+                    },
+                )),
+                Err(e) => {
+                    debug!(endpoint = %ep.addr, error = %e, "upgrade request failed");
+                    Err(ProxyError::UpstreamFailed)
+                }
+            };
         }
-        let proto = hop_proto(ep.meshed, cx.version);
+        let proto = hop_proto(ep.meshed, backends.protocol, cx.version);
         let conn = match hop.conn(proto).await {
             Ok(c) => c,
             Err(e) => {
@@ -448,15 +576,22 @@ async fn send(
                 continue;
             }
         };
-        upstream::prepare(&mut req, proto, &authority);
+        upstream::prepare(&mut req, proto, &cx.authority);
         mark_orig_proto(&mut req, ep.meshed, cx.version);
-        ep.state.in_flight.fetch_add(1, Ordering::Relaxed);
-        let r = hop.send(conn, req).await;
-        ep.state.in_flight.fetch_sub(1, Ordering::Relaxed);
-        return r.map_err(|e| {
-            debug!(endpoint = %ep.addr, error = %e, "upstream request failed");
-            ProxyError::UpstreamFailed
-        });
+        let in_flight = ep.state.begin();
+        return match hop.send(conn, req).await {
+            Ok((resp, stream)) => Ok((
+                resp,
+                Held {
+                    stream,
+                    in_flight: Some(in_flight),
+                },
+            )),
+            Err(e) => {
+                debug!(endpoint = %ep.addr, error = %e, "upstream request failed");
+                Err(ProxyError::UpstreamFailed)
+            }
+        };
     }
     Err(ProxyError::ConnectFailed)
 }
@@ -469,6 +604,7 @@ pub(super) fn respond(
     mut log: Box<RequestLog>,
     filters: Option<&HeaderModifier>,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
+    held: Held,
 ) -> Response<ResponseBody> {
     let status = resp.status();
     if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -476,7 +612,7 @@ pub(super) fn respond(
             join_upgrade(cx, client, hyper::upgrade::on(&mut resp));
         }
     } else {
-        headers::remove_hop_by_hop(resp.headers_mut(), cx.version);
+        headers::remove_hop_by_hop(resp.headers_mut());
         resp.headers_mut().remove(ORIG_PROTO);
     }
     if let Some(m) = filters {
@@ -488,7 +624,7 @@ pub(super) fn respond(
     };
     log.status = status.as_u16();
     log.grpc_status_from(resp.headers());
-    resp.map(|b| ResponseBody::upstream(b, Some(log)))
+    resp.map(|b| ResponseBody::upstream(b, Some(log), held))
 }
 
 /// Copies bytes between the client's and the upstream's upgraded connections until both
@@ -532,13 +668,75 @@ mod tests {
         assert_eq!(host_of("shop.example"), "shop.example");
         assert_eq!(host_of("[2001:db8::1]:80"), "[2001:db8::1]");
         assert_eq!(host_of("[2001:db8::1]"), "[2001:db8::1]");
+        assert_eq!(split_authority("shop:8443"), ("shop", Some(8443)));
+        assert_eq!(split_authority("shop"), ("shop", None));
+        assert_eq!(split_authority("[::1]:80"), ("[::1]", Some(80)));
+        assert_eq!(split_authority("shop:x"), ("shop:x", None));
+    }
+
+    fn get(uri: &str, host: Option<&str>) -> Request<RequestBody> {
+        let mut r = Request::new(RequestBody::empty());
+        *r.uri_mut() = uri.parse().unwrap();
+        if let Some(h) = host {
+            r.headers_mut()
+                .insert(HOST, HeaderValue::from_str(h).unwrap());
+        }
+        r
+    }
+
+    #[test]
+    fn a_redirect_keeps_the_port_the_client_used() {
+        let to_https = crate::route::Redirect {
+            scheme: Some("https".into()),
+            hostname: None,
+            port: None,
+            path: None,
+            status: StatusCode::MOVED_PERMANENTLY,
+        };
+        let same = crate::route::Redirect {
+            scheme: None,
+            ..to_https.clone()
+        };
+        let site = Site {
+            scheme: "http",
+            port: 8080,
+        };
+        // Behind a port mapping: the client's 18080, not the listener's 8080.
+        let r = get("/a?b=1", Some("Shop.example:18080"));
+        assert_eq!(
+            redirect_location(&r, &same, site),
+            "http://shop.example:18080/a?b=1"
+        );
+        assert_eq!(
+            redirect_location(&r, &to_https, site),
+            "https://shop.example/a?b=1"
+        );
+        // No port in Host: the client used the scheme's.
+        let r = get("/", Some("shop.example"));
+        assert_eq!(redirect_location(&r, &same, site), "http://shop.example/");
+        // No authority at all: the listener's.
+        let r = get("/", None);
+        assert_eq!(redirect_location(&r, &same, site), "http://:8080/");
     }
 
     #[test]
     fn meshed_endpoints_get_http2_and_the_client_protocol_in_a_header() {
-        assert_eq!(hop_proto(true, Version::HTTP_11), Proto::Http2);
-        assert_eq!(hop_proto(false, Version::HTTP_11), Proto::Http1);
-        assert_eq!(hop_proto(false, Version::HTTP_2), Proto::Http2);
+        assert_eq!(hop_proto(true, None, Version::HTTP_11), Proto::Http2);
+        assert_eq!(
+            hop_proto(true, Some(Protocol::Http), Version::HTTP_11),
+            Proto::Http2
+        );
+        assert_eq!(hop_proto(false, None, Version::HTTP_11), Proto::Http1);
+        assert_eq!(hop_proto(false, None, Version::HTTP_2), Proto::Http2);
+        // Without a sidecar, the port's declaration wins over what the client spoke.
+        assert_eq!(
+            hop_proto(false, Some(Protocol::Http), Version::HTTP_2),
+            Proto::Http1
+        );
+        assert_eq!(
+            hop_proto(false, Some(Protocol::Grpc), Version::HTTP_11),
+            Proto::Http2
+        );
         let mut r = Request::new(());
         mark_orig_proto(&mut r, true, Version::HTTP_11);
         assert_eq!(r.headers()[ORIG_PROTO], "HTTP/1.1");

@@ -5,7 +5,6 @@
 //! every other end-to-end header pass untouched.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::Version;
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hasher};
 
@@ -25,8 +24,9 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 /// Removes hop-by-hop headers, and those the `Connection` header names. `TE: trailers` is
-/// kept when the next hop is HTTP/2 (gRPC servers require it).
-pub fn remove_hop_by_hop(headers: &mut HeaderMap, next: Version) {
+/// kept (gRPC servers require it, and an HTTP/1.1 app may use it to decide on trailers),
+/// as Envoy does.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let te_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
@@ -40,7 +40,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, next: Version) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-    if te_trailers && next == Version::HTTP_2 {
+    if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
@@ -139,13 +139,14 @@ mod tests {
         ] {
             h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
         }
-        let mut h1 = h.clone();
-        remove_hop_by_hop(&mut h1, Version::HTTP_11);
-        let left: Vec<&str> = h1.keys().map(|k| k.as_str()).collect();
-        assert_eq!(left, ["traceparent", "b3"]);
-        remove_hop_by_hop(&mut h, Version::HTTP_2);
+        remove_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["traceparent", "b3", "te"]);
         assert_eq!(h["te"], "trailers");
-        assert!(!h.contains_key("x-hop"));
+        // Any other TE goes.
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        remove_hop_by_hop(&mut h);
+        assert!(!h.contains_key("te"));
     }
 
     #[test]

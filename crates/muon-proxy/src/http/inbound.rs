@@ -6,7 +6,7 @@
 //! outside the mesh) reaches the app in the protocol it came in. The app's connections are
 //! pooled per port and made from 127.0.0.6 (`::6`), like opaque inbound connections.
 
-use super::body::ResponseBody;
+use super::body::{Held, ResponseBody};
 use super::errors::{self, ProxyError};
 use super::forward::{admit, fail, respond};
 use super::headers::{self, ORIG_PROTO};
@@ -55,24 +55,33 @@ pub async fn request(
         metrics: &cx.shared.metrics,
         direction: cx.direction,
     };
-    let authority = cx.dst.to_string();
     let upgrade = (cx.version != Version::HTTP_2 && headers::is_upgrade(req.headers()))
         .then(|| hyper::upgrade::on(&mut req));
+    let in_flight = app.begin();
     let result = match upgrade.is_some() {
-        true => {
-            upstream::prepare(&mut req, Proto::Http1, &authority);
-            hop.upgrade(req).await
-        }
+        true => match hop.upgrade_conn().await {
+            Ok(conn) => {
+                upstream::prepare(&mut req, Proto::Http1, &cx.authority);
+                hop.upgrade(conn, req).await.map(|r| (r, None))
+            }
+            Err(e) => Err(e),
+        },
         false => match hop.conn(proto).await {
             Ok(conn) => {
-                upstream::prepare(&mut req, proto, &authority);
+                upstream::prepare(&mut req, proto, &cx.authority);
                 hop.send(conn, req).await
             }
             Err(e) => Err(e),
         },
     };
     match result {
-        Ok(resp) => respond(cx, resp, log, None, upgrade),
+        Ok((resp, stream)) => {
+            let held = Held {
+                stream,
+                in_flight: Some(in_flight),
+            };
+            respond(cx, resp, log, None, upgrade, held)
+        }
         Err(e) => {
             debug!(app = %cx.dst, error = %e, "request to the app failed");
             let err = match e.before_sending() {

@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
 
+/// The status logged for a request the client gave up on before the answer came.
+pub const CLIENT_CANCELLED: u16 = 499;
+
 /// What the access event says about one request.
 #[derive(Debug)]
 pub struct RequestLog {
@@ -54,8 +57,19 @@ impl RequestLog {
         }
     }
 
-    /// Writes the event and counts the request.
-    pub fn finish(self: Box<Self>) {
+    /// Writes the event and counts the request (as dropping it does).
+    pub fn finish(self: Box<Self>) {}
+}
+
+impl Drop for RequestLog {
+    /// A log dropped before any answer was given is a request the client cancelled (its
+    /// connection or stream went away while the proxy waited upstream): it is written too,
+    /// with nginx's status 499 (nothing was sent) and error `client-cancelled`.
+    fn drop(&mut self) {
+        if self.status == 0 {
+            self.status = CLIENT_CANCELLED;
+            self.error.get_or_insert("client-cancelled");
+        }
         let elapsed = self.started.elapsed();
         if let Some(stats) = &self.stats {
             stats.record(self.status, elapsed);

@@ -21,6 +21,7 @@ pub mod forward;
 pub mod headers;
 pub mod inbound;
 pub mod log;
+pub mod path;
 pub mod pool;
 pub mod upstream;
 
@@ -50,12 +51,16 @@ pub struct ConnCx {
     pub direction: Direction,
     pub src: SocketAddr,
     pub dst: SocketAddr,
+    /// `dst` as an authority, for requests that name none.
+    pub authority: Arc<str>,
     /// What the client speaks on this connection.
     pub version: Version,
     pub kind: ConnKind,
     /// Bytes read from the client and written to it (the connection's access event).
     sent: AtomicU64,
     received: AtomicU64,
+    /// Requests received on it.
+    requests: AtomicU64,
     /// Upgraded (WebSocket) exchanges still copying; the connection waits for them.
     upgrades: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -84,10 +89,12 @@ impl ConnCx {
             direction: rec.direction,
             src: rec.src,
             dst: rec.dst,
+            authority: rec.dst.to_string().into(),
             version,
             kind,
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             upgrades: Mutex::new(Vec::new()),
         })
     }
@@ -117,43 +124,53 @@ where
     // hyper's own limits sit above ours, so a too-large header section gets our 431 (with
     // `x-muon-error`) rather than hyper's bare one.
     let hyper_header_limit = (http.max_header_bytes * 2).max(16 * 1024);
+    // A connection accepted as the drain began still gets its request answered.
+    let late = cx.shared.drain.phase() != drain::Phase::Serving;
+    let mut idle = false;
+    // Serves `conn` until it ends; on drain or idleness, closes it gracefully (idle: within
+    // a bound, it has nothing left to say).
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = drain.draining(), if !late => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                () = idle_for(&cx) => {
+                    idle = true;
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(http.header_read_timeout, conn)
+                        .await
+                        .unwrap_or(Ok(()))
+                }
+            }
+        }};
+    }
     let result = match cx.version {
-        Version::HTTP_2 => {
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        Version::HTTP_2 => drive!(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(http.http2_max_concurrent_streams)
                 .max_pending_accept_reset_streams(http.http2_max_pending_resets)
                 .max_local_error_reset_streams(1024)
                 .max_header_list_size(u32::try_from(hyper_header_limit).unwrap_or(u32::MAX))
                 .adaptive_window(true)
-                .serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = drain.draining() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
-        }
-        _ => {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(http.header_read_timeout)
-                .max_buf_size(hyper_header_limit.max(8192))
-                .max_headers(4096)
-                .keep_alive(true)
+                // A client that vanished without a FIN is noticed.
+                .keep_alive_interval(upstream::H2_KEEPALIVE)
+                .keep_alive_timeout(upstream::H2_KEEPALIVE_TIMEOUT)
                 .serve_connection(io, service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                () = drain.draining() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            }
-        }
+        ),
+        _ => drive!(hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(http.header_read_timeout)
+            .max_buf_size(hyper_header_limit.max(8192))
+            .max_headers(4096)
+            .keep_alive(!late)
+            .serve_connection(io, service)
+            .with_upgrades()),
     };
     let upgrades = std::mem::take(&mut *cx.upgrades.lock().unwrap_or_else(|p| p.into_inner()));
     for task in upgrades {
@@ -162,6 +179,7 @@ where
     rec.bytes_sent = cx.sent.load(Ordering::Relaxed);
     rec.bytes_received = cx.received.load(Ordering::Relaxed);
     match result {
+        Ok(()) if idle => Outcome::IdleTimeout,
         Ok(()) => Outcome::Ok,
         Err(e) if e.is_timeout() => Outcome::IdleTimeout,
         Err(e) => {
@@ -175,8 +193,30 @@ where
     }
 }
 
+/// Resolves when the connection should close for idleness: no request within the header
+/// read timeout of its start (HTTP/2 too: a preface and nothing more holds no connection
+/// for long), or no byte either way for a whole `--idle-timeout` (checked once per period:
+/// closed within two).
+async fn idle_for(cx: &ConnCx) {
+    tokio::time::sleep(cx.shared.http.header_read_timeout).await;
+    if cx.requests.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let moved = || cx.sent.load(Ordering::Relaxed) + cx.received.load(Ordering::Relaxed);
+    let mut last = moved();
+    loop {
+        tokio::time::sleep(cx.shared.idle_timeout).await;
+        let now = moved();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// One request, whatever the direction.
 async fn handle(cx: Arc<ConnCx>, req: Request<Incoming>) -> Response<ResponseBody> {
+    cx.requests.fetch_add(1, Ordering::Relaxed);
     match &cx.kind {
         ConnKind::Outbound(planned) => forward::outbound(&cx, planned, req).await,
         ConnKind::Inbound { port, local } => inbound::request(&cx, port.as_ref(), local, req).await,

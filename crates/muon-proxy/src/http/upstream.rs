@@ -7,11 +7,11 @@
 
 use super::body::RequestBody;
 use super::headers;
-use super::pool::{Pool, H1, H2};
+use super::pool::{Pool, StreamGuard, Unavailable, H1, H2};
 use crate::metrics::Metrics;
 use crate::tcp::{self, ConnectError};
 use crate::Direction;
-use http::header::{HeaderValue, HOST};
+use http::header::{HeaderValue, COOKIE, HOST};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -20,9 +20,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tracing::debug;
 
-/// HTTP/2 pings on idle pooled connections, so a peer that vanished is noticed.
-const H2_KEEPALIVE: Duration = Duration::from_secs(30);
-const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings on idle connections (pooled upstream ones, and clients'), so a peer that
+/// vanished is noticed.
+pub const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+pub const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The protocol of one hop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +72,8 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("connecting to {addr} failed for a request sent at the same time")]
+    FailedMeanwhile { addr: SocketAddr },
     #[error("request to {addr}: {source}")]
     Request {
         addr: SocketAddr,
@@ -83,7 +86,9 @@ impl UpstreamError {
     pub fn before_sending(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Connect(_) | UpstreamError::Handshake { .. }
+            UpstreamError::Connect(_)
+                | UpstreamError::Handshake { .. }
+                | UpstreamError::FailedMeanwhile { .. }
         )
     }
 }
@@ -100,10 +105,10 @@ pub struct Hop<'a> {
     pub direction: Direction,
 }
 
-/// A connection ready for one request.
+/// A connection ready for one request (HTTP/2: with the stream counted on it).
 pub enum Conn {
     Http1(H1),
-    Http2(H2),
+    Http2(H2, StreamGuard),
 }
 
 impl Hop<'_> {
@@ -114,10 +119,13 @@ impl Hop<'_> {
     /// A pooled connection in `proto`, connecting one when needed.
     pub async fn conn(&self, proto: Proto) -> Result<Conn, UpstreamError> {
         match proto {
-            Proto::Http2 => {
-                let s = self.pool.h2(|| self.connect_h2()).await?;
-                Ok(Conn::Http2(s))
-            }
+            Proto::Http2 => match self.pool.h2(|| self.connect_h2()).await {
+                Ok((s, guard)) => Ok(Conn::Http2(s, guard)),
+                Err(Unavailable::Connect(e)) => Err(e),
+                Err(Unavailable::FailedMeanwhile) => {
+                    Err(UpstreamError::FailedMeanwhile { addr: self.addr })
+                }
+            },
             Proto::Http1 => match self.pool.take_h1() {
                 Some(s) => Ok(Conn::Http1(s)),
                 None => Ok(Conn::Http1(self.connect_h1(false).await?)),
@@ -181,22 +189,36 @@ impl Hop<'_> {
     }
 
     /// Sends `req` on `conn` (already in the hop's form, see [`prepare`]). An HTTP/1.1
-    /// connection goes back to the pool once the request is sent.
+    /// connection goes back to the pool once the request is sent; an HTTP/2 stream stays
+    /// counted on its connection for as long as the returned guard lives (the response's).
+    /// A connection that goes away (closed, or GOAWAY) before the request went out is
+    /// replaced by a fresh one, once.
     pub async fn send(
         &self,
         conn: Conn,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<(Response<Incoming>, Option<StreamGuard>), UpstreamError> {
         let addr = self.addr;
         let err = |source| UpstreamError::Request { addr, source };
         match conn {
-            Conn::Http2(mut s) => s.send_request(req).await.map_err(err),
+            Conn::Http2(mut s, guard) => match s.try_send_request(req).await {
+                Ok(resp) => Ok((resp, Some(guard))),
+                Err(mut e) => match e.take_message() {
+                    Some(req) => {
+                        drop(guard);
+                        let (mut fresh, guard) = self.pool.add_h2(self.connect_h2().await?);
+                        let resp = fresh.send_request(req).await.map_err(err)?;
+                        Ok((resp, Some(guard)))
+                    }
+                    None => Err(err(e.into_error())),
+                },
+            },
             Conn::Http1(mut s) => {
                 let sent = s.try_send_request(req).await;
                 match sent {
                     Ok(resp) => {
                         self.pool.put_h1(s);
-                        Ok(resp)
+                        Ok((resp, None))
                     }
                     // The pooled connection closed just before it was used and the request
                     // was not sent: once more on a fresh connection.
@@ -205,7 +227,7 @@ impl Hop<'_> {
                             let mut fresh = self.connect_h1(false).await?;
                             let resp = fresh.send_request(req).await.map_err(err)?;
                             self.pool.put_h1(fresh);
-                            Ok(resp)
+                            Ok((resp, None))
                         }
                         None => Err(err(e.into_error())),
                     },
@@ -214,13 +236,18 @@ impl Hop<'_> {
         }
     }
 
-    /// An HTTP/1.1 upgrade (WebSocket): a connection of its own, never pooled.
+    /// A connection for an HTTP/1.1 upgrade (WebSocket): its own, never pooled.
+    pub async fn upgrade_conn(&self) -> Result<H1, UpstreamError> {
+        self.connect_h1(true).await
+    }
+
+    /// Sends an upgrade request on its connection (from [`Hop::upgrade_conn`]).
     pub async fn upgrade(
         &self,
+        mut conn: H1,
         req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut s = self.connect_h1(true).await?;
-        s.send_request(req)
+        conn.send_request(req)
             .await
             .map_err(|source| UpstreamError::Request {
                 addr: self.addr,
@@ -261,7 +288,7 @@ pub fn prepare(req: &mut Request<RequestBody>, proto: Proto, authority: &str) {
             req.headers().get(http::header::UPGRADE).cloned(),
         )
     });
-    headers::remove_hop_by_hop(req.headers_mut(), proto.version());
+    headers::remove_hop_by_hop(req.headers_mut());
     // The proxy answered the client's `Expect: 100-continue` itself.
     req.headers_mut().remove(http::header::EXPECT);
     let host = req
@@ -297,11 +324,12 @@ pub fn prepare(req: &mut Request<RequestBody>, proto: Proto, authority: &str) {
             if let Ok(uri) = path.parse::<Uri>() {
                 *req.uri_mut() = uri;
             }
-            if !req.headers().contains_key(HOST) {
-                if let Ok(v) = HeaderValue::from_str(&host) {
-                    req.headers_mut().insert(HOST, v);
-                }
+            // The authority the request was routed by (an HTTP/2 `:authority` wins over a
+            // `Host` sent alongside it, RFC 9113 §8.3.1).
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                req.headers_mut().insert(HOST, v);
             }
+            join_cookies(req.headers_mut());
         }
     }
     *req.version_mut() = proto.version();
@@ -313,6 +341,20 @@ pub fn prepare(req: &mut Request<RequestBody>, proto: Proto, authority: &str) {
         if let Some(u) = upgrade {
             h.insert(http::header::UPGRADE, u);
         }
+    }
+}
+
+/// HTTP/2 may split `Cookie` into one field per cookie (RFC 9113 §8.2.3); HTTP/1.1 wants
+/// one, joined with `; `.
+fn join_cookies(h: &mut http::HeaderMap) {
+    let mut all = h.get_all(COOKIE).iter();
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = h.get_all(COOKIE).iter().map(|v| v.as_bytes()).collect();
+    let joined = joined.join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(COOKIE, v);
     }
 }
 
@@ -346,10 +388,18 @@ mod tests {
         assert!(!r.headers().contains_key("connection"));
         assert!(!r.headers().contains_key("expect"));
 
+        r.headers_mut()
+            .append(COOKIE, HeaderValue::from_static("a=1"));
+        r.headers_mut()
+            .append(COOKIE, HeaderValue::from_static("b=2"));
+        r.headers_mut()
+            .insert(HOST, HeaderValue::from_static("stale:1"));
         prepare(&mut r, Proto::Http1, "198.18.0.2:8080");
         assert_eq!(r.uri().to_string(), "/stock/widget?n=1");
         assert_eq!(r.headers()[HOST], "inventory:8080");
         assert_eq!(r.version(), Version::HTTP_11);
+        let cookies: Vec<_> = r.headers().get_all(COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2"]);
 
         // No Host at all (HTTP/1.0): the destination names it.
         let mut r = req("/", Version::HTTP_10);

@@ -19,6 +19,7 @@
 
 use super::{GrpcMatch, MatchDef, PathMatch, RouteDef, RouteKind, RuleDef, StrMatch, ValueMatch};
 use http::{HeaderMap, Method};
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::sync::Arc;
 
@@ -124,13 +125,30 @@ impl<T> RouterBuilder<T> {
         self.http.is_empty() && self.grpc.is_empty()
     }
 
+    /// A service's router has one kind of route: GRPCRoutes, when any attach, else
+    /// HTTPRoutes (GAMMA). A gateway's keeps both, hostnames first: for the same hostname,
+    /// GRPCRoutes before HTTPRoutes.
     pub fn build(self) -> Router<T> {
-        let (kind, mut routes) = match self.grpc.is_empty() {
-            true => (RouteKind::Http, self.http),
-            false => (RouteKind::Grpc, self.grpc),
+        let mut routes = match (self.hosts, self.grpc.is_empty()) {
+            (_, true) => self.http,
+            (false, false) => self.grpc,
+            (true, false) => {
+                let mut both = self.grpc;
+                both.extend(self.http);
+                both
+            }
         };
         routes.sort_by(|a, b| {
-            (a.0.namespace.as_str(), &*a.0.name).cmp(&(b.0.namespace.as_str(), &*b.0.name))
+            (
+                a.0.kind != RouteKind::Grpc,
+                a.0.namespace.as_str(),
+                &*a.0.name,
+            )
+                .cmp(&(
+                    b.0.kind != RouteKind::Grpc,
+                    b.0.namespace.as_str(),
+                    &*b.0.name,
+                ))
         });
         let mut entries = Vec::new();
         for (order, (route, targets)) in routes.iter().enumerate() {
@@ -163,7 +181,8 @@ impl<T> RouterBuilder<T> {
             let m = e.matched.map(|i| &e.route.rules[e.rule].matches[i]);
             (
                 Reverse(e.host.rank()),
-                Reverse(precedence(kind, m)),
+                e.route.kind != RouteKind::Grpc,
+                Reverse(precedence(e.route.kind, m)),
                 *order,
                 e.rule,
                 e.matched,
@@ -320,9 +339,9 @@ fn query_matches(q: &ValueMatch, query: Option<&str>) -> bool {
 }
 
 /// `application/x-www-form-urlencoded` decoding (`+` is a space); `None` for bad UTF-8.
-fn decode(s: &str) -> Option<String> {
+fn decode(s: &str) -> Option<Cow<'_, str>> {
     if !s.contains(['%', '+']) {
-        return Some(s.to_string());
+        return Some(Cow::Borrowed(s));
     }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -344,7 +363,7 @@ fn decode(s: &str) -> Option<String> {
         }
         i += 1;
     }
-    String::from_utf8(out).ok()
+    String::from_utf8(out).ok().map(Cow::Owned)
 }
 
 #[cfg(test)]
@@ -632,6 +651,45 @@ mod tests {
             find(&r, Req::get("/shop.v1.Other/Charge")),
             None,
             "HTTPRoutes are not merged in"
+        );
+
+        // At a gateway both kinds serve, each for its hostnames; on the same hostname the
+        // GRPCRoute comes first.
+        let grpc_at = |host: &str| {
+            Arc::new(
+                RouteDef::from_proto(
+                    &format!("grpcroute/{host}"),
+                    &v1::Route {
+                        name: host.into(),
+                        namespace: "shop".into(),
+                        kind: "GRPCRoute".into(),
+                        hostnames: vec![host.into()],
+                        rules: vec![rule(vec![g("shop.v1.Payment", "")])],
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            )
+        };
+        let gw = router(
+            true,
+            vec![
+                route("web", &["web.example", "api.example"], vec![rule(vec![])]),
+                grpc_at("api.example"),
+            ],
+        );
+        assert_eq!(
+            find(&gw, Req::get("/index.html").host("web.example")).as_deref(),
+            Some("web.shop#0")
+        );
+        assert_eq!(
+            find(&gw, Req::get("/shop.v1.Payment/Charge").host("api.example")).as_deref(),
+            Some("grpcroute/api.example#0")
+        );
+        assert_eq!(
+            find(&gw, Req::get("/other").host("api.example")).as_deref(),
+            Some("web.shop#0"),
+            "what the GRPCRoute does not match falls to the HTTPRoute"
         );
     }
 
