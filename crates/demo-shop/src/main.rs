@@ -3,6 +3,8 @@
 //! - `demo-shop inventory` answers `GET /stock/<item>` with the stock and the pod that answered;
 //! - `demo-shop orders` answers `GET /orders/<item>` by asking inventory over HTTP/1.1 JSON;
 //! - `demo-shop echo` answers every request with a fixed-size body (for benchmarks);
+//! - `demo-shop echo-grpc` answers every request (a gRPC unary call, whatever the method) with
+//!   one gRPC-framed message of a fixed size and the trailer `grpc-status: 0` (for benchmarks);
 //! - `demo-shop reflect` answers with what it received (method, path, protocol, headers,
 //!   body size) as JSON; `/delay/<ms>` answers after a pause, `/status/<code>` with that
 //!   status (for the tests).
@@ -16,12 +18,15 @@
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::WithTrailers;
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
+use std::convert::Infallible;
+use std::future::Ready;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
@@ -36,12 +41,19 @@ enum App {
     Echo {
         body: Bytes,
     },
+    /// The whole answer's body: the 5-byte gRPC prefix and the message.
+    EchoGrpc {
+        frame: Bytes,
+    },
     Reflect,
 }
 
+/// A gRPC answer: one data frame, then the trailers.
+type GrpcBody = WithTrailers<Full<Bytes>, Ready<Option<Result<HeaderMap, Infallible>>>>;
+
 fn usage() -> ! {
     eprintln!(
-        "usage: demo-shop inventory [--port P]\n       demo-shop orders [--port P] [--inventory HOST:PORT] [--version V]\n       demo-shop echo [--port P] [--size BYTES]\n       demo-shop reflect [--port P]"
+        "usage: demo-shop inventory [--port P]\n       demo-shop orders [--port P] [--inventory HOST:PORT] [--version V]\n       demo-shop echo [--port P] [--size BYTES]\n       demo-shop echo-grpc [--port P] [--size BYTES]\n       demo-shop reflect [--port P]"
     );
     std::process::exit(2)
 }
@@ -74,6 +86,9 @@ async fn main() -> Result<()> {
         "echo" => App::Echo {
             body: Bytes::from(vec![b'x'; size]),
         },
+        "echo-grpc" => App::EchoGrpc {
+            frame: grpc_frame(size)?,
+        },
         _ => usage(),
     };
     // Dual-stack where the host has IPv6, so the app answers on its pod's v4 and v6 addresses.
@@ -84,11 +99,21 @@ async fn main() -> Result<()> {
     eprintln!("demo-shop {role} listening on {}", listener.local_addr()?);
     loop {
         let (stream, _) = listener.accept().await?;
+        if matches!(app, App::EchoGrpc { .. }) {
+            // As gRPC servers do: an HTTP/2 answer is several writes (headers, data,
+            // trailers), and Nagle would hold the last ones for the client's delayed ACK.
+            let _ = stream.set_nodelay(true);
+        }
         let app = app.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let app = app.clone();
-                async move { Ok::<_, hyper::Error>(handle(&app, req).await) }
+                async move {
+                    Ok::<_, hyper::Error>(match &app {
+                        App::EchoGrpc { frame } => echo_grpc(frame, req).await.map(Either::Right),
+                        _ => handle(&app, req).await.map(Either::Left),
+                    })
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -111,10 +136,44 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     resp
 }
 
+/// A gRPC message of `size` bytes behind its length prefix (uncompressed).
+fn grpc_frame(size: usize) -> Result<Bytes> {
+    let len = u32::try_from(size).context("--size is too large for a gRPC message")?;
+    let mut frame = Vec::with_capacity(5 + size);
+    frame.push(0);
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.resize(5 + size, b'x');
+    Ok(Bytes::from(frame))
+}
+
+/// Reads the call's request (as a gRPC server would), then answers with the message and
+/// `grpc-status: 0` in the trailers.
+async fn echo_grpc(frame: &Bytes, req: Request<Incoming>) -> Response<GrpcBody> {
+    let read = req.into_body().collect().await;
+    let mut trailers = HeaderMap::new();
+    let (body, status) = match read {
+        Ok(_) => (frame.clone(), "0"),
+        // 13: INTERNAL.
+        Err(_) => (Bytes::new(), "13"),
+    };
+    trailers.insert(
+        "grpc-status",
+        hyper::header::HeaderValue::from_static(status),
+    );
+    let mut resp =
+        Response::new(Full::new(body).with_trailers(std::future::ready(Some(Ok(trailers)))));
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/grpc"),
+    );
+    resp
+}
+
 async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     match app {
         App::Echo { body } => Response::new(Full::new(body.clone())),
+        App::EchoGrpc { .. } => unreachable!("served by echo_grpc"),
         App::Reflect => reflect(req).await,
         App::Inventory => match path.strip_prefix("/stock/") {
             Some(item) if !item.is_empty() => {

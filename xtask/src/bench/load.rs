@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Mutex};
 
 /// A request that takes longer than this is counted as an error and its connection replaced.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the last request is due, how long answers may still arrive.
 const DRAIN: Duration = Duration::from_secs(5);
 /// Longest stream a bulk server agrees to produce or consume.
@@ -84,6 +84,15 @@ pub struct BulkServerArgs {
     pub port: u16,
 }
 
+#[derive(clap::Args, Debug, Clone)]
+pub struct GetArgs {
+    /// `IP:PORT` of an HTTP server (a sidecar's health port, say).
+    #[arg(long)]
+    pub addr: SocketAddr,
+    #[arg(long, default_value = "/")]
+    pub path: String,
+}
+
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BulkDirection {
@@ -112,6 +121,9 @@ pub struct LoadReport {
     /// Requested rate (open loop).
     pub rate: Option<f64>,
     pub connections: usize,
+    /// gRPC: calls in flight at most, spread over the connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<usize>,
     pub warmup_s: f64,
     /// The measured window.
     pub duration_s: f64,
@@ -211,7 +223,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -251,6 +263,35 @@ pub fn run_bulk(args: &BulkArgs) -> Result<()> {
             args.direction, report.bytes, report.seconds, report.mb_per_s
         );
     }
+    Ok(())
+}
+
+/// One HTTP/1.0 GET (so the answer is never chunked); prints the body of a 200 answer.
+pub fn run_get(args: &GetArgs) -> Result<()> {
+    let body = runtime()?.block_on(async {
+        let mut s = open(args.addr).await?;
+        let request = format!(
+            "GET {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: muon-bench\r\n\r\n",
+            args.path, args.addr
+        );
+        s.write_all(request.as_bytes()).await?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(REQUEST_TIMEOUT, s.read_to_end(&mut answer))
+            .await
+            .context("the answer did not end in time")??;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let head = match resp.parse(&answer).context("parsing the answer")? {
+            httparse::Status::Complete(n) => n,
+            httparse::Status::Partial => bail!("incomplete answer"),
+        };
+        if resp.code != Some(200) {
+            bail!("GET {}: status {:?}", args.path, resp.code);
+        }
+        Ok::<_, anyhow::Error>(answer[head..].to_vec())
+    })?;
+    use std::io::Write;
+    std::io::stdout().write_all(&body)?;
     Ok(())
 }
 
@@ -333,14 +374,56 @@ async fn load(args: &LoadArgs) -> Result<LoadReport> {
             .await
             .with_context(|| format!("first request to {}", args.addr))?;
     }
+    let shape = Shape {
+        target: args.addr.to_string(),
+        rate: args.rate,
+        connections: args.connections,
+        streams: None,
+        warmup: args.warmup,
+        duration: args.duration,
+    };
+    drive(conns, shape).await
+}
+
+/// One request at a time, as a worker of the generator: an HTTP/1.1 connection, or one
+/// caller on a shared HTTP/2 connection (`grpc`).
+pub(super) trait Caller: Send + 'static {
+    /// One request and its whole answer; an error means the caller must reconnect.
+    fn call(&mut self) -> impl std::future::Future<Output = Result<()>> + Send;
+    /// Replaces a broken connection; on failure the next call fails fast and tries again.
+    fn reconnect(&mut self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Caller for Conn {
+    async fn call(&mut self) -> Result<()> {
+        self.request().await
+    }
+
+    async fn reconnect(&mut self) {
+        Conn::reconnect(self).await
+    }
+}
+
+/// What a load run is, for its report.
+pub(super) struct Shape {
+    pub target: String,
+    pub rate: Option<f64>,
+    pub connections: usize,
+    pub streams: Option<usize>,
+    pub warmup: Duration,
+    pub duration: Duration,
+}
+
+/// Runs the open loop (with a rate) or the closed loop over ready callers, one worker each.
+pub(super) async fn drive<C: Caller>(callers: Vec<C>, shape: Shape) -> Result<LoadReport> {
     let start = Instant::now() + Duration::from_millis(10);
-    let measure_from = start + args.warmup;
-    let end = measure_from + args.duration;
+    let measure_from = start + shape.warmup;
+    let end = measure_from + shape.duration;
     let mut workers = tokio::task::JoinSet::new();
     let mut pacer = None;
-    match args.rate {
+    match shape.rate {
         Some(rate) => {
-            let total = ((args.warmup + args.duration).as_secs_f64() * rate).round() as u64;
+            let total = ((shape.warmup + shape.duration).as_secs_f64() * rate).round() as u64;
             let (tx, rx) = mpsc::unbounded_channel();
             let rx = Arc::new(Mutex::new(rx));
             pacer = Some((
@@ -348,12 +431,12 @@ async fn load(args: &LoadArgs) -> Result<LoadReport> {
                 std::thread::spawn(move || pace(tx, start, rate, total)),
             ));
             let hard_stop = end + DRAIN;
-            for c in conns {
+            for c in callers {
                 workers.spawn(open_worker(c, rx.clone(), measure_from, hard_stop));
             }
         }
         None => {
-            for c in conns {
+            for c in callers {
                 workers.spawn(closed_worker(c, start, measure_from, end));
             }
         }
@@ -369,18 +452,19 @@ async fn load(args: &LoadArgs) -> Result<LoadReport> {
         }
         None => 0,
     };
-    let duration_s = args.duration.as_secs_f64();
+    let duration_s = shape.duration.as_secs_f64();
     Ok(LoadReport {
-        mode: if args.rate.is_some() {
+        mode: if shape.rate.is_some() {
             "open"
         } else {
             "closed"
         }
         .into(),
-        target: args.addr.to_string(),
-        rate: args.rate,
-        connections: args.connections,
-        warmup_s: args.warmup.as_secs_f64(),
+        target: shape.target,
+        rate: shape.rate,
+        connections: shape.connections,
+        streams: shape.streams,
+        warmup_s: shape.warmup.as_secs_f64(),
         duration_s,
         requests: tally.measured,
         total_requests: tally.total,
@@ -413,8 +497,8 @@ fn pace(tx: mpsc::UnboundedSender<Instant>, start: Instant, rate: f64, total: u6
 
 /// Takes the next due request from the shared queue (whichever connection is free first),
 /// and records its latency from the time it was due.
-async fn open_worker(
-    mut conn: Conn,
+async fn open_worker<C: Caller>(
+    mut conn: C,
     queue: Arc<Mutex<mpsc::UnboundedReceiver<Instant>>>,
     measure_from: Instant,
     hard_stop: Instant,
@@ -431,7 +515,7 @@ async fn open_worker(
             Ok(None) | Err(_) => break,
         };
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-        match tokio::time::timeout_at(deadline.min(hard_stop_tokio), conn.request()).await {
+        match tokio::time::timeout_at(deadline.min(hard_stop_tokio), conn.call()).await {
             Ok(Ok(())) => {
                 tally.total += 1;
                 if due >= measure_from {
@@ -452,8 +536,8 @@ async fn open_worker(
     Ok(tally)
 }
 
-async fn closed_worker(
-    mut conn: Conn,
+async fn closed_worker<C: Caller>(
+    mut conn: C,
     start: Instant,
     measure_from: Instant,
     end: Instant,
@@ -465,7 +549,7 @@ async fn closed_worker(
         if sent >= end {
             break;
         }
-        match tokio::time::timeout(REQUEST_TIMEOUT, conn.request()).await {
+        match tokio::time::timeout(REQUEST_TIMEOUT, conn.call()).await {
             Ok(Ok(())) => {
                 tally.total += 1;
                 if sent >= measure_from {
@@ -604,7 +688,7 @@ impl Conn {
     }
 }
 
-async fn open(addr: SocketAddr) -> Result<TcpStream> {
+pub(super) async fn open(addr: SocketAddr) -> Result<TcpStream> {
     let s = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect {addr}"))?;

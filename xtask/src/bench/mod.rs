@@ -9,12 +9,19 @@
 //! 2. open loop at 1,000 and 5,000 requests/s (HTTP/1.1 keep-alive, 1 KiB answers), with
 //!    latency corrected for coordinated omission, the proxies' CPU time and peak RSS;
 //! 3. closed loop: maximum requests/s;
-//! 4. one TCP stream each way: MB/s.
+//! 4. one TCP stream each way: MB/s (L4 mode only);
+//! 5. in HTTP mode, gRPC unary calls (see `grpc`): open loop at 1,000 and 5,000 calls/s and
+//!    the closed loop, against `demo-shop echo-grpc`.
 //!
-//! The load generator is this binary (`xtask bench load|bulk|bulk-server`, see `load`),
+//! `--mode l4` declares the service ports `tcp` and runs the peers as TCP proxies; `--mode
+//! http` declares them `http` (and the gRPC port `grpc`) and runs the peers in their HTTP
+//! modes (see `peers`).
+//!
+//! The load generator is this binary (`xtask bench load|grpc-load|bulk|bulk-server`),
 //! built in release mode and run inside the client pod. Results go to
 //! `bench-results/<time>/` as `results.json` and `results.md` (see `report`).
 
+mod grpc;
 mod load;
 mod peers;
 mod procs;
@@ -39,10 +46,11 @@ const BENCH_ROOT: &str = "/run/muon/bench";
 pub struct BenchArgs {
     #[command(subcommand)]
     tool: Option<Tool>,
-    /// A short run (under 3 minutes): the same steps, shorter.
+    /// A short run (under 3 minutes; 4 in HTTP mode): the same steps, shorter.
     #[arg(long)]
     quick: bool,
-    /// What the proxies carry: l4 (TCP forwarding). http and mtls come with those features.
+    /// What the proxies carry: l4 (TCP forwarding) or http (HTTP/1.1 from the app, HTTP/2
+    /// between the proxies, and gRPC). mtls comes with that feature.
     #[arg(long, value_enum, default_value_t = Mode::L4)]
     mode: Mode,
     /// Profile Muon under load with perf instead of comparing (writes profile.md).
@@ -61,8 +69,8 @@ pub struct BenchArgs {
     /// Print the tables of an earlier run from its results.json, and do nothing else.
     #[arg(long, value_name = "RESULTS_JSON")]
     report: Option<PathBuf>,
-    /// Take muon-proxy and muon-init from this directory instead of the release build (the
-    /// lab's --bin-dir), e.g. to measure a candidate fix against the same peers.
+    /// Take muon-proxy, muon-init and muon-control from this directory instead of the release
+    /// build (the lab's --bin-dir), e.g. to measure a candidate fix against the same peers.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
 }
@@ -71,6 +79,10 @@ pub struct BenchArgs {
 enum Tool {
     /// (Runs in a pod) HTTP/1.1 load: open loop with --rate, closed loop without.
     Load(load::LoadArgs),
+    /// (Runs in a pod) gRPC unary calls over HTTP/2: open loop with --rate, closed loop without.
+    GrpcLoad(grpc::GrpcLoadArgs),
+    /// (Runs in a pod) One HTTP GET; prints the body (a sidecar's metrics).
+    Get(load::GetArgs),
     /// (Runs in a pod) One TCP stream to a bulk server, up or down.
     Bulk(load::BulkArgs),
     /// (Runs in a pod) The bulk server: sink and source.
@@ -113,22 +125,39 @@ pub struct Plan {
     /// (requests/s, connections) of the open-loop steps.
     pub rates: Vec<(u32, usize)>,
     pub saturation_connections: usize,
+    /// gRPC unary (HTTP mode; empty otherwise): (calls/s, streams) of the open-loop steps.
+    #[serde(default)]
+    pub grpc_rates: Vec<(u32, usize)>,
+    /// The HTTP/2 connections the gRPC streams share.
+    #[serde(default)]
+    pub grpc_connections: usize,
+    #[serde(default)]
+    pub grpc_saturation_streams: usize,
     /// Each step's time is split into this many rounds, and every round visits every
     /// scenario in turn: a burst of noise from a neighbour lands on all of them, not one.
     pub rounds: usize,
 }
 
 impl Plan {
-    fn new(quick: bool) -> Plan {
+    fn new(quick: bool, mode: Mode) -> Plan {
         let rates = vec![(1000, 10), (5000, 50)];
+        let (grpc_rates, grpc_connections, grpc_saturation_streams) = match mode {
+            Mode::Http => (vec![(1000, 10), (5000, 50)], 2, 16),
+            Mode::L4 | Mode::Mtls => (Vec::new(), 0, 0),
+        };
+        // HTTP mode carries no raw TCP stream: no bulk step.
+        let bulk = mode != Mode::Http;
         if quick {
             Plan {
                 warmup_s: 1.0,
                 latency_s: 4.0,
                 saturation_s: 4.0,
-                bulk_s: 2.0,
+                bulk_s: if bulk { 2.0 } else { 0.0 },
                 rates,
                 saturation_connections: 16,
+                grpc_rates,
+                grpc_connections,
+                grpc_saturation_streams,
                 rounds: 1,
             }
         } else {
@@ -136,9 +165,12 @@ impl Plan {
                 warmup_s: 1.0,
                 latency_s: 40.0,
                 saturation_s: 16.0,
-                bulk_s: 12.0,
+                bulk_s: if bulk { 12.0 } else { 0.0 },
                 rates,
                 saturation_connections: 16,
+                grpc_rates,
+                grpc_connections,
+                grpc_saturation_streams,
                 rounds: 4,
             }
         }
@@ -149,6 +181,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(tool) = &args.tool {
         return match tool {
             Tool::Load(a) => load::run_load(a),
+            Tool::GrpcLoad(a) => grpc::run_grpc_load(a),
+            Tool::Get(a) => load::run_get(a),
             Tool::Bulk(a) => load::run_bulk(a),
             Tool::BulkServer(a) => load::run_bulk_server(a),
             Tool::ControlPlane(a) => crate::cpbench::run(a.clone()),
@@ -162,8 +196,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     match args.mode {
-        Mode::L4 => {}
-        Mode::Http => bail!("--mode http is not available yet: Muon forwards TCP only until HTTP routing lands; use --mode l4"),
+        Mode::L4 | Mode::Http => {}
         Mode::Mtls => bail!("--mode mtls is not available yet: Muon has no mTLS until the identity work lands; use --mode l4"),
     }
     util::require_root(
@@ -191,7 +224,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     kinds.sort();
     kinds.dedup();
-    let plan = Plan::new(args.quick);
+    let plan = Plan::new(args.quick, args.mode);
     let meta = Meta::collect(&env, args.quick);
     let result = compare(&env, &kinds, &plan, meta, started);
     // Whatever happened, no bench lab stays up.
@@ -218,6 +251,8 @@ fn prepare(args: &BenchArgs) -> Result<Env> {
             "muon-proxy",
             "-p",
             "muon-init",
+            "-p",
+            "muon-control",
             "-p",
             "muonctl",
             "-p",
@@ -246,6 +281,8 @@ fn prepare(args: &BenchArgs) -> Result<Env> {
         release.join("muonctl"),
         lab_bins.join("muon-proxy"),
         lab_bins.join("muon-init"),
+        // Every lab runs its own control plane, from the same directory.
+        lab_bins.join("muon-control"),
     ] {
         if !path.is_file() {
             bail!("{} is missing: build it (drop --no-build)", path.display());
@@ -359,39 +396,13 @@ fn compare(env: &Env, kinds: &[Kind], plan: &Plan, meta: Meta, started: Instant)
             reports[*i].add_round("closed", step);
         }
     }
-    let secs = plan.bulk_s / plan.rounds as f64;
-    println!(
-        "== one TCP stream each way: {} round(s) of {secs}s per scenario",
-        plan.rounds
-    );
-    for (i, r) in &mut running {
-        if let Err(e) = r.use_port(scenarios::BULK_PORT) {
-            reports[*i].fail(format!("restarting for the bulk port: {e:#}"));
-        }
+    if plan.bulk_s > 0.0 {
+        bulk_steps(plan, &mut running, &mut reports);
+    } else {
+        println!("== bulk TCP streams: skipped in HTTP mode (the proxies carry HTTP, not raw TCP)");
     }
-    for round in 0..plan.rounds {
-        for (i, r) in &mut running {
-            if reports[*i].error.is_some() {
-                continue;
-            }
-            for (key, dir) in [("bulk_up", "up"), ("bulk_down", "down")] {
-                let args: Vec<String> = [
-                    "bulk",
-                    "--addr",
-                    &r.bulk_target().to_string(),
-                    "--direction",
-                    dir,
-                    "--duration",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .chain([format!("{secs}s"), "--json".into()])
-                .collect();
-                let step = measure(r, &args, secs + 30.0, Payload::Bulk);
-                print_step(r.kind, &format!("#{} {dir}", round + 1), &step);
-                reports[*i].add_round(key, step);
-            }
-        }
+    if !plan.grpc_rates.is_empty() {
+        grpc_steps(plan, &mut running, &mut reports);
     }
     for (i, r) in &running {
         reports[*i].rss_end_kib = rss_now(&r.proxies);
@@ -423,6 +434,131 @@ fn compare(env: &Env, kinds: &[Kind], plan: &Plan, meta: Meta, started: Instant)
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// One TCP stream each way (L4 mode). Configured-upstream peers are restarted for the port.
+fn bulk_steps(plan: &Plan, running: &mut [(usize, Running)], reports: &mut [ScenarioReport]) {
+    let secs = plan.bulk_s / plan.rounds as f64;
+    println!(
+        "== one TCP stream each way: {} round(s) of {secs}s per scenario",
+        plan.rounds
+    );
+    for (i, r) in running.iter_mut() {
+        if let Err(e) = r.use_port(scenarios::BULK_PORT) {
+            reports[*i].fail(format!("restarting for the bulk port: {e:#}"));
+        }
+    }
+    for round in 0..plan.rounds {
+        for (i, r) in running.iter_mut() {
+            if reports[*i].error.is_some() {
+                continue;
+            }
+            for (key, dir) in [("bulk_up", "up"), ("bulk_down", "down")] {
+                let args: Vec<String> = [
+                    "bulk",
+                    "--addr",
+                    &r.bulk_target().to_string(),
+                    "--direction",
+                    dir,
+                    "--duration",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([format!("{secs}s"), "--json".into()])
+                .collect();
+                let step = measure(r, &args, secs + 30.0, Payload::Bulk);
+                print_step(r.kind, &format!("#{} {dir}", round + 1), &step);
+                reports[*i].add_round(key, step);
+            }
+        }
+    }
+}
+
+/// gRPC unary calls (HTTP mode) to the gRPC port: configured-upstream peers are restarted on
+/// it and every scenario passes a gRPC smoke test first; one that does not is left out of
+/// these steps only.
+fn grpc_steps(plan: &Plan, running: &mut [(usize, Running)], reports: &mut [ScenarioReport]) {
+    println!(
+        "== gRPC unary calls to port {}: restarting configured-upstream peers on it, smoke test",
+        scenarios::GRPC_PORT
+    );
+    let mut ready = Vec::new();
+    for (i, r) in running.iter_mut() {
+        match r.start_grpc() {
+            Ok(()) => ready.push(*i),
+            Err(e) => {
+                println!("   {:<8} FAILED: {e:#}", r.kind.name());
+                reports[*i].grpc_error = Some(format!("{e:#}"));
+            }
+        }
+    }
+    let w = plan.warmup_s;
+    let c = plan.grpc_connections;
+    for &(rate, streams) in &plan.grpc_rates {
+        let key = format!("grpc_open_{rate}");
+        let secs = plan.latency_s / plan.rounds as f64;
+        println!(
+            "== gRPC open loop, {rate} calls/s, {streams} streams over {c} HTTP/2 connections: {} round(s) of {secs}s (+{w}s warm-up) per scenario",
+            plan.rounds
+        );
+        for round in 0..plan.rounds {
+            for (i, r) in running.iter_mut().filter(|(i, _)| ready.contains(i)) {
+                let args = grpc_args(r.grpc_target().to_string(), Some(rate), c, streams, secs, w);
+                let step = measure(r, &args, secs + w + 30.0, Payload::Load);
+                print_step(r.kind, &format!("#{}", round + 1), &step);
+                reports[*i].add_round(&key, step);
+            }
+        }
+    }
+    let secs = plan.saturation_s / plan.rounds as f64;
+    let streams = plan.grpc_saturation_streams;
+    println!(
+        "== gRPC closed loop, {streams} streams over {c} connections: {} round(s) of {secs}s per scenario: maximum calls/s",
+        plan.rounds
+    );
+    for round in 0..plan.rounds {
+        for (i, r) in running.iter_mut().filter(|(i, _)| ready.contains(i)) {
+            let args = grpc_args(
+                r.grpc_target().to_string(),
+                None,
+                c,
+                streams,
+                secs,
+                w.min(1.0),
+            );
+            let step = measure(r, &args, secs + 30.0, Payload::Load);
+            print_step(r.kind, &format!("#{}", round + 1), &step);
+            reports[*i].add_round("grpc_closed", step);
+        }
+    }
+}
+
+fn grpc_args(
+    addr: String,
+    rate: Option<u32>,
+    connections: usize,
+    streams: usize,
+    secs: f64,
+    warmup: f64,
+) -> Vec<String> {
+    let mut a = vec!["grpc-load".to_string(), "--addr".into(), addr];
+    if let Some(r) = rate {
+        a.extend(["--rate".into(), r.to_string()]);
+    }
+    a.extend([
+        "--connections".into(),
+        connections.to_string(),
+        "--streams".into(),
+        streams.to_string(),
+        "--duration".into(),
+        format!("{secs}s"),
+        "--warmup".into(),
+        format!("{warmup}s"),
+        "--expect-size".into(),
+        "1024".into(),
+        "--json".into(),
+    ]);
+    a
 }
 
 /// The lab's binaries, when they are not the release build's.
@@ -467,7 +603,14 @@ fn measure(r: &Running, args: &[String], limit_s: f64, payload: Payload) -> Step
         .iter()
         .map(|(k, v)| (k.clone(), ticks(v)))
         .collect();
-    let sampler = procs::RssSampler::start(r.proxies.clone(), Duration::from_millis(200));
+    // Connections between the pair: those the server side accepted on its inbound port.
+    let server_side = r
+        .proxies
+        .get("server")
+        .and_then(|pids| pids.first())
+        .map(|&pid| (pid, peers::Side::Server.port()));
+    let sampler =
+        procs::RssSampler::start(r.proxies.clone(), server_side, Duration::from_millis(200));
     let limit = Duration::from_secs_f64(limit_s);
     let mut step = StepResult::default();
     match payload {
@@ -480,7 +623,7 @@ fn measure(r: &Running, args: &[String], limit_s: f64, payload: Payload) -> Step
             Err(e) => step.error = Some(format!("{e:#}")),
         },
     }
-    step.rss_peak_kib = sampler.finish();
+    (step.rss_peak_kib, step.pair_connections) = sampler.finish();
     let hz = procs::clock_ticks();
     for (side, pids) in &r.proxies {
         let spent = ticks(pids).saturating_sub(before.get(side).copied().unwrap_or(0));

@@ -12,6 +12,17 @@
 //! - server side, port 15006: the server pod's PREROUTING sends arriving connections here.
 //!   Envoy forwards to the original destination from 127.0.0.6 (as Istio does, so muon-init
 //!   leaves it uncaptured); HAProxy and nginx forward to the app at `127.0.0.1:port`.
+//!
+//! What each proxy carries depends on the run's mode (`Proto`, per port):
+//! - `tcp` (`--mode l4`): Envoy `tcp_proxy`, HAProxy `mode tcp`, nginx `stream {}`.
+//! - `http` (`--mode http`, the app's HTTP/1.1): Envoy `http_connection_manager` with an
+//!   HTTP/2 cluster between the pair and HTTP/1.1 to the app; HAProxy `mode http` with
+//!   `proto h2` between the pair; nginx `http {}` with an HTTP/1.1 keep-alive upstream pool on
+//!   both sides (nginx's `proxy_pass` has no HTTP/2 upstream).
+//! - `grpc` (`--mode http`, the gRPC port): HTTP/2 from the app to the app. Envoy's pair is the
+//!   same as for `http` (it tells the ports apart on the server side); HAProxy `proto h2` on
+//!   every hop; nginx `listen … http2` and `grpc_pass` (HTTP/2 upstream, one call per
+//!   upstream connection at a time: nginx does not multiplex upstream).
 
 use anyhow::{bail, Context, Result};
 use std::net::Ipv4Addr;
@@ -59,6 +70,27 @@ impl Side {
         match self {
             Side::Client => 15001,
             Side::Server => 15006,
+        }
+    }
+}
+
+/// What a pair carries on one port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// Opaque TCP.
+    Tcp,
+    /// HTTP/1.1 from the app and to the app; HTTP/2 between the pair where the peer can.
+    Http,
+    /// gRPC: HTTP/2 on every hop.
+    Grpc,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Http => "http",
+            Proto::Grpc => "grpc",
         }
     }
 }
@@ -310,6 +342,10 @@ pub struct SideCtx<'a> {
     pub server_ip: Ipv4Addr,
     /// The one upstream port of configured-upstream peers.
     pub port: u16,
+    /// What the pair carries (on `port`, for configured-upstream peers).
+    pub proto: Proto,
+    /// Envoy in HTTP mode: the app's gRPC port (HTTP/2 to the app on the server side).
+    pub grpc_port: u16,
 }
 
 /// Writes the config for one side and returns the command line that runs it in the foreground.
@@ -318,7 +354,10 @@ pub fn prepare(bin: &PeerBin, ctx: &SideCtx<'_>) -> Result<(PathBuf, Vec<String>
         .dir
         .join(format!("{}.{}", bin.peer.name(), bin.peer.config_ext()));
     let text = match bin.peer {
-        Peer::Envoy => envoy_config(ctx.side),
+        Peer::Envoy => match ctx.proto {
+            Proto::Tcp => envoy_config(ctx.side),
+            Proto::Http | Proto::Grpc => envoy_http_config(ctx.side, ctx.grpc_port),
+        },
         Peer::Haproxy => haproxy_config(ctx),
         Peer::Nginx => nginx_config(ctx, bin.module.as_deref()),
     };
@@ -387,6 +426,92 @@ static_resources:
     )
 }
 
+/// The `original_dst` listener filter: the connection's address before the REDIRECT.
+const ENVOY_ORIGINAL_DST: &str = "    listener_filters:\n    - name: envoy.filters.listener.original_dst\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst\n";
+
+/// One `http_connection_manager` (codec AUTO: HTTP/1.1 or HTTP/2 with prior knowledge) that
+/// sends every request to `cluster`.
+fn envoy_hcm(stat_prefix: &str, cluster: &str) -> String {
+    format!(
+        r#"      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {stat_prefix}
+          codec_type: AUTO
+          route_config:
+            name: {stat_prefix}
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: {cluster}}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#
+    )
+}
+
+/// An `ORIGINAL_DST` cluster; `http2`: HTTP/2 upstream (else Envoy's default, HTTP/1.1).
+fn envoy_passthrough_cluster(name: &str, http2: bool, bind: &str) -> String {
+    let h2 = if http2 {
+        "    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config:\n          http2_protocol_options: {}\n"
+    } else {
+        ""
+    };
+    format!(
+        "  - name: {name}\n    type: ORIGINAL_DST\n    lb_policy: CLUSTER_PROVIDED\n    connect_timeout: 5s\n{h2}{bind}"
+    )
+}
+
+/// Envoy in HTTP mode. Client side: `original_dst` listener filter, HTTP connection manager,
+/// `ORIGINAL_DST` cluster with explicit HTTP/2, so the hop between the pair is one multiplexed
+/// HTTP/2 connection per server port. Server side: the same manager accepts that HTTP/2 (or
+/// HTTP/1.1) and forwards to the original destination from 127.0.0.6 (as in L4): HTTP/1.1 to
+/// the app, except on `grpc_port` (a filter chain of its own), where the app speaks HTTP/2.
+pub fn envoy_http_config(side: Side, grpc_port: u16) -> String {
+    match side {
+        Side::Client => format!(
+            r#"# Envoy, client side of the pair: HTTP from port 15001 to each connection's original destination, HTTP/2 upstream.
+static_resources:
+  listeners:
+  - name: outbound
+    address:
+      socket_address: {{address: 0.0.0.0, port_value: 15001}}
+{ENVOY_ORIGINAL_DST}    filter_chains:
+    - filters:
+{hcm}  clusters:
+{cluster}"#,
+            hcm = envoy_hcm("outbound", "outbound_passthrough"),
+            cluster = envoy_passthrough_cluster("outbound_passthrough", true, ""),
+        ),
+        Side::Server => {
+            let bind =
+                "    upstream_bind_config:\n      source_address: {address: 127.0.0.6, port_value: 0}\n";
+            format!(
+                r#"# Envoy, server side of the pair: HTTP/2 (or HTTP/1.1) from port 15006 to the app at the original destination, HTTP/1.1 (gRPC port {grpc_port}: HTTP/2).
+static_resources:
+  listeners:
+  - name: inbound
+    address:
+      socket_address: {{address: 0.0.0.0, port_value: 15006}}
+{ENVOY_ORIGINAL_DST}    filter_chains:
+    - filter_chain_match: {{destination_port: {grpc_port}}}
+      filters:
+{hcm_grpc}    - filters:
+{hcm_http}  clusters:
+{h1}{h2}"#,
+                hcm_grpc = envoy_hcm("inbound_grpc", "inbound_h2"),
+                hcm_http = envoy_hcm("inbound", "inbound_h1"),
+                h1 = envoy_passthrough_cluster("inbound_h1", false, bind),
+                h2 = envoy_passthrough_cluster("inbound_h2", true, bind),
+            )
+        }
+    }
+}
+
 fn upstream(ctx: &SideCtx<'_>) -> String {
     match ctx.side {
         Side::Client => format!("{}:{}", ctx.server_ip, ctx.port),
@@ -394,10 +519,39 @@ fn upstream(ctx: &SideCtx<'_>) -> String {
     }
 }
 
-/// HAProxy in `mode tcp`, one thread, foreground.
+/// HAProxy, one thread, foreground: `mode tcp`, or `mode http` with HTTP/2 between the pair.
 pub fn haproxy_config(ctx: &SideCtx<'_>) -> String {
+    let up = upstream(ctx);
+    // (mode, bind options, server options, what it says it does)
+    let (mode, bind, server, what) = match (ctx.proto, ctx.side) {
+        (Proto::Tcp, _) => ("tcp", "", "", "TCP"),
+        (Proto::Http, Side::Client) => (
+            "http",
+            "",
+            " proto h2",
+            "HTTP/1.1 from the app, HTTP/2 to the server side",
+        ),
+        (Proto::Http, Side::Server) => (
+            "http",
+            " proto h2",
+            "",
+            "HTTP/2 from the client side, HTTP/1.1 to the app",
+        ),
+        (Proto::Grpc, _) => (
+            "http",
+            " proto h2",
+            " proto h2",
+            "gRPC, HTTP/2 on both hops",
+        ),
+    };
+    // Idle upstream connections are shared by every client connection (HTTP modes).
+    let reuse = if mode == "http" {
+        "    http-reuse always\n"
+    } else {
+        ""
+    };
     format!(
-        r#"# HAProxy, {side} side of the pair: TCP from port {port} to {up}.
+        r#"# HAProxy, {side} side of the pair: {what}, from port {port} to {up}.
 global
     nbthread 1
     # HAProxy needs about two descriptors per connection; this fits the default 20k limit.
@@ -405,42 +559,42 @@ global
     pidfile {dir}/haproxy.pid
 
 defaults
-    mode tcp
+    mode {mode}
     timeout connect 5s
     timeout client 120s
     timeout server 120s
 
 frontend capture
-    bind 0.0.0.0:{port}
+    bind 0.0.0.0:{port}{bind}
     default_backend upstream
 
 backend upstream
-    server app {up}
+{reuse}    server app {up}{server}
 "#,
         side = ctx.side.as_str(),
         port = ctx.side.port(),
-        up = upstream(ctx),
         dir = ctx.dir.display()
     )
 }
 
-/// nginx `stream {}` proxy, one worker, foreground.
+/// nginx, one worker, foreground: `stream {}` for TCP, `http {}` for HTTP and gRPC.
 pub fn nginx_config(ctx: &SideCtx<'_>, module: Option<&Path>) -> String {
-    let load = module
-        .map(|m| format!("load_module {};\n", m.display()))
-        .unwrap_or_default();
-    format!(
-        r#"# nginx, {side} side of the pair: TCP from port {port} to {up}.
-{load}daemon off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log stderr warn;
-
-events {{
-    worker_connections 8000;
-}}
-
-stream {{
+    let up = upstream(ctx);
+    let port = ctx.side.port();
+    // http {} creates its temporary directories at start, by default under /var/lib/nginx,
+    // which the proxy's user may not write: in its own directory instead.
+    let temp: String = ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
+        .iter()
+        .map(|t| format!("    {t}_temp_path {}/{t}_temp;\n", ctx.dir.display()))
+        .collect();
+    let (load, what, body) = match ctx.proto {
+        Proto::Tcp => (
+            module
+                .map(|m| format!("load_module {};\n", m.display()))
+                .unwrap_or_default(),
+            "TCP",
+            format!(
+                r#"stream {{
     server {{
         listen 0.0.0.0:{port};
         proxy_pass {up};
@@ -450,10 +604,79 @@ stream {{
         proxy_timeout 120s;
     }}
 }}
-"#,
+"#
+            ),
+        ),
+        Proto::Http => (
+            String::new(),
+            "HTTP/1.1 on both hops (proxy_pass has no HTTP/2 upstream), keep-alive upstream pool",
+            format!(
+                r#"http {{
+{temp}    access_log off;
+    # No cap on requests per keep-alive connection (the default closes after 1000).
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    upstream app {{
+        server {up};
+        keepalive 64;
+        keepalive_requests 1000000;
+        keepalive_timeout 120s;
+    }}
+    server {{
+        listen 0.0.0.0:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_connect_timeout 5s;
+            proxy_read_timeout 120s;
+        }}
+    }}
+}}
+"#
+            ),
+        ),
+        Proto::Grpc => (
+            String::new(),
+            "gRPC, HTTP/2 on both hops (grpc_pass: one call per upstream connection at a time)",
+            format!(
+                r#"http {{
+{temp}    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    upstream app {{
+        server {up};
+        keepalive 64;
+        keepalive_requests 1000000;
+        keepalive_timeout 120s;
+    }}
+    server {{
+        listen 0.0.0.0:{port} http2;
+        location / {{
+            grpc_pass grpc://app;
+            grpc_connect_timeout 5s;
+            grpc_read_timeout 120s;
+        }}
+    }}
+}}
+"#
+            ),
+        ),
+    };
+    format!(
+        r#"# nginx, {side} side of the pair: {what}, from port {port} to {up}.
+{load}daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log stderr warn;
+
+events {{
+    worker_connections 8000;
+}}
+
+{body}"#,
         side = ctx.side.as_str(),
-        port = ctx.side.port(),
-        up = upstream(ctx),
         dir = ctx.dir.display()
     )
 }
@@ -483,12 +706,16 @@ mod tests {
             dir,
             server_ip: ip,
             port: 8080,
+            proto: Proto::Tcp,
+            grpc_port: 8081,
         };
         let server = SideCtx {
             side: Side::Server,
             dir,
             server_ip: ip,
             port: 9000,
+            proto: Proto::Tcp,
+            grpc_port: 8081,
         };
         assert!(haproxy_config(&client).contains("bind 0.0.0.0:15001"));
         assert!(haproxy_config(&client).contains("server app 198.18.0.3:8080"));
@@ -499,6 +726,81 @@ mod tests {
         assert!(n.contains("listen 0.0.0.0:15006;"));
         assert!(n.contains("proxy_pass 127.0.0.1:9000;"));
         assert!(n.contains("proxy_half_close on;"));
+    }
+
+    fn ctx(side: Side, port: u16, proto: Proto) -> SideCtx<'static> {
+        SideCtx {
+            side,
+            dir: Path::new("/run/x"),
+            server_ip: Ipv4Addr::new(198, 18, 0, 3),
+            port,
+            proto,
+            grpc_port: 8081,
+        }
+    }
+
+    #[test]
+    fn envoy_in_http_mode_speaks_http2_between_the_pair_and_http1_to_the_app() {
+        let client = envoy_http_config(Side::Client, 8081);
+        assert!(
+            client.contains("envoy.filters.listener.original_dst"),
+            "{client}"
+        );
+        assert!(client.contains("http_connection_manager"));
+        assert!(client.contains("codec_type: AUTO"));
+        assert!(client.contains("type: ORIGINAL_DST"));
+        assert!(client.contains("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"));
+        assert!(client.contains("http2_protocol_options: {}"));
+        let server = envoy_http_config(Side::Server, 8081);
+        assert!(server.contains("port_value: 15006"), "{server}");
+        assert!(server.contains("filter_chain_match: {destination_port: 8081}"));
+        assert_eq!(server.matches("address: 127.0.0.6").count(), 2);
+        // Only the gRPC cluster is HTTP/2 to the app.
+        let h1 = server.split("- name: inbound_h1").nth(1).unwrap();
+        let h1 = h1.split("- name: inbound_h2").next().unwrap();
+        assert!(!h1.contains("http2_protocol_options"), "{h1}");
+        assert!(server
+            .split("- name: inbound_h2")
+            .nth(1)
+            .unwrap()
+            .contains("http2_protocol_options"));
+    }
+
+    #[test]
+    fn haproxy_in_http_mode_uses_h2_between_the_pair() {
+        let c = haproxy_config(&ctx(Side::Client, 8080, Proto::Http));
+        assert!(c.contains("mode http"), "{c}");
+        assert!(c.contains("bind 0.0.0.0:15001\n"));
+        assert!(c.contains("server app 198.18.0.3:8080 proto h2"));
+        assert!(c.contains("http-reuse always"));
+        let s = haproxy_config(&ctx(Side::Server, 8080, Proto::Http));
+        assert!(s.contains("bind 0.0.0.0:15006 proto h2"), "{s}");
+        assert!(s.contains("server app 127.0.0.1:8080\n"));
+        let g = haproxy_config(&ctx(Side::Server, 8081, Proto::Grpc));
+        assert!(g.contains("bind 0.0.0.0:15006 proto h2"), "{g}");
+        assert!(g.contains("server app 127.0.0.1:8081 proto h2"));
+        let t = haproxy_config(&ctx(Side::Client, 8080, Proto::Tcp));
+        assert!(t.contains("mode tcp") && !t.contains("http-reuse"), "{t}");
+    }
+
+    #[test]
+    fn nginx_in_http_mode_keeps_an_upstream_keepalive_pool() {
+        let c = nginx_config(
+            &ctx(Side::Client, 8080, Proto::Http),
+            Some(Path::new("/m.so")),
+        );
+        assert!(!c.contains("load_module") && !c.contains("stream {"), "{c}");
+        assert!(c.contains("http {"));
+        assert!(c.contains("server 198.18.0.3:8080;"));
+        assert!(c.contains("keepalive 64;"));
+        assert!(c.contains("proxy_http_version 1.1;"));
+        assert!(c.contains("proxy_set_header Connection \"\";"));
+        assert!(c.contains("access_log off;"));
+        assert!(c.contains("proxy_temp_path /run/x/proxy_temp;"));
+        let g = nginx_config(&ctx(Side::Server, 8081, Proto::Grpc), None);
+        assert!(g.contains("listen 0.0.0.0:15006 http2;"), "{g}");
+        assert!(g.contains("server 127.0.0.1:8081;"));
+        assert!(g.contains("grpc_pass grpc://app;"));
     }
 
     #[test]

@@ -277,27 +277,61 @@ pub fn listening(pid: i32, port: u16) -> bool {
     })
 }
 
-/// Samples the RSS of groups of pids every `period` on a thread, keeping each group's peak
-/// (the group's pids summed: nginx's master and worker are one proxy).
-pub struct RssSampler {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<BTreeMap<String, u64>>>,
+/// Established TCP connections in `pid`'s network namespace whose local port is `port`
+/// (accepted on a listener there, or redirected to it).
+pub fn established(pid: i32, port: u16) -> Option<u64> {
+    let want = format!(":{port:04X}");
+    let mut n = 0;
+    for f in ["tcp", "tcp6"] {
+        let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/net/{f}")) else {
+            continue;
+        };
+        n += t
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.get(1).is_some_and(|a| a.ends_with(&want)) && cols.get(3) == Some(&"01")
+            })
+            .count() as u64;
+    }
+    (cpu_ticks(pid).is_some()).then_some(n)
 }
 
+/// Samples the RSS of groups of pids every `period` on a thread, keeping each group's peak
+/// (the group's pids summed: nginx's master and worker are one proxy), and optionally the
+/// most connections established on a port in one pid's network namespace (see
+/// `established`).
+pub struct RssSampler {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Sampled>>,
+}
+
+/// Peak RSS (KiB) by group, and the most connections seen.
+pub type Sampled = (BTreeMap<String, u64>, Option<u64>);
+
 impl RssSampler {
-    pub fn start(groups: BTreeMap<String, Vec<i32>>, period: Duration) -> RssSampler {
+    pub fn start(
+        groups: BTreeMap<String, Vec<i32>>,
+        connections: Option<(i32, u16)>,
+        period: Duration,
+    ) -> RssSampler {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
             let mut peak: BTreeMap<String, u64> = BTreeMap::new();
+            let mut conns: Option<u64> = None;
             loop {
                 for (name, pids) in &groups {
                     let kib: u64 = pids.iter().filter_map(|&p| status_kib(p, "VmRSS")).sum();
                     let e = peak.entry(name.clone()).or_default();
                     *e = (*e).max(kib);
                 }
+                if let Some((pid, port)) = connections {
+                    conns = conns.max(established(pid, port));
+                }
                 if flag.load(Ordering::Relaxed) {
-                    return peak;
+                    return (peak, conns);
                 }
                 std::thread::sleep(period);
             }
@@ -308,7 +342,7 @@ impl RssSampler {
         }
     }
 
-    pub fn finish(mut self) -> BTreeMap<String, u64> {
+    pub fn finish(mut self) -> Sampled {
         self.stop.store(true, Ordering::Relaxed);
         self.handle
             .take()

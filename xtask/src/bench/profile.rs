@@ -180,7 +180,23 @@ fn profile_one(env: &Env, r: &mut Running, events: &[&str], window: f64) -> Resu
         &children_report,
     )?;
 
-    // 3. perf stat again under one TCP stream (server to client): the cost per megabyte.
+    let mut md = summarise(name, window, &stats, &self_report);
+    // 3. (L4 only: an HTTP proxy carries no raw TCP stream.)
+    if env.mode == super::Mode::L4 {
+        md.push_str(&profile_bulk(env, r, events, window, load_for)?);
+    }
+    Ok(md)
+}
+
+/// `perf stat` under one TCP stream (server to client): the cost per megabyte.
+fn profile_bulk(
+    env: &Env,
+    r: &mut Running,
+    events: &[&str],
+    window: f64,
+    load_for: f64,
+) -> Result<String> {
+    let name = r.kind.name();
     r.use_port(super::scenarios::BULK_PORT)?;
     // Peers with a configured upstream were restarted for the bulk port: new pids.
     let sides = side_pids(r);
@@ -211,9 +227,7 @@ fn profile_one(env: &Env, r: &mut Running, events: &[&str], window: f64) -> Resu
         Ok((stats?, bulk))
     })?;
 
-    let mut md = summarise(name, window, &stats, &self_report);
-    md.push_str(&summarise_bulk(window, &bulk_stats, bulk.mb_per_s));
-    Ok(md)
+    Ok(summarise_bulk(window, &bulk_stats, bulk.mb_per_s))
 }
 
 /// Each side's pids, comma-separated for `perf -p`.

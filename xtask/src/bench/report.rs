@@ -23,6 +23,10 @@ pub struct StepResult {
     pub cpu_ms: BTreeMap<String, f64>,
     /// Peak RSS during the step, by side.
     pub rss_peak_kib: BTreeMap<String, u64>,
+    /// The most connections open between the pair (on the server side's inbound port) during
+    /// the step: with HTTP/2 between the proxies, one per server port, whatever the app opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pair_connections: Option<u64>,
     /// Each round's latency percentiles, in order (`load.latency_us` is all rounds merged).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rounds_latency_us: Vec<Percentiles>,
@@ -69,8 +73,12 @@ pub struct ScenarioReport {
     pub rss_idle_kib: BTreeMap<String, u64>,
     /// RSS by side after the last step.
     pub rss_end_kib: BTreeMap<String, u64>,
-    /// open_1000, open_5000, closed, bulk_up, bulk_down.
+    /// open_1000, open_5000, closed, bulk_up, bulk_down; in HTTP mode grpc_open_1000,
+    /// grpc_open_5000, grpc_closed.
     pub steps: BTreeMap<String, StepResult>,
+    /// Why the gRPC steps did not run (HTTP mode), when they did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_error: Option<String>,
 }
 
 impl ScenarioReport {
@@ -81,6 +89,7 @@ impl ScenarioReport {
             rss_idle_kib: BTreeMap::new(),
             rss_end_kib: BTreeMap::new(),
             steps: BTreeMap::new(),
+            grpc_error: None,
         }
     }
 
@@ -113,6 +122,7 @@ impl ScenarioReport {
         for (side, ms) in round.cpu_ms {
             *have.cpu_ms.entry(side).or_default() += ms;
         }
+        have.pair_connections = have.pair_connections.max(round.pair_connections);
         for (side, kib) in round.rss_peak_kib {
             let e = have.rss_peak_kib.entry(side).or_default();
             *e = (*e).max(kib);
@@ -142,11 +152,12 @@ impl ScenarioReport {
         self.step(key)?.load.as_ref()
     }
 
-    /// Peak RSS per proxy over the load steps: the larger side.
-    fn rss_load_kib(&self) -> Option<u64> {
+    /// Peak RSS per proxy over the load steps of one family (gRPC or not): the larger side.
+    fn rss_load_kib(&self, grpc: bool) -> Option<u64> {
         self.steps
-            .values()
-            .flat_map(|s| s.rss_peak_kib.values().copied())
+            .iter()
+            .filter(|(k, _)| k.starts_with("grpc_") == grpc)
+            .flat_map(|(_, s)| s.rss_peak_kib.values().copied())
             .max()
     }
 }
@@ -364,6 +375,7 @@ fn cell(v: Option<f64>, best: Option<f64>, fmt: &dyn Fn(f64) -> String) -> Strin
 pub fn markdown(r: &RunReport) -> String {
     let mut md = String::new();
     let m = &r.meta;
+    let http = m.mode == super::Mode::Http;
     let _ = writeln!(
         md,
         "### {} — {}{}",
@@ -391,11 +403,24 @@ pub fn markdown(r: &RunReport) -> String {
         m.load_at_start, r.load_at_end
     );
     let p = &r.plan;
-    let _ = writeln!(
-        md,
-        "- workload: HTTP/1.1 keep-alive GET, 1 KiB answers, client pod → server pod through two proxies (one per pod, each on one thread); open loop {}s per rate after {}s warm-up, latency from the intended send time (coordinated omission corrected); closed loop {}s over {} connections; bulk: one TCP stream for {}s each way",
-        p.latency_s, p.warmup_s, p.saturation_s, p.saturation_connections, p.bulk_s
-    );
+    if http {
+        let _ = writeln!(
+            md,
+            "- workload: HTTP/1.1 keep-alive GET from the app, 1 KiB answers, client pod → server pod through two proxies (one per pod, each on one thread) in their HTTP modes: HTTP/2 between the pair for Muon (service port `protocol: http`), Envoy and HAProxy, HTTP/1.1 keep-alive pools for nginx (no HTTP/2 upstream in `proxy_pass`); open loop {}s per rate after {}s warm-up, latency from the intended send time (coordinated omission corrected); closed loop {}s over {} connections; no bulk step (an HTTP proxy carries no raw TCP stream)",
+            p.latency_s, p.warmup_s, p.saturation_s, p.saturation_connections
+        );
+        let _ = writeln!(
+            md,
+            "- gRPC: unary calls (64-byte request, 1 KiB answer, `grpc-status: 0` in trailers) to `demo-shop echo-grpc`, HTTP/2 from the app to the app over {} connections (port `protocol: grpc` for Muon); same durations",
+            p.grpc_connections
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "- workload: HTTP/1.1 keep-alive GET, 1 KiB answers, client pod → server pod through two proxies (one per pod, each on one thread); open loop {}s per rate after {}s warm-up, latency from the intended send time (coordinated omission corrected); closed loop {}s over {} connections; bulk: one TCP stream for {}s each way",
+            p.latency_s, p.warmup_s, p.saturation_s, p.saturation_connections, p.bulk_s
+        );
+    }
     let _ = writeln!(
         md,
         "- ratio in parentheses: figure ÷ best peer's (Envoy, HAProxy, nginx) in this run"
@@ -405,6 +430,54 @@ pub fn markdown(r: &RunReport) -> String {
             md,
             "- every step ran in {} rounds, each visiting every scenario in turn; latency percentiles are the median over rounds (all rounds merged: results.json), throughput and CPU are totals over all rounds",
             p.rounds
+        );
+    }
+    // What the hop between the pair looked like under the most app connections.
+    let mut pools = Vec::new();
+    for (label, key) in [
+        (
+            format!(
+                "HTTP/1.1 at {} connections",
+                p.rates.last().map_or(0, |r| r.1)
+            ),
+            p.rates.last().map(|r| format!("open_{}", r.0)),
+        ),
+        (
+            format!(
+                "gRPC at {} streams over {} connections",
+                p.grpc_rates.last().map_or(0, |r| r.1),
+                p.grpc_connections
+            ),
+            p.grpc_rates.last().map(|r| format!("grpc_open_{}", r.0)),
+        ),
+    ] {
+        let Some(key) = key else { continue };
+        let counts: Vec<String> = r
+            .scenarios
+            .iter()
+            .filter(|s| s.name != Kind::Direct)
+            .filter_map(|s| {
+                Some(format!(
+                    "{} {}",
+                    s.name.name(),
+                    s.step(&key)?.pair_connections?
+                ))
+            })
+            .collect();
+        if !counts.is_empty() {
+            pools.push(format!("{label}: {}", counts.join(", ")));
+        }
+    }
+    if !pools.is_empty() {
+        let _ = writeln!(
+            md,
+            "- most connections open between the two proxies during the busiest open-loop step, counted on the server side's inbound port{}: {}",
+            if p.grpc_rates.is_empty() {
+                ""
+            } else {
+                " (an idle pooled connection of the HTTP port counts in the gRPC step too)"
+            },
+            pools.join("; ")
         );
     }
     for s in r.scenarios.iter().filter(|s| s.error.is_some()) {
@@ -420,92 +493,41 @@ pub fn markdown(r: &RunReport) -> String {
             s.error.as_deref().unwrap_or("")
         );
     }
-    let direct = r
-        .scenarios
-        .iter()
-        .find(|s| s.name == Kind::Direct && s.error.is_none());
 
     for &(rate, conns) in &p.rates {
-        let key = format!("open_{rate}");
-        let _ = writeln!(md);
-        let _ = writeln!(
-            md,
-            "#### Added latency at {rate} requests/s ({conns} connections), ms"
+        latency_table(
+            &mut md,
+            r,
+            &format!("open_{rate}"),
+            &format!("Added latency at {rate} requests/s ({conns} connections), ms"),
+            false,
         );
-        let _ = writeln!(md);
-        let _ = writeln!(
-            md,
-            "| scenario | p50 | p90 | p99 | p99.9 | achieved rps | errors |"
-        );
-        let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
-        type Pick = fn(&super::load::Percentiles) -> f64;
-        let picks: [Pick; 4] = [|l| l.p50, |l| l.p90, |l| l.p99, |l| l.p999];
-        let added = |s: &ScenarioReport, pick: Pick| -> Option<f64> {
-            let own = s.step(&key)?.percentile(pick)?;
-            let base = direct?.step(&key)?.percentile(pick)?;
-            Some((own - base) / 1000.0)
-        };
-        for s in &r.scenarios {
-            if s.error.is_some() && s.steps.is_empty() {
-                continue;
-            }
-            let mut row = format!("| {} ", s.name.name());
-            let Some(l) = s.latency(&key) else {
-                let why = s
-                    .steps
-                    .get(&key)
-                    .and_then(|x| x.error.clone())
-                    .unwrap_or_else(|| "not run".into());
-                let _ = writeln!(md, "{row}| {} | | | | | |", short(&why));
-                continue;
-            };
-            for pick in picks {
-                let text = if s.name == Kind::Direct {
-                    let base = s
-                        .step(&key)
-                        .and_then(|st| st.percentile(pick))
-                        .unwrap_or(0.0);
-                    format!("{:.3} (base)", base / 1000.0)
-                } else {
-                    let best = best_peer(r, Better::Lower, &|p| added(p, pick));
-                    cell(added(s, pick), best, &|v| format!("{v:+.3}"))
-                };
-                let _ = write!(row, "| {text} ");
-            }
-            let _ = writeln!(
-                md,
-                "{row}| {:.0} | {} |",
-                l.achieved_rps,
-                l.errors + l.unsent
-            );
-        }
     }
 
     let _ = writeln!(md);
     let _ = writeln!(md, "#### Throughput and cost");
     let _ = writeln!(md);
-    type Fig = Box<dyn Fn(&ScenarioReport) -> Option<f64>>;
     // (header, which way is better, the figure, decimals)
-    let mut columns: Vec<(String, Better, Fig, usize)> = vec![
-        (
-            "max rps".into(),
-            Better::Higher,
-            Box::new(|s| Some(s.latency("closed")?.achieved_rps)),
-            0,
-        ),
-        (
+    let mut columns: Vec<Column> = vec![(
+        "max rps".into(),
+        Better::Higher,
+        Box::new(|s| Some(s.latency("closed")?.achieved_rps)),
+        0,
+    )];
+    if p.bulk_s > 0.0 {
+        columns.push((
             "bulk up MB/s".into(),
             Better::Higher,
             Box::new(|s| Some(s.step("bulk_up")?.bulk.as_ref()?.mb_per_s)),
             0,
-        ),
-        (
+        ));
+        columns.push((
             "bulk down MB/s".into(),
             Better::Higher,
             Box::new(|s| Some(s.step("bulk_down")?.bulk.as_ref()?.mb_per_s)),
             0,
-        ),
-    ];
+        ));
+    }
     for &(rate, _) in &p.rates {
         let key = format!("open_{rate}");
         columns.push((
@@ -524,18 +546,155 @@ pub fn markdown(r: &RunReport) -> String {
     columns.push((
         "RSS under load MiB".into(),
         Better::Lower,
-        Box::new(|s| mib(s.rss_load_kib()?)),
+        Box::new(|s| mib(s.rss_load_kib(false)?)),
         1,
     ));
+    figure_table(&mut md, r, &columns, false);
+    let _ = writeln!(md);
+    let _ = writeln!(
+        md,
+        "CPU is both proxies of the pair together (utime + stime from /proc, warm-up included); RSS is per proxy, the larger of the two sides; \"idle\" is after start-up and a short smoke test, before the load."
+    );
+
+    if !p.grpc_rates.is_empty() {
+        for s in r.scenarios.iter().filter(|s| s.grpc_error.is_some()) {
+            let _ = writeln!(md);
+            let _ = writeln!(
+                md,
+                "- **{} did not run the gRPC steps**: {}",
+                s.name.name(),
+                short(s.grpc_error.as_deref().unwrap_or(""))
+            );
+        }
+        for &(rate, streams) in &p.grpc_rates {
+            latency_table(
+                &mut md,
+                r,
+                &format!("grpc_open_{rate}"),
+                &format!(
+                    "gRPC unary: added latency at {rate} calls/s ({streams} streams over {} HTTP/2 connections), ms",
+                    p.grpc_connections
+                ),
+                true,
+            );
+        }
+        let _ = writeln!(md);
+        let _ = writeln!(md, "#### gRPC unary: throughput and cost");
+        let _ = writeln!(md);
+        let mut columns: Vec<Column> = vec![(
+            format!("max calls/s ({} streams)", p.grpc_saturation_streams),
+            Better::Higher,
+            Box::new(|s| Some(s.latency("grpc_closed")?.achieved_rps)),
+            0,
+        )];
+        for &(rate, _) in &p.grpc_rates {
+            let key = format!("grpc_open_{rate}");
+            columns.push((
+                format!("CPU ms / 1k calls at {rate}/s"),
+                Better::Lower,
+                Box::new(move |s| s.step(&key)?.cpu_per_1k()),
+                1,
+            ));
+        }
+        columns.push((
+            "RSS under gRPC load MiB".into(),
+            Better::Lower,
+            Box::new(|s| mib(s.rss_load_kib(true)?)),
+            1,
+        ));
+        figure_table(&mut md, r, &columns, true);
+        let _ = writeln!(md);
+        let _ = writeln!(
+            md,
+            "HAProxy and nginx forward to one configured port, so they were restarted on the gRPC port before these steps (their idle RSS is the table above's); Envoy and Muon serve both ports with the same processes. nginx's `grpc_pass` is HTTP/2 upstream but takes one upstream connection per call in flight."
+        );
+    }
+    md
+}
+
+/// (header, which way is better, the figure, decimals)
+type Column = (
+    String,
+    Better,
+    Box<dyn Fn(&ScenarioReport) -> Option<f64>>,
+    usize,
+);
+
+/// Does a scenario have a row in the gRPC tables (it ran them, or says why not)?
+fn in_grpc_tables(s: &ScenarioReport) -> bool {
+    s.grpc_error.is_some() || s.steps.keys().any(|k| k.starts_with("grpc_"))
+}
+
+/// One open-loop step's added latency against direct, per scenario.
+fn latency_table(md: &mut String, r: &RunReport, key: &str, title: &str, grpc: bool) {
+    let direct = r
+        .scenarios
+        .iter()
+        .find(|s| s.name == Kind::Direct && s.error.is_none());
+    let _ = writeln!(md);
+    let _ = writeln!(md, "#### {title}");
+    let _ = writeln!(md);
+    let _ = writeln!(
+        md,
+        "| scenario | p50 | p90 | p99 | p99.9 | achieved {} | errors |",
+        if grpc { "calls/s" } else { "rps" }
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | --- | --- | --- |");
+    type Pick = fn(&super::load::Percentiles) -> f64;
+    let picks: [Pick; 4] = [|l| l.p50, |l| l.p90, |l| l.p99, |l| l.p999];
+    let added = |s: &ScenarioReport, pick: Pick| -> Option<f64> {
+        let own = s.step(key)?.percentile(pick)?;
+        let base = direct?.step(key)?.percentile(pick)?;
+        Some((own - base) / 1000.0)
+    };
+    for s in &r.scenarios {
+        if (s.error.is_some() && s.steps.is_empty()) || (grpc && !in_grpc_tables(s)) {
+            continue;
+        }
+        let mut row = format!("| {} ", s.name.name());
+        let Some(l) = s.latency(key) else {
+            let why = s
+                .steps
+                .get(key)
+                .and_then(|x| x.error.clone())
+                .or_else(|| s.grpc_error.clone().filter(|_| grpc))
+                .unwrap_or_else(|| "not run".into());
+            let _ = writeln!(md, "{row}| {} | | | | | |", short(&why));
+            continue;
+        };
+        for pick in picks {
+            let text = if s.name == Kind::Direct {
+                let base = s
+                    .step(key)
+                    .and_then(|st| st.percentile(pick))
+                    .unwrap_or(0.0);
+                format!("{:.3} (base)", base / 1000.0)
+            } else {
+                let best = best_peer(r, Better::Lower, &|p| added(p, pick));
+                cell(added(s, pick), best, &|v| format!("{v:+.3}"))
+            };
+            let _ = write!(row, "| {text} ");
+        }
+        let _ = writeln!(
+            md,
+            "{row}| {:.0} | {} |",
+            l.achieved_rps,
+            l.errors + l.unsent
+        );
+    }
+}
+
+/// One row per scenario, one column per figure, each with its ratio to the best peer.
+fn figure_table(md: &mut String, r: &RunReport, columns: &[Column], grpc: bool) {
     let names: Vec<&str> = columns.iter().map(|c| c.0.as_str()).collect();
     let _ = writeln!(md, "| scenario | {} |", names.join(" | "));
     let _ = writeln!(md, "| --- |{}", " --- |".repeat(columns.len()));
     for s in &r.scenarios {
-        if s.error.is_some() && s.steps.is_empty() {
+        if (s.error.is_some() && s.steps.is_empty()) || (grpc && !in_grpc_tables(s)) {
             continue;
         }
         let mut row = format!("| {} ", s.name.name());
-        for (_, better, fig, decimals) in &columns {
+        for (_, better, fig, decimals) in columns {
             let best = best_peer(r, *better, fig);
             let _ = write!(
                 row,
@@ -545,12 +704,6 @@ pub fn markdown(r: &RunReport) -> String {
         }
         let _ = writeln!(md, "{row}|");
     }
-    let _ = writeln!(md);
-    let _ = writeln!(
-        md,
-        "CPU is both proxies of the pair together (utime + stime from /proc, warm-up included); RSS is per proxy, the larger of the two sides; \"idle\" is after start-up and a short smoke test, before the load."
-    );
-    md
 }
 
 fn mib(kib: u64) -> Option<f64> {
@@ -634,7 +787,7 @@ mod tests {
                 busy_at_start: vec![],
             },
             versions: BTreeMap::new(),
-            plan: Plan::new(false),
+            plan: Plan::new(false, super::super::Mode::L4),
             scenarios,
             load_at_end: 0.0,
             elapsed_s: 1.0,
@@ -664,6 +817,39 @@ mod tests {
         assert!(md.contains("| muon | 6000 (1.20×)"), "{md}");
         // CPU per 1k requests: 100 ms over 1000 requests = 100 ms per 1k; best peer 200.
         assert!(md.contains("| 100.0 (0.50×)"), "{md}");
+    }
+
+    #[test]
+    fn http_mode_has_grpc_tables_and_no_bulk_columns() {
+        let mut muon = scenario(Kind::Muon, 150.0, 6000.0, 100.0);
+        let mut grpc = muon.steps["open_1000"].clone();
+        grpc.pair_connections = Some(1);
+        muon.steps.insert("grpc_open_5000".into(), grpc.clone());
+        muon.steps.insert("grpc_closed".into(), grpc);
+        let mut nginx = scenario(Kind::Nginx, 200.0, 5000.0, 200.0);
+        nginx.grpc_error = Some("nginx exited".into());
+        let mut direct = scenario(Kind::Direct, 100.0, 9000.0, 0.0);
+        let d = direct.steps["open_1000"].clone();
+        direct.steps.insert("grpc_open_5000".into(), d);
+        let mut r = run(vec![direct, muon, nginx]);
+        r.meta.mode = super::super::Mode::Http;
+        r.plan = Plan::new(false, super::super::Mode::Http);
+        let md = markdown(&r);
+        assert!(!md.contains("bulk up MB/s"), "{md}");
+        assert!(
+            md.contains("#### gRPC unary: added latency at 5000 calls/s"),
+            "{md}"
+        );
+        assert!(md.contains("#### gRPC unary: throughput and cost"), "{md}");
+        assert!(
+            md.contains("**nginx did not run the gRPC steps**: nginx exited"),
+            "{md}"
+        );
+        assert!(md.contains("| nginx | nginx exited | | | | | |"), "{md}");
+        assert!(
+            md.contains("gRPC at 50 streams over 2 connections: muon 1"),
+            "{md}"
+        );
     }
 
     #[test]
