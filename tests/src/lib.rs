@@ -61,6 +61,30 @@ pub fn kernel_has_ipv6() -> bool {
     Path::new("/proc/net/if_inet6").exists()
 }
 
+/// For a test that needs IPv6: true when the kernel has it. Without it the test fails,
+/// rather than passing without testing, unless `MUON_TEST_WITHOUT` lists `ipv6` outside CI
+/// (a developer's machine booted with `ipv6.disable=1`): then false, and the caller skips.
+pub fn require_ipv6() -> bool {
+    if kernel_has_ipv6() {
+        return true;
+    }
+    let listed =
+        std::env::var("MUON_TEST_WITHOUT").is_ok_and(|v| v.split(',').any(|w| w.trim() == "ipv6"));
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+    assert!(
+        listed && !ci,
+        "the kernel has no IPv6 (no /proc/net/if_inet6; boot without ipv6.disable=1); this test \
+         needs it{}",
+        if ci {
+            " (CI must have it: MUON_TEST_WITHOUT is ignored when CI is set)"
+        } else {
+            " (or set MUON_TEST_WITHOUT=ipv6 to skip it on this machine)"
+        }
+    );
+    eprintln!("no IPv6 in this kernel: skipped, as MUON_TEST_WITHOUT=ipv6 asks");
+    false
+}
+
 /// demo-shop, copied where the pods' unprivileged users can execute it.
 pub fn demo_shop() -> PathBuf {
     let dir = PathBuf::from("/run/muon/test-bin");
@@ -393,7 +417,38 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let _ = self.down();
+        tear_down(&self.name);
+    }
+}
+
+/// Removes the lab of this name when dropped, for tests that run `muonctl lab up`
+/// themselves: also when an assertion fails first.
+pub struct DownOnDrop(pub String);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        tear_down(&self.0);
+    }
+}
+
+/// `muonctl lab down NAME`, for drop guards: tried twice. A failure panics when the test
+/// has not failed already (a lab left behind is a bug), and is printed when it has: a panic
+/// while unwinding would abort the whole test binary and hide the first failure.
+fn tear_down(name: &str) {
+    let bin = bin_dir().join("muonctl");
+    let mut problem = String::new();
+    for _ in 0..2 {
+        match Command::new(&bin).args(["lab", "down", name]).output() {
+            Ok(out) if out.status.success() => return,
+            Ok(out) => problem = output_text(&out),
+            Err(e) => problem = format!("cannot run {}: {e}", bin.display()),
+        }
+    }
+    let msg = format!("lab {name} was not removed ({problem}); run `muonctl lab down {name}`");
+    if std::thread::panicking() {
+        eprintln!("{msg}");
+    } else {
+        panic!("{msg}");
     }
 }
 

@@ -94,10 +94,26 @@ fn outbound_and_inbound_capture_carry_curl_to_a_service_name() {
 
 #[test]
 fn excluded_ports_bypass_the_proxy() {
-    let lab = web_lab(
+    // web serves the excluded port 8080 and, as the positive control, port 8081, which is
+    // captured like any other.
+    let lab = Lab::up(
         "excl",
-        "    initArgs: [\"--exclude-outbound-ports=8080\"]",
-        "    initArgs: [\"--exclude-inbound-ports=8080\"]",
+        r#"
+pods:
+  - name: client
+    labels: {app: client}
+    initArgs: ["--exclude-outbound-ports=8080"]
+  - name: web
+    labels: {app: web}
+    command: ["sh", "-c", "python3 -m http.server 8081 --bind :: & exec python3 -m http.server 8080 --bind ::"]
+    initArgs: ["--exclude-inbound-ports=8080"]
+services:
+  - name: web
+    selector: {app: web}
+    ports:
+      - {port: 8080, protocol: tcp}
+      - {port: 8081, protocol: tcp}
+"#,
     );
     let web_ip = lab.pod_ip("web");
     let body = lab
@@ -114,6 +130,22 @@ fn excluded_ports_bypass_the_proxy() {
         0.0,
         "web sidecar saw an excluded port"
     );
+    // The control: the same call to a port that is not excluded moves the same counters on
+    // both sidecars, so the zeros above are the exclusion, not a metric that never moves.
+    let body = lab
+        .curl("client", &format!("http://{web_ip}:8081/"))
+        .unwrap();
+    assert!(body.contains("Directory listing"));
+    assert_eq!(
+        lab.metric("client", OPENED, &[("direction", "outbound")]),
+        1.0
+    );
+    assert_eq!(lab.metric("web", OPENED, &[("direction", "inbound")]), 1.0);
+    // And the excluded port still bypasses both.
+    lab.curl("client", &format!("http://{web_ip}:8080/"))
+        .unwrap();
+    assert_eq!(lab.metric("client", OPENED, &[]), 1.0);
+    assert_eq!(lab.metric("web", OPENED, &[]), 1.0);
 }
 
 #[test]
@@ -141,13 +173,22 @@ fn the_proxys_own_connections_are_not_captured_again() {
         lab.metric("client", OPENED, &[("direction", "inbound")]),
         0.0
     );
-    for pod in ["client", "web"] {
-        let loops = lab.metric(
+    let loops = |pod: &str| {
+        lab.metric(
             pod,
             "muon_tcp_connections_closed_total",
             &[("outcome", "loop")],
-        );
-        assert_eq!(loops, 0.0, "{pod} saw its own connection again");
+        )
+    };
+    for pod in ["client", "web"] {
+        assert_eq!(loops(pod), 0.0, "{pod} saw its own connection again");
+    }
+    // The control: a connection that does loop (straight to a sidecar's own listener, which
+    // nothing redirected) is counted under the same outcome, on each side.
+    for (pod, port) in [("client", 15001), ("web", 15006)] {
+        lab.curl(pod, &format!("http://127.0.0.1:{port}/"))
+            .expect_err("the sidecar closes a connection to itself");
+        assert_eq!(loops(pod), 1.0, "{pod}: the loop is counted");
     }
 }
 
@@ -165,8 +206,7 @@ fn localhost_stays_private_and_an_app_can_call_its_own_service() {
 
 #[test]
 fn ipv6_traffic_is_captured_both_ways() {
-    if !muon_tests::kernel_has_ipv6() {
-        eprintln!("this kernel has no IPv6: nothing to capture");
+    if !muon_tests::require_ipv6() {
         return;
     }
     let lab = web_lab("six", "", "");

@@ -92,22 +92,23 @@ fn an_applied_service_spreads_traffic_and_a_deleted_endpoint_stops_getting_it() 
     let out = lab.ctl(&["delete", "workload", "backend-1"]);
     assert!(out.status.success(), "{}", output_text(&out));
     let deleted = Instant::now();
-    eventually("all traffic on backend-0", Duration::from_secs(10), || {
+    // How fast is measured by `cargo xtask bench control-plane` (target: one second); here
+    // the deadline only guards against a change that never arrives.
+    eventually("all traffic on backend-0", Duration::from_secs(30), || {
         try_answers(&lab, 4).filter(|seen| seen.keys().collect::<Vec<_>>() == ["backend-0"])
     });
-    // The target is one second; the bound here is looser because CI machines are
-    // shared and noisy (the figure itself is measured by `cargo xtask bench control-plane`).
-    let took = deleted.elapsed();
-    eprintln!("traffic left the deleted endpoint after {took:?}");
-    assert!(
-        took < Duration::from_secs(3),
-        "traffic took {took:?} to follow the change"
+    eprintln!(
+        "traffic left the deleted endpoint after {:?}",
+        deleted.elapsed()
     );
     assert!(eventually(
         "every proxy SYNCED",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || all_synced(&lab).then_some(true)
     ));
+    // Once every sidecar has the change, the deleted endpoint gets nothing at all.
+    let after = answers(&lab, 8);
+    assert_eq!(after.keys().collect::<Vec<_>>(), ["backend-0"], "{after:?}");
 }
 
 #[test]

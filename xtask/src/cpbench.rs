@@ -245,9 +245,16 @@ struct Results {
     clk_tck: u64,
     cpu: [Cpu; 3],
     rss_after_load_kb: u64,
+    /// Settled ([`SETTLE`]) after the initial sync, and after the changes: every proxy
+    /// still connected.
+    rss_synced_kb: u64,
+    rss_after_changes_kb: u64,
     peak_rss_kb: [u64; 3],
     hwm_kb: u64,
 }
+
+/// How long the control plane is left alone before its steady-state RSS is read.
+const SETTLE: Duration = Duration::from_secs(3);
 
 async fn measure(plan: &Plan, cp: &mut ControlPlane) -> Result<Results> {
     cp.wait_ready(READY_DEADLINE).await?;
@@ -304,6 +311,8 @@ async fn measure(plan: &Plan, cp: &mut ControlPlane) -> Result<Results> {
         .await?;
     let sync = cpu0.at.elapsed();
     let cpu1 = Cpu::read(cp.pid)?;
+    tokio::time::sleep(SETTLE).await;
+    let rss_synced_kb = proc_status(cp.pid)?.0;
     let m1 = cp.metrics().await?;
     let mut sync_bytes = Vec::with_capacity(plan.proxies);
     let mut sync_endpoint_bytes = Vec::with_capacity(plan.proxies);
@@ -356,7 +365,8 @@ async fn measure(plan: &Plan, cp: &mut ControlPlane) -> Result<Results> {
     }
     let cpu2 = Cpu::read(cp.pid)?;
     let m2 = cp.metrics().await?;
-    let hwm_kb = proc_status(cp.pid)?.1;
+    tokio::time::sleep(SETTLE).await;
+    let (rss_after_changes_kb, hwm_kb) = proc_status(cp.pid)?;
     proxies.stop().await;
     background.abort_all();
 
@@ -379,6 +389,8 @@ async fn measure(plan: &Plan, cp: &mut ControlPlane) -> Result<Results> {
         clk_tck: clk_tck(),
         cpu: [cpu0, cpu1, cpu2],
         rss_after_load_kb,
+        rss_synced_kb,
+        rss_after_changes_kb,
         peak_rss_kb: [peak(0), peak(1).max(proc_status(cp.pid)?.0), peak(2)],
         hwm_kb,
     })
@@ -1060,6 +1072,16 @@ impl Results {
         (secs, 100.0 * secs / wall)
     }
 
+    /// What each connected proxy costs the control plane once synced: the settled RSS after
+    /// the changes (every proxy still connected) over the RSS with the mesh loaded and no
+    /// proxy, per proxy.
+    fn kib_per_proxy(&self, plan: &Plan) -> f64 {
+        let extra = self
+            .rss_after_changes_kb
+            .saturating_sub(self.rss_after_load_kb);
+        (extra as f64 / plan.proxies.max(1) as f64 * 10.0).round() / 10.0
+    }
+
     fn to_json(&self, plan: &Plan) -> Result<serde_json::Value> {
         let s = self.summary(plan)?;
         let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
@@ -1105,6 +1127,11 @@ impl Results {
                 })).collect::<Vec<_>>(),
             },
             "server_vm_hwm_kb": self.hwm_kb,
+            "steady_state": {
+                "rss_synced_kb": self.rss_synced_kb,
+                "rss_after_changes_kb": self.rss_after_changes_kb,
+                "kib_per_proxy": self.kib_per_proxy(plan),
+            },
             "targets": {"p99_under_1s": s.p99 < TARGET_P99, "bytes_proportional_to_change": s.proportional},
         }))
     }
@@ -1215,6 +1242,13 @@ fn markdown(
         size(r.peak_rss_kb[1] as f64 * 1024.0),
         size(r.peak_rss_kb[2] as f64 * 1024.0),
         size(r.hwm_kb as f64 * 1024.0)
+    );
+    let _ = writeln!(
+        o,
+        "| control plane RSS, settled, every proxy connected: after the sync / after the changes; per proxy | {} / {}; {:.1} KiB | < 100 KiB |",
+        size(r.rss_synced_kb as f64 * 1024.0),
+        size(r.rss_after_changes_kb as f64 * 1024.0),
+        r.kib_per_proxy(plan)
     );
     let _ = writeln!(
         o,

@@ -70,13 +70,30 @@ pub struct Args {
     /// The largest apply accepted, in bytes (every object of it together).
     #[arg(long, env = "MUON_CONTROL_MAX_APPLY_BYTES", default_value_t = 8 << 20)]
     pub max_apply_bytes: usize,
+    /// Open connections on the gRPC port at most; past it, new ones are closed on accept.
+    #[arg(long, env = "MUON_CONTROL_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+    /// Open connections on the gRPC port from one address at most.
+    #[arg(
+        long,
+        env = "MUON_CONTROL_MAX_CONNECTIONS_PER_SOURCE",
+        default_value_t = 1_000
+    )]
+    pub max_connections_per_source: usize,
+    /// A new gRPC connection must send its HTTP/2 preface within this.
+    #[arg(long, env = "MUON_CONTROL_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+    /// A unary management call (Apply, Get, List, Delete, ListProxies) must finish within
+    /// this; streams (discovery, Watch) are not bounded.
+    #[arg(long, env = "MUON_CONTROL_CALL_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub call_timeout: Duration,
     /// Discovery responses with more bytes of resources than this are sent in parts.
     #[arg(long, hide = true, default_value_t = muon_api::DISCOVERY_SPLIT_BYTES)]
     pub discovery_split_bytes: usize,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
-    muon_core::resource::parse_duration(s)
+    muon_core::duration::parse_flag(s)
 }
 
 /// The checked configuration the server runs with.
@@ -95,6 +112,8 @@ pub struct Config {
     pub max_object_bytes: usize,
     pub max_apply_bytes: usize,
     pub discovery_split_bytes: usize,
+    pub connections: crate::gate::Limits,
+    pub call_timeout: Duration,
 }
 
 impl Config {
@@ -132,6 +151,14 @@ impl Config {
                 a.max_apply_bytes
             ));
         }
+        if a.max_connections == 0 || a.max_connections_per_source == 0 {
+            problems.push(
+                "--max-connections and --max-connections-per-source must be at least 1".into(),
+            );
+        }
+        if a.handshake_timeout.is_zero() || a.call_timeout.is_zero() {
+            problems.push("--handshake-timeout and --call-timeout must be above zero".into());
+        }
         if !problems.is_empty() {
             anyhow::bail!("invalid flags:\n  {}", problems.join("\n  "));
         }
@@ -149,6 +176,12 @@ impl Config {
             max_object_bytes: a.max_object_bytes,
             max_apply_bytes: a.max_apply_bytes,
             discovery_split_bytes: a.discovery_split_bytes.max(1),
+            connections: crate::gate::Limits {
+                max_connections: a.max_connections,
+                max_per_source: a.max_connections_per_source,
+                handshake_timeout: a.handshake_timeout,
+            },
+            call_timeout: a.call_timeout,
         })
     }
 
@@ -168,6 +201,12 @@ impl Config {
             max_object_bytes: 1 << 20,
             max_apply_bytes: 8 << 20,
             discovery_split_bytes: muon_api::DISCOVERY_SPLIT_BYTES,
+            connections: crate::gate::Limits {
+                max_connections: 20_000,
+                max_per_source: 1_000,
+                handshake_timeout: Duration::from_secs(10),
+            },
+            call_timeout: Duration::from_secs(30),
         }
     }
 }

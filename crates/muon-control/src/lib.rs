@@ -5,12 +5,14 @@
 //! checks what spans objects (`rules`), and debounces changes into the data-plane view
 //! (`snapshot`); `discovery` pushes it to each sidecar over one stream, coalesced, and
 //! `wire` sends it with each resource encoded once. `convert` is the one place objects meet
-//! the proto. `server` wires it together.
+//! the proto. `gate` admits connections to the gRPC port. `server` wires it together.
 #![forbid(unsafe_code)]
 
+pub mod alloc;
 pub mod config;
 pub mod convert;
 pub mod discovery;
+pub mod gate;
 pub mod http;
 pub mod management;
 pub mod metrics;

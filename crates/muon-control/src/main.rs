@@ -5,7 +5,13 @@ use anyhow::Context;
 use clap::Parser;
 use muon_control::config::{Args, Config};
 
+/// mimalloc (see [`muon_control::alloc`]): after the initial sync of thousands of streams,
+/// a flood or a large apply it gives memory back; glibc's per-thread arenas kept it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
+    muon_control::alloc::configure();
     let config = Config::from_args(Args::parse())?;
     muon_control::server::init_logging(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -4,7 +4,9 @@
 //! Registry errors become gRPC statuses here and only here: invalid objects are
 //! `INVALID_ARGUMENT` (the message names kind, namespace, name, field and reason, one problem
 //! per line), unknown objects `NOT_FOUND`, objects owned by another source
-//! `FAILED_PRECONDITION`, a store that cannot write `UNAVAILABLE`.
+//! `FAILED_PRECONDITION`, a store whose disk is full `RESOURCE_EXHAUSTED`, a store that cannot
+//! write for another reason `UNAVAILABLE`. A store error's message says what failed (file,
+//! step, the data directory); nothing was changed and the previous objects keep serving.
 
 use crate::convert::{object_from_proto, object_to_proto};
 use crate::discovery::Proxies;
@@ -17,13 +19,16 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 pub struct ManagementService {
     registry: Arc<Registry>,
     proxies: Arc<Proxies>,
     shutdown: watch::Receiver<bool>,
+    /// Owns the tasks calls start (writes, watches): the server waits for them at shutdown.
+    tasks: TaskTracker,
 }
 
 impl ManagementService {
@@ -36,7 +41,14 @@ impl ManagementService {
             registry,
             proxies,
             shutdown,
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// Starts the tasks of calls on `tasks` (the server's, which it waits for).
+    pub fn with_tasks(mut self, tasks: TaskTracker) -> Self {
+        self.tasks = tasks;
+        self
     }
 }
 
@@ -45,7 +57,15 @@ fn status(e: RegistryError) -> Status {
         RegistryError::Invalid(m) => Status::invalid_argument(m),
         RegistryError::NotFound(m) => Status::not_found(m),
         RegistryError::NotOwned(m) => Status::failed_precondition(m),
-        RegistryError::Store(e) => Status::unavailable(e.to_string()),
+        RegistryError::Store(e) => {
+            warn!(error = %e, "could not store a change");
+            let message = format!("could not store the change: {e}");
+            if e.is_out_of_space() {
+                Status::resource_exhausted(message)
+            } else {
+                Status::unavailable(message)
+            }
+        }
     }
 }
 
@@ -142,9 +162,11 @@ type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::WatchEvent
 /// Runs a registry write on a task of its own, so that a dropped request (client deadline,
 /// disconnect) cannot cancel it between the durable write and the in-memory commit.
 async fn run_to_completion<T: Send + 'static>(
+    tasks: &TaskTracker,
     write: impl std::future::Future<Output = T> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::spawn(write)
+    tasks
+        .spawn(write)
         .await
         .map_err(|e| Status::internal(format!("the registry write failed: {e}")))
 }
@@ -176,9 +198,11 @@ impl v1::management_server::Management for ManagementService {
         // by the next one).
         let registry = self.registry.clone();
         let dry_run = req.dry_run;
-        let outcome = run_to_completion(async move { registry.apply(objects, dry_run).await })
-            .await?
-            .map_err(status)?;
+        let outcome = run_to_completion(&self.tasks, async move {
+            registry.apply(objects, dry_run).await
+        })
+        .await?
+        .map_err(status)?;
         if !req.dry_run {
             for (k, result) in &outcome.results {
                 info!(object = %k, result, version = outcome.version, "applied");
@@ -205,7 +229,7 @@ impl v1::management_server::Management for ManagementService {
             .map(|r| key(&r.kind, &r.namespace, &r.name))
             .collect::<Result<Vec<_>, _>>()?;
         let registry = self.registry.clone();
-        let outcome = run_to_completion(async move { registry.delete(keys).await })
+        let outcome = run_to_completion(&self.tasks, async move { registry.delete(keys).await })
             .await?
             .map_err(status)?;
         for (k, _) in &outcome.results {
@@ -294,7 +318,7 @@ impl v1::management_server::Management for ManagementService {
         let mut events = self.registry.events();
         let mut shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 let event = tokio::select! {
                     e = events.recv() => e,

@@ -14,6 +14,11 @@ struct TypeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -29,6 +34,9 @@ pub struct Metrics {
     nacks: Family<TypeLabels, Counter>,
     compared: Family<TypeLabels, Counter>,
     objects: Family<KindLabels, Gauge>,
+    /// Open connections on the gRPC port.
+    pub grpc_connections: Gauge,
+    refused: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -84,7 +92,21 @@ impl Metrics {
             "Objects in the registry, by kind",
             objects.clone(),
         );
+        let grpc_connections = Gauge::default();
+        registry.register(
+            "grpc_connections",
+            "Open connections on the gRPC port (sidecars and operators)",
+            grpc_connections.clone(),
+        );
+        let refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "gRPC connections closed on accept, by the limit they hit",
+            refused.clone(),
+        );
         Metrics {
+            grpc_connections,
+            refused,
             registry,
             proxies_connected,
             pushes,
@@ -116,6 +138,10 @@ impl Metrics {
             .inc_by(resources as u64);
     }
 
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
     pub fn set_objects(&self, kind: &'static str, n: usize) {
         self.objects
             .get_or_create(&KindLabels { kind })
@@ -142,6 +168,7 @@ mod tests {
         m.nacked("routes");
         m.compared("services", 3);
         m.set_objects("Service", 2);
+        m.connection_refused("max-connections");
         let text = m.encode();
         for name in [
             "muon_control_proxies_connected ",
@@ -151,6 +178,8 @@ mod tests {
             "muon_control_nacks_total{type_url=\"routes\"} 1",
             "muon_control_discovery_compared_resources_total{type_url=\"services\"} 3",
             "muon_control_objects{kind=\"Service\"} 2",
+            "muon_control_grpc_connections 0",
+            "muon_control_connections_refused_total{reason=\"max-connections\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

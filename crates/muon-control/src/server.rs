@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 /// Largest discovery or management message, either way: the one limit both ends use.
@@ -34,6 +35,7 @@ pub struct Server {
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    calls: TaskTracker,
 }
 
 impl Server {
@@ -52,8 +54,7 @@ impl Server {
             limits,
             metrics.clone(),
         )?;
-        let grpc = TcpListener::bind(config.grpc_addr)
-            .await
+        let grpc = bind_grpc(config.grpc_addr)
             .with_context(|| format!("binding --grpc-addr {}", config.grpc_addr))?;
         let http = TcpListener::bind(config.metrics_addr)
             .await
@@ -64,6 +65,8 @@ impl Server {
         let (shutdown, stop) = watch::channel(false);
         let proxies = Arc::new(Proxies::default());
         let mut tasks = JoinSet::new();
+        // The tasks calls start: discovery streams, watches, registry writes.
+        let calls = TaskTracker::new();
 
         tasks.spawn(registry.clone().run_debouncer(
             config.debounce,
@@ -86,14 +89,14 @@ impl Server {
                 metrics.clone(),
                 stop.clone(),
             )
-            .with_split_bytes(config.discovery_split_bytes),
+            .with_split_bytes(config.discovery_split_bytes)
+            .with_tasks(calls.clone()),
             MAX_MESSAGE,
         );
-        let management = v1::management_server::ManagementServer::new(ManagementService::new(
-            registry.clone(),
-            proxies.clone(),
-            stop.clone(),
-        ))
+        let management = v1::management_server::ManagementServer::new(
+            ManagementService::new(registry.clone(), proxies.clone(), stop.clone())
+                .with_tasks(calls.clone()),
+        )
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -105,12 +108,19 @@ impl Server {
             .build_v1alpha()
             .context("building the reflection service")?;
 
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+        let gate = crate::gate::Gate::new(
+            crate::gate::within_fd_limit(config.connections),
+            metrics.clone(),
+        );
+        let incoming = crate::gate::Incoming::new(grpc, gate);
         let mut grpc_stop = stop.clone();
         let router = tonic::transport::Server::builder()
             // Find sidecars that vanished without closing their stream.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // Unary calls end in time (a stream's response starts at once, so streams are
+            // not cut by this).
+            .timeout(config.call_timeout)
             .add_service(discovery)
             .add_service(management)
             .add_service(reflection_v1)
@@ -132,6 +142,7 @@ impl Server {
             metrics,
             shutdown,
             tasks,
+            calls,
         })
     }
 
@@ -140,8 +151,25 @@ impl Server {
         info!("shutting down");
         self.shutdown.send_replace(true);
         while self.tasks.join_next().await.is_some() {}
+        // Every stream saw the stop; writes finish.
+        self.calls.close();
+        self.calls.wait().await;
         info!("stopped");
     }
+}
+
+/// Connections the kernel completes before the control plane accepts them: room for every
+/// sidecar of a big mesh reconnecting at once (capped by `net.core.somaxconn`).
+const GRPC_BACKLOG: u32 = 4096;
+
+fn bind_grpc(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(GRPC_BACKLOG)
 }
 
 /// The addresses sidecars reach this control plane at: the gRPC address, or with a wildcard
@@ -168,6 +196,7 @@ fn own_addresses(grpc: SocketAddr) -> Vec<std::net::IpAddr> {
 
 /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    crate::gate::raise_fd_limit();
     let server = Server::start(&config).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

@@ -7,6 +7,10 @@
 //! multi-object apply is all or nothing on disk too. A file that cannot be read is a hard
 //! error at start: silently starting empty would delete the mesh's configuration.
 //!
+//! A write that fails (a full disk, above all) removes its temporary file and leaves the old
+//! file as it was; the error says which file, which step and, for a full disk, that the data
+//! directory has no space left, so the operator is not sent looking for a network problem.
+//!
 //! Cost: each change rewrites every stored object. That is fine for thousands of objects;
 //! an append-only log with compaction is the step after that.
 
@@ -33,6 +37,57 @@ pub enum StoreError {
          repair it, or move it away to start with an empty store"
     )]
     Corrupt { path: PathBuf, reason: String },
+    /// Writing the new state failed before it replaced the old one: nothing changed on disk,
+    /// and the temporary file is gone.
+    #[error("{}", write_failed(dir, step, source))]
+    Write {
+        dir: PathBuf,
+        /// What was being done, e.g. "writing objects.json.tmp".
+        step: String,
+        source: std::io::Error,
+    },
+    /// The new state replaced the old file, but the directory could not be synced: the change
+    /// is on disk and may not survive a power cut.
+    #[error(
+        "syncing the data dir {dir} after replacing {FILE} failed: {source}; the change was \
+         written but is not in effect, and may or may not be there after a restart"
+    )]
+    SyncDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// The data directory's file system is full (or over its quota): the client's problem to
+    /// solve, not a transient failure of the control plane.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            StoreError::Write { source, .. }
+            | StoreError::SyncDir { source, .. }
+            | StoreError::Io { source, .. } => out_of_space(source),
+            StoreError::Corrupt { .. } => false,
+        }
+    }
+}
+
+fn out_of_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+fn write_failed(dir: &Path, step: &str, e: &std::io::Error) -> String {
+    let what = if out_of_space(e) {
+        format!(
+            "no space left on the control plane's data dir ({}) while {step}",
+            dir.display()
+        )
+    } else {
+        format!("{step} in the data dir {} failed: {e}", dir.display())
+    };
+    format!("{what}; nothing was changed, the previous objects keep serving")
 }
 
 #[derive(Serialize, Deserialize)]
@@ -73,6 +128,16 @@ impl Store {
         let store = Store {
             dir: dir.to_path_buf(),
         };
+        // A temporary file left by a crash mid-write is never read; the rename did not happen.
+        match fs::remove_file(store.tmp_path()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Io {
+                    path: store.tmp_path(),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
         let path = store.path();
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -90,6 +155,10 @@ impl Store {
 
     fn path(&self) -> PathBuf {
         self.dir.join(FILE)
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.dir.join(format!("{FILE}.tmp"))
     }
 
     /// Writes the whole state durably; returns only once it is on disk.
@@ -111,21 +180,31 @@ impl Store {
         // Plain data with string keys: serialisation cannot fail.
         let bytes = serde_json::to_vec(&snapshot).unwrap_or_default();
         let path = self.path();
-        let tmp = self.dir.join(format!("{FILE}.tmp"));
-        let io = |source| StoreError::Io {
-            path: tmp.clone(),
-            source,
+        let tmp = self.tmp_path();
+        let failed = |step: String, source| {
+            // Never leave a partial file behind (it would hold a full disk's last blocks).
+            let _ = fs::remove_file(&tmp);
+            StoreError::Write {
+                dir: self.dir.clone(),
+                step,
+                source,
+            }
         };
-        let mut f = File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        drop(f);
-        fs::rename(&tmp, &path).map_err(io)?;
+        let written = File::create(&tmp).and_then(|mut f| {
+            f.write_all(&bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            return Err(failed(format!("writing {FILE}.tmp"), e));
+        }
+        if let Err(e) = fs::rename(&tmp, &path) {
+            return Err(failed(format!("renaming {FILE}.tmp to {FILE}"), e));
+        }
         // The rename is durable only once the directory entry is.
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(|source| StoreError::Io {
-                path: self.dir.clone(),
+            .map_err(|source| StoreError::SyncDir {
+                dir: self.dir.clone(),
                 source,
             })?;
         Ok(())
@@ -189,6 +268,50 @@ mod tests {
         let a = loaded.objects.values().next().unwrap();
         assert_eq!(a.object, objs[0].object);
         assert_eq!(a.generation, 3);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temporary_file_and_says_what_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        // A directory where the file should be: the rename over it fails.
+        fs::create_dir(dir.path().join(FILE)).unwrap();
+        fs::write(dir.path().join(FILE).join("x"), b"x").unwrap();
+        let err = store.save(1, [workload("a")].iter()).unwrap_err();
+        assert!(!err.is_out_of_space());
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("renaming objects.json.tmp to objects.json in the data dir"),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with("nothing was changed, the previous objects keep serving"),
+            "{msg}"
+        );
+        assert!(!dir.path().join("objects.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_full_disk_is_named_as_such() {
+        let err = StoreError::Write {
+            dir: "/var/lib/muon-control".into(),
+            step: "writing objects.json.tmp".into(),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
+        assert!(err.is_out_of_space());
+        assert_eq!(
+            err.to_string(),
+            "no space left on the control plane's data dir (/var/lib/muon-control) while \
+             writing objects.json.tmp; nothing was changed, the previous objects keep serving"
+        );
+    }
+
+    #[test]
+    fn a_temporary_file_left_by_a_crash_is_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("objects.json.tmp"), b"{\"format\":1,").unwrap();
+        Store::open(dir.path()).unwrap();
+        assert!(!dir.path().join("objects.json.tmp").exists());
     }
 
     #[test]

@@ -272,7 +272,12 @@ async fn store_survives_a_restart() {
 
     let server = start(dir.path()).await;
     let mut c = mgmt(&server).await;
-    assert!(get(&mut c, "Service", "web").await.is_ok());
+    // What was stored comes back, not just something under that name.
+    let web = get(&mut c, "Service", "web").await.unwrap();
+    let spec = json_from_struct(web.spec.as_ref().unwrap());
+    assert_eq!(spec["vips"], json!(["198.19.0.1"]));
+    assert_eq!(spec["ports"][0]["port"], 8080);
+    assert_eq!(spec["selector"], json!({"app": "web"}));
     let v2 = apply(&mut c, vec![workload("web-1", "web", "198.18.0.2", 1)])
         .await
         .unwrap()
@@ -354,8 +359,17 @@ async fn applied_objects_survive_kill_9() {
     let port = free_port();
     let _child = spawn_binary(dir.path(), port);
     let mut c = connect_retrying(port).await;
-    assert!(get(&mut c, "Service", "web").await.is_ok());
-    assert!(get(&mut c, "Workload", "web-1").await.is_ok());
+    // What was stored comes back whole, not just something under those names.
+    let web = get(&mut c, "Service", "web").await.unwrap();
+    let spec = json_from_struct(web.spec.as_ref().unwrap());
+    assert_eq!(spec["vips"], json!(["198.19.0.1"]));
+    assert_eq!(spec["ports"][0]["port"], 8080);
+    let w = get(&mut c, "Workload", "web-1").await.unwrap();
+    let labels = &w.metadata.as_ref().unwrap().labels;
+    assert_eq!(labels.get("app").map(String::as_str), Some("web"));
+    let spec = json_from_struct(w.spec.as_ref().unwrap());
+    assert_eq!(spec["address"], "198.18.0.2");
+    assert_eq!(spec["serviceAccount"], "web");
 }
 
 #[tokio::test]
@@ -403,10 +417,27 @@ spec: {address: 198.18.0.7}
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
-    // A broken edit is ignored: the last good objects stay.
+    // A broken edit is ignored: the last good objects stay. A second file written after it
+    // tells when the watcher has read the directory since the broken edit (it reads every
+    // file at each poll).
     std::fs::write(&file, good.replace("198.18.0.7", "nowhere")).unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(get(&mut c, "Workload", "files-1").await.is_ok());
+    std::fs::write(
+        conf.path().join("marker.yaml"),
+        "apiVersion: muon.io/v1alpha1\nkind: Service\nmetadata: {name: marker}\n\
+         spec: {vips: [198.19.0.9], ports: [{port: 81}], selector: {app: marker}}\n",
+    )
+    .unwrap();
+    eventually(|| {
+        let mut c = c.clone();
+        async move { get(&mut c, "Service", "marker").await.ok() }
+    })
+    .await;
+    let kept = get(&mut c, "Workload", "files-1").await.unwrap();
+    assert_eq!(
+        json_from_struct(kept.spec.as_ref().unwrap())["address"],
+        "198.18.0.7",
+        "the last good version stays"
+    );
 
     // A good edit is picked up.
     std::fs::write(&file, good.replace("198.18.0.7", "198.18.0.8")).unwrap();
@@ -710,23 +741,34 @@ async fn a_slow_proxy_gets_only_the_latest_state() {
     p.subscribe(kinds::ENDPOINTS, &["*"]).await;
     let first = p.recv().await;
 
-    // The proxy does not ACK (it is busy): five separate changes happen meanwhile.
+    // The proxy does not ACK (it is busy): five separate changes happen meanwhile, each
+    // published as a snapshot of its own before the next one.
     for weight in 2..=6 {
-        apply(&mut c, vec![workload("web-1", "web", "198.18.0.2", weight)])
+        let r = apply(&mut c, vec![workload("web-1", "web", "198.18.0.2", weight)])
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        published(&server, r.version).await;
     }
-    p.expect_nothing(Duration::from_millis(300)).await;
 
-    // Once it ACKs, it gets one response with the newest state, not five.
+    // Once it ACKs, it gets one response with the newest state, not five: the stream is
+    // ordered, so anything sent while it held its ACK would come first.
     p.ack(&first).await;
     let latest = p.recv().await;
     assert_eq!(names(&latest), ["web.default"]);
     assert_eq!(endpoints(&latest.resources[0]).endpoints[0].weight, 6);
     p.ack(&latest).await;
-    p.expect_nothing(Duration::from_millis(300)).await;
+    // Nothing is queued behind it: the next change is the next response.
+    apply(&mut c, vec![workload("web-1", "web", "198.18.0.2", 7)])
+        .await
+        .unwrap();
+    let next = p.recv().await;
+    assert_eq!(endpoints(&next.resources[0]).endpoints[0].weight, 7);
     server.shutdown().await;
+}
+
+/// Waits until the debouncer has published a snapshot with the store's `version` (or later).
+async fn published(server: &Server, version: u64) {
+    eventually(|| async { (server.registry.snapshot().version >= version).then_some(()) }).await;
 }
 
 /// Resources discovery streams compared to work out their pushes, over all kinds.
@@ -769,10 +811,10 @@ async fn a_change_to_one_service_compares_and_sends_only_that_service() {
         let r = p.recv().await;
         p.ack(&r).await;
     }
-    p.expect_nothing(Duration::from_millis(300)).await;
 
     // One service's endpoints change: that one resource is compared and sent, and no other
-    // kind sends anything.
+    // kind sends anything (the stream is ordered: anything else sent before it or with it
+    // would be seen here).
     let before = compared(&server);
     apply(&mut c, vec![workload("s07-1", "s07", "198.18.1.7", 2)])
         .await
@@ -782,31 +824,35 @@ async fn a_change_to_one_service_compares_and_sends_only_that_service() {
     assert_eq!(names(&update), ["s07.default"]);
     assert!(update.removed_resources.is_empty());
     p.ack(&update).await;
-    p.expect_nothing(Duration::from_millis(300)).await;
     assert_eq!(compared(&server) - before, 1);
 
-    // Two changes while the proxy holds its ACK (it skips a snapshot): the push compares
-    // and sends just those two.
+    // Two changes while the proxy holds its ACK, each published as a snapshot of its own
+    // (it skips one): the push compares and sends just those two.
     let before = compared(&server);
     apply(&mut c, vec![workload("s03-1", "s03", "198.18.1.3", 3)])
         .await
         .unwrap();
     let first = p.recv().await;
     assert_eq!(names(&first), ["s03.default"]);
-    apply(&mut c, vec![workload("s11-1", "s11", "198.18.1.11", 3)])
-        .await
-        .unwrap();
-    p.expect_nothing(Duration::from_millis(300)).await;
-    apply(&mut c, vec![workload("s15-1", "s15", "198.18.1.15", 3)])
-        .await
-        .unwrap();
-    p.expect_nothing(Duration::from_millis(300)).await;
+    for (name, ip) in [("s11", "198.18.1.11"), ("s15", "198.18.1.15")] {
+        let r = apply(&mut c, vec![workload(&format!("{name}-1"), name, ip, 3)])
+            .await
+            .unwrap();
+        published(&server, r.version).await;
+    }
     p.ack(&first).await;
     let latest = p.recv().await;
     assert_eq!(names(&latest), ["s11.default", "s15.default"]);
     p.ack(&latest).await;
-    p.expect_nothing(Duration::from_millis(300)).await;
     assert_eq!(compared(&server) - before, 3);
+    // Nothing else was queued: the next change is the next response, and it compares one.
+    let before = compared(&server);
+    apply(&mut c, vec![workload("s19-1", "s19", "198.18.1.19", 4)])
+        .await
+        .unwrap();
+    let next = p.recv().await;
+    assert_eq!(names(&next), ["s19.default"]);
+    assert_eq!(compared(&server) - before, 1);
     server.shutdown().await;
 }
 

@@ -4,6 +4,7 @@
 //! they live in one place with their validation. Nothing in this crate performs I/O.
 #![forbid(unsafe_code)]
 
+pub mod duration;
 pub mod net;
 pub mod ports;
 pub mod resource;

@@ -2,7 +2,10 @@
 //! (`muon-init-t<pid>-<n>-<nanos>`, deleted on drop, also when a test panics). Nothing here
 //! touches the host namespace: every command runs through `ip netns exec`.
 //!
-//! These tests need root and fail, rather than pass silently, without it.
+//! These tests need root and fail, rather than pass silently, without it. They also fail
+//! without IPv6 in the kernel or without both iptables backends (nft and legacy, which
+//! Debian's `iptables` package installs and `cargo xtask test` installs when missing); a
+//! developer without one can say so with `MUON_TEST_WITHOUT=ipv6,nft,legacy`, never in CI.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -147,6 +150,57 @@ fn backend_installed(backend: Backend, family: Family) -> bool {
         && installed(&cli(backend, family))
 }
 
+/// The machine lacks `what` (`ipv6`, `nft`, `legacy`): the test fails, saying what to
+/// install, unless `what` is listed in `MUON_TEST_WITHOUT` outside CI, where the caller skips
+/// what needs it.
+fn skip_without(what: &str, missing: &str) {
+    let listed =
+        std::env::var("MUON_TEST_WITHOUT").is_ok_and(|v| v.split(',').any(|w| w.trim() == what));
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+    assert!(
+        listed && !ci,
+        "{missing}; this test needs it{}",
+        if ci {
+            " (CI must have it: MUON_TEST_WITHOUT is ignored when CI is set)".to_string()
+        } else {
+            format!(" (or set MUON_TEST_WITHOUT={what} to skip what needs it on this machine)")
+        }
+    );
+    eprintln!("{missing}: skipped, as MUON_TEST_WITHOUT={what} asks");
+}
+
+/// The binaries of an iptables backend must be there (Debian package `iptables`).
+fn require_backend(backend: Backend, family: Family) -> bool {
+    if backend_installed(backend, family) {
+        return true;
+    }
+    let what = match backend {
+        Backend::Legacy => "legacy",
+        Backend::Nft | Backend::Auto => "nft",
+    };
+    skip_without(
+        what,
+        &format!(
+            "{} (and its -save/-restore) is not installed: install the Debian package iptables",
+            cli(backend, family)
+        ),
+    );
+    false
+}
+
+/// The kernel must have IPv6 (inside a fresh namespace: /proc/net/if_inet6).
+fn require_ipv6(ns: &Netns) -> bool {
+    if ns.has_ipv6() {
+        return true;
+    }
+    skip_without(
+        "ipv6",
+        "the kernel has no IPv6 (no /proc/net/if_inet6 in a new network namespace): boot \
+         without ipv6.disable=1",
+    );
+    false
+}
+
 /// A user's own chain, which muon-init must never touch.
 fn add_keepme(ns: &Netns, backend: Backend, family: Family) {
     let ipt = cli(backend, family);
@@ -218,12 +272,11 @@ fn assert_keepme(save: &str) {
 
 /// Apply defaults, apply again (idempotent), clean up (exactly), clean up again (no-op).
 fn full_cycle(backend: Backend) {
-    if backend != Backend::Auto && !backend_installed(backend, Family::V4) {
-        eprintln!("{backend:?} iptables binaries are not installed; nothing to test for them");
+    if !require_backend(backend, Family::V4) {
         return;
     }
     let ns = Netns::new();
-    let v6 = ns.has_ipv6() && backend_installed(backend, Family::V6);
+    let v6 = require_ipv6(&ns) && require_backend(backend, Family::V6);
     let families: &[Family] = if v6 {
         &[Family::V4, Family::V6]
     } else {
@@ -464,8 +517,7 @@ fn config_change_replaces_the_rules_and_drops_stale_jumps() {
 #[test]
 fn ipv6_failure_rolls_ipv4_back() {
     let ns = Netns::new();
-    if !ns.has_ipv6() {
-        eprintln!("kernel without IPv6: there is no IPv6 payload that could fail");
+    if !require_ipv6(&ns) {
         return;
     }
     ns.init_ok(&[]);

@@ -79,6 +79,7 @@ pub fn ready(pod: &PodState) -> bool {
 pub fn wait_ready(lab: &LabState, pod: &PodState, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !ready(pod) {
+        crate::signals::check()?;
         if !pod.app_pid.is_some_and(crate::process::alive) {
             let log = state::log_file(&lab.name, &pod.name, "app");
             bail!(
@@ -214,22 +215,35 @@ fn object(
     }
 }
 
+/// How long registering may take: the control plane answered /ready just before, so this
+/// only bounds a control plane that hangs (and a stop signal meanwhile is seen after it).
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Registers every pod and service with the control plane, in one all-or-nothing apply.
 pub fn register(lab: &LabState, topo: &Topology) -> Result<()> {
     let objects = objects(lab, topo);
     block_on_in_lab(&lab.name, move |addr| async move {
-        let mut client = ManagementClient::connect(addr.clone())
+        let call = async {
+            let mut client = ManagementClient::connect(addr.clone())
+                .await
+                .with_context(|| format!("connecting to muon-control at {addr}"))?;
+            client
+                .apply(ApplyRequest {
+                    objects,
+                    dry_run: false,
+                })
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!("registering the lab's pods and services: {}", s.message())
+                })?;
+            Ok(())
+        };
+        tokio::time::timeout(REGISTER_TIMEOUT, call)
             .await
-            .with_context(|| format!("connecting to muon-control at {addr}"))?;
-        client
-            .apply(ApplyRequest {
-                objects,
-                dry_run: false,
-            })
-            .await
-            .map_err(|s| {
-                anyhow::anyhow!("registering the lab's pods and services: {}", s.message())
-            })?;
-        Ok(())
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "registering the lab's pods and services: muon-control at {addr} did not answer within {REGISTER_TIMEOUT:?}"
+                )
+            })?
     })
 }

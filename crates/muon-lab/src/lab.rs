@@ -3,12 +3,16 @@
 //! `up` records everything it creates in the state file *before* creating it, so a failure
 //! at any step, or a killed `muonctl`, leaves nothing that `down` cannot find. `down` also
 //! works from names alone: it removes every namespace called `muon-<lab>` or `muon-<lab>.*`.
+//! A stop signal during `up` (see [`crate::signals`]) is checked between steps and in every
+//! wait, and removes what was made like any other failure. The state file says `starting`
+//! until `up` has finished, so a lab whose `up` was killed outright shows as incomplete.
 
 use crate::addr;
 use crate::control;
 use crate::netns;
 use crate::process::{self, Spawn};
-use crate::state::{self, GatewayPod, LabState, PodState, ServiceState};
+use crate::signals::{self, Interrupted};
+use crate::state::{self, GatewayPod, LabState, Phase, PodState, ServiceState};
 use crate::topology::{check_name, Topology, CONTROL_PLANE_POD};
 use anyhow::{bail, Context, Result};
 use muon_core::{ports, Endpoint, ServiceEntry, ServicePort, ServiceTable};
@@ -28,7 +32,8 @@ pub struct UpOptions {
     pub bin_dir: Option<PathBuf>,
     /// How long pods and sidecars get to become ready.
     pub ready_timeout: Duration,
-    /// Record this process as the lab's supervisor (foreground `up`).
+    /// Keep this process recorded as the lab's supervisor once it is up (foreground `up`).
+    /// While the lab comes up it is recorded either way.
     pub supervisor: bool,
 }
 
@@ -140,7 +145,8 @@ fn binaries(control_plane: bool) -> &'static [&'static str] {
 }
 
 /// Brings a lab up and returns once every sidecar is ready and every service port accepts
-/// connections. On failure everything created so far is removed.
+/// connections. On failure, or on a stop signal once [`signals::catch`] has run, everything
+/// created so far is removed; a stop is reported as an [`Interrupted`] error.
 pub fn up(opts: &UpOptions) -> Result<LabState> {
     let topo = Topology::load(&opts.topology)?;
     preflight()?;
@@ -166,17 +172,41 @@ pub fn up(opts: &UpOptions) -> Result<LabState> {
         }
     }
     let built = (|| {
+        signals::check()?;
         let bins = locate_binaries(opts, topo.control_plane)?;
         let ipv6 = topo.ipv6.unwrap_or_else(host_has_ipv6);
         let mut lab = plan(&name, &topo, ipv6, opts)?;
         create(&mut lab, &topo, &bins, opts.ready_timeout)?;
+        // The last step: a stop that arrives from here on finds a finished lab.
+        signals::check()?;
+        lab.phase = Phase::Up;
+        if !opts.supervisor {
+            lab.supervisor_pid = None;
+        }
+        lab.save()?;
         Ok::<_, anyhow::Error>(lab)
     })();
     built.map_err(|e| {
-        let _ = down(&name);
-        e.context(format!(
-            "lab {name} did not come up; everything it created was removed"
-        ))
+        // A stop signal may show up as another error first (Ctrl-C also reaches the `ip`
+        // that was running): the signal is what happened.
+        let stopped = e
+            .downcast_ref::<Interrupted>()
+            .map(|i| i.0)
+            .or_else(signals::received);
+        let removed = down(&name);
+        let (e, what) = match stopped {
+            Some(sig) => (
+                anyhow::Error::new(Interrupted(sig)),
+                format!("lab {name} was stopped while coming up"),
+            ),
+            None => (e, format!("lab {name} did not come up")),
+        };
+        match removed {
+            Ok(_) => e.context(format!("{what}; everything it created was removed")),
+            Err(d) => e.context(format!(
+                "{what}, and removing what it created failed ({d:#}); run `muonctl lab down {name}`"
+            )),
+        }
     })
 }
 
@@ -241,7 +271,8 @@ fn plan(name: &str, topo: &Topology, ipv6: bool, opts: &UpOptions) -> Result<Lab
         bridge_netns: bridge_netns(name),
         ipv6,
         topology_file: opts.topology.display().to_string(),
-        supervisor_pid: opts.supervisor.then(|| std::process::id() as i32),
+        phase: Phase::Starting,
+        supervisor_pid: Some(std::process::id() as i32),
         control_plane: topo.control_plane.then(|| CONTROL_PLANE_POD.to_string()),
         pods,
         services,
@@ -431,8 +462,10 @@ fn create(lab: &mut LabState, topo: &Topology, bins: &Path, timeout: Duration) -
         )?;
     }
 
+    signals::check()?;
     create_bridge(lab)?;
     for i in 0..lab.pods.len() {
+        signals::check()?;
         create_pod_network(lab, i)?;
     }
     // The control plane first, with every pod and service registered, so that each sidecar's
@@ -443,17 +476,20 @@ fn create(lab: &mut LabState, topo: &Topology, bins: &Path, timeout: Duration) -
             .iter()
             .position(|p| p.name == cp)
             .context("control plane pod vanished")?;
+        signals::check()?;
         control::prepare(lab)?;
         let pid = start_app(lab, &lab.pods[i])?;
         lab.pods[i].app_pid = Some(pid);
         lab.save()?;
         control::wait_ready(lab, &lab.pods[i], timeout)?;
+        signals::check()?;
         control::register(lab, topo)?;
     }
     for i in 0..lab.pods.len() {
         if lab.control_plane.as_deref() == Some(lab.pods[i].name.as_str()) {
             continue;
         }
+        signals::check()?;
         if lab.pods[i].gateway.is_some() {
             prepare_gateway(lab, topo, &lab.pods[i])?;
             let pid = start_app(lab, &lab.pods[i])?;
@@ -478,6 +514,7 @@ fn create(lab: &mut LabState, topo: &Topology, bins: &Path, timeout: Duration) -
     }
     wait_ready(lab, topo, timeout)?;
     for i in 0..lab.pods.len() {
+        signals::check()?;
         let host_port = lab.pods[i].gateway.as_ref().and_then(|g| g.host_port);
         if let Some(host_port) = host_port {
             let pid = crate::forward::spawn(lab, &lab.pods[i], host_port)?;
@@ -745,6 +782,7 @@ fn wait_ready(lab: &LabState, topo: &Topology, timeout: Duration) -> Result<()> 
         }
     }
     loop {
+        signals::check()?;
         process::reap_children();
         for &(i, _) in &pending {
             let pod = &lab.pods[i];
@@ -795,27 +833,42 @@ pub struct DownReport {
     pub processes: usize,
 }
 
+/// How long `down` waits for the lab's `up` to remove what it made before doing it itself.
+const SUPERVISOR_GRACE: Duration = Duration::from_secs(15);
+
 /// Removes every namespace, process and file of lab `name`, with or without its state file.
 pub fn down(name: &str) -> Result<DownReport> {
     check_name(name, 20).map_err(|r| anyhow::anyhow!("lab name {name:?}: {r}"))?;
     let mut report = DownReport::default();
     let state = LabState::load(name).ok();
-    if let Some(pid) = state.as_ref().and_then(|s| s.supervisor_pid) {
-        // A foreground `up` is waiting; it would tear down too, but we do it here and now.
-        if pid != std::process::id() as i32 && process::is_supervisor(pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-    }
     let bridge = bridge_netns(name);
     let pod_prefix = format!("muon-{name}.");
+    let supervisor = state
+        .as_ref()
+        .and_then(|s| s.supervisor_pid)
+        .filter(|&pid| pid != std::process::id() as i32 && process::is_supervisor(pid));
+    if let Some(pid) = supervisor {
+        // A `lab up` is still bringing the lab up, or supervises it in the foreground. Told
+        // to stop, it removes what it made; waiting for it means nothing is created behind
+        // this `down`'s back. What is left after the grace period is removed below.
+        let before = netns::list_matching(&bridge, &pod_prefix);
+        report.processes = before.iter().map(|ns| netns::pids(ns).len()).sum();
+        report.namespaces = before;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + SUPERVISOR_GRACE;
+        while process::alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let namespaces = netns::list_matching(&bridge, &pod_prefix);
     // Pods first, all at once: stopping a hundred processes takes one grace period, not a hundred.
     let pids: Vec<i32> = namespaces.iter().flat_map(|ns| netns::pids(ns)).collect();
     process::stop(&pids, Duration::from_secs(3));
-    report.processes = pids.len();
+    report.processes = report.processes.max(pids.len());
+    report.namespaces.retain(|ns| !namespaces.contains(ns));
     let mut errors = Vec::new();
     for ns in &namespaces {
         match netns::delete(ns) {
@@ -834,8 +887,11 @@ pub fn down(name: &str) -> Result<DownReport> {
     }
     let dir = state::lab_dir(name);
     if dir.exists() {
+        // Another `down` (the lab's own `up`, stopping) may be removing it at the same time.
         if let Err(e) = std::fs::remove_dir_all(&dir) {
-            errors.push(format!("{}: {e}", dir.display()));
+            if dir.exists() {
+                errors.push(format!("{}: {e}", dir.display()));
+            }
         }
     }
     if !errors.is_empty() {
@@ -858,18 +914,93 @@ pub struct PodStatus {
     pub sidecar: &'static str,
 }
 
+/// Whether a lab is whole, as `lab status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LabPhase {
+    /// `up` is still bringing it up.
+    Starting,
+    /// `up` finished: every pod was ready.
+    Up,
+    /// `up` never finished and is gone (killed, or the machine's state was lost): what is
+    /// there may be half made. `lab down` removes it.
+    Incomplete,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LabStatus {
     pub name: String,
+    pub phase: LabPhase,
+    /// Why the lab is incomplete, and what to do about it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// The namespaces of this lab that exist now.
+    pub namespaces: Vec<String>,
     pub ipv6: bool,
-    pub topology_file: String,
+    /// Unknown when the state file is missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology_file: Option<String>,
     pub pods: Vec<PodStatus>,
     pub services: Vec<ServiceState>,
 }
 
+/// The status of lab `name`: what its state file records, checked against the processes and
+/// namespaces that exist. A lab whose state directory exists but whose `up` never finished is
+/// `incomplete`, also without a state file (the `up` was killed before it wrote one).
 pub fn status(name: &str) -> Result<LabStatus> {
-    let lab = LabState::load(name)?;
+    check_name(name, 20).map_err(|r| anyhow::anyhow!("lab name {name:?}: {r}"))?;
+    let namespaces = netns::list_matching(&bridge_netns(name), &format!("muon-{name}."));
+    let lab = match LabState::load(name) {
+        Ok(lab) => lab,
+        Err(e) if state::lab_dir(name).exists() || !namespaces.is_empty() => {
+            let starting = state::lab_dir(name)
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(5));
+            return Ok(LabStatus {
+                name: name.to_string(),
+                // An `up` writes its state file right after claiming the directory: a young
+                // directory without one is most likely an `up` at work.
+                phase: if starting {
+                    LabPhase::Starting
+                } else {
+                    LabPhase::Incomplete
+                },
+                problem: (!starting).then(|| {
+                    let why = match state::state_file(name).exists() {
+                        true => format!("{e:#}"),
+                        false => "it has no state file: its `lab up` ended before writing one"
+                            .to_string(),
+                    };
+                    format!("{why}. Remove what is left: muonctl lab down {name}")
+                }),
+                namespaces,
+                ipv6: false,
+                topology_file: None,
+                pods: Vec::new(),
+                services: Vec::new(),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    // While starting, the recorded pid is the `up` at work.
+    let up_running = lab
+        .supervisor_pid
+        .is_some_and(|pid| pid == std::process::id() as i32 || process::is_supervisor(pid));
+    let (phase, problem) = match lab.phase {
+        Phase::Up => (LabPhase::Up, None),
+        Phase::Starting if up_running => (LabPhase::Starting, None),
+        Phase::Starting => (
+            LabPhase::Incomplete,
+            Some(format!(
+                "its `lab up`{} ended before the lab was ready. Remove what is left: muonctl lab down {name}",
+                lab.supervisor_pid
+                    .map(|p| format!(" (pid {p})"))
+                    .unwrap_or_default()
+            )),
+        ),
+    };
     let pods = lab
         .pods
         .iter()
@@ -886,8 +1017,11 @@ pub fn status(name: &str) -> Result<LabStatus> {
         .collect();
     Ok(LabStatus {
         name: lab.name,
+        phase,
+        problem,
+        namespaces,
         ipv6: lab.ipv6,
-        topology_file: lab.topology_file,
+        topology_file: Some(lab.topology_file),
         pods,
         services: lab.services,
     })

@@ -12,9 +12,13 @@ pub mod forward;
 pub mod lab;
 pub mod netns;
 pub mod process;
+pub mod signals;
 pub mod state;
 pub mod topology;
 
-pub use lab::{down, exec, logs, restart, status, up, LabStatus, PodStatus, UpOptions};
-pub use state::{list_labs, LabState};
+pub use lab::{
+    down, exec, logs, restart, status, up, DownReport, LabPhase, LabStatus, PodStatus, UpOptions,
+};
+pub use signals::Interrupted;
+pub use state::{list_labs, LabState, Phase};
 pub use topology::Topology;

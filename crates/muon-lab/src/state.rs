@@ -20,7 +20,13 @@ pub struct LabState {
     pub bridge_netns: String,
     pub ipv6: bool,
     pub topology_file: String,
-    /// `up` in the foreground: its pid, so `down` can tell it to stop.
+    /// How far `up` got. A lab still `starting` whose `up` is gone never finished: `status`
+    /// shows it as incomplete.
+    #[serde(default)]
+    pub phase: Phase,
+    /// The `muonctl lab up` bringing the lab up, and afterwards a foreground `up` that
+    /// supervises it: its pid, so `down` can tell it to stop and `status` can tell whether a
+    /// `starting` lab is still coming up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervisor_pid: Option<i32>,
     /// The pod running muon-control, when the lab has a control plane.
@@ -28,6 +34,18 @@ pub struct LabState {
     pub control_plane: Option<String>,
     pub pods: Vec<PodState>,
     pub services: Vec<ServiceState>,
+}
+
+/// How far `up` got with a lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// `up` is creating the lab, or was stopped before it finished.
+    Starting,
+    /// Every pod was ready and `up` finished. (The default: state files written before the
+    /// phase was recorded had no way to say.)
+    #[default]
+    Up,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -2,8 +2,9 @@
 //!
 //! The access log is a tracing event with target `access` (level info, message
 //! "connection closed"); its format and destination are the subscriber's business, set up
-//! here by [`init`]: human-readable or one JSON object per line on stdout, with the event's
-//! fields at the top level of the object.
+//! here by [`init`]: human-readable or one JSON object per line on stdout (through
+//! [`crate::logwriter`], so no request waits for the write), with the event's fields at the
+//! top level of the object.
 
 use crate::config::LogFormat;
 use crate::{Direction, Outcome, PodInfo, Shared};
@@ -97,12 +98,26 @@ pub enum LogError {
     Install(String),
 }
 
+/// The writer [`init`] installed, for [`flush`].
+static WRITER: std::sync::OnceLock<crate::logwriter::LogWriter> = std::sync::OnceLock::new();
+
+/// Waits (up to 2 s) until every line logged so far is written; call before exiting.
+pub fn flush() {
+    if let Some(w) = WRITER.get() {
+        w.flush(std::time::Duration::from_secs(2));
+    }
+}
+
 /// Installs the global subscriber. `filter` is a level or EnvFilter directives.
 pub fn init(format: LogFormat, filter: &str) -> Result<(), LogError> {
     let env_filter =
         EnvFilter::try_new(filter).map_err(|e| LogError::Filter(filter.to_owned(), e))?;
+    let writer = crate::logwriter::LogWriter::stdout()
+        .map_err(|e| LogError::Install(format!("starting the log writer thread: {e}")))?;
+    let _ = WRITER.set(writer.clone());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
+        .with_writer(writer)
         .with_ansi(std::io::stdout().is_terminal());
     let installed = match format {
         LogFormat::Human => builder.try_init(),

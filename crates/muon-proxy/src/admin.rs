@@ -1,4 +1,4 @@
-//! The two small HTTP/1.1 servers beside the data path.
+//! The two small HTTP/1.1 servers beside the data path (on `muon-http`).
 //!
 //! Health (pod-facing, `--health-addr`): `/live`, `/ready`, `/metrics`.
 //! Admin (loopback, `--admin-addr`): `/config_dump`, `/ready`, `POST /drain`.
@@ -13,19 +13,12 @@ use crate::table::SharedTable;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, SERVER};
+use hyper::header::{HeaderValue, ALLOW, SERVER};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use std::convert::Infallible;
+use muon_http::OPENMETRICS;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
-
-/// Concurrent HTTP connections per server; more are closed on accept.
-const MAX_CONNECTIONS: usize = 64;
-
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use tracing::info;
 
 /// Which of the two servers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,45 +84,11 @@ impl State {
 
 /// Serves one of the servers until dropped (the server task aborts it at exit).
 pub async fn serve(listener: TcpListener, kind: Kind, state: Arc<State>) {
-    let server = kind.as_str();
-    match listener.local_addr() {
-        Ok(addr) => info!(server, %addr, "listening"),
-        Err(_) => info!(server, "listening"),
-    }
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        warn!(server, error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                if conns.len() >= MAX_CONNECTIONS {
-                    debug!(server, "too many HTTP connections; closing");
-                    continue;
-                }
-                let state = state.clone();
-                conns.spawn(async move {
-                    let service = hyper::service::service_fn(|req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(route(kind, &state, &req).await) }
-                    });
-                    let served = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                    if let Err(e) = served {
-                        debug!(server, error = %e, "HTTP connection ended");
-                    }
-                });
-            }
-        }
-    }
+    let handler = move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move { route(kind, &state, &req).await }
+    };
+    muon_http::serve(listener, kind.as_str(), handler).await
 }
 
 /// The whole routing table of both servers.
@@ -204,10 +163,8 @@ fn respond(
     content_type: &'static str,
     body: impl Into<Bytes>,
 ) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(body.into()));
-    *resp.status_mut() = status;
-    let headers = resp.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(SERVER, HeaderValue::from_static("muon-proxy"));
+    let mut resp = muon_http::respond(status, content_type, body);
+    resp.headers_mut()
+        .insert(SERVER, HeaderValue::from_static("muon-proxy"));
     resp
 }

@@ -530,41 +530,8 @@ fn parse_count(s: &str, min: usize, max: usize) -> Result<usize, String> {
     }
 }
 
-/// Parses `500ms`, `5s`, `2m`, `1h`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let bad = || format!("{s:?} is not a duration like 500ms, 5s, 2m or 1h");
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs).ok_or_else(bad);
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => secs(1),
-        "m" => secs(60),
-        "h" => secs(3600),
-        _ => Err(bad()),
-    }
-}
-
-fn parse_positive(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d.is_zero() => Err(format!("{s:?} must be greater than zero")),
-        d => Ok(d),
-    }
-}
-
-/// Formats a duration the way [`parse_duration`] reads it, with the largest exact unit.
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    match ms {
-        0 => "0s".into(),
-        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
-        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
-        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
-        _ => format!("{ms}ms"),
-    }
-}
+use muon_core::duration::parse_flag_positive as parse_positive;
+pub use muon_core::duration::{format as format_duration, parse_flag as parse_duration};
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_duration(*d))
@@ -771,22 +738,5 @@ mod tests {
             "127.0.0.1:0",
         ])
         .unwrap();
-    }
-
-    #[test]
-    fn durations_parse_and_format_round_trip() {
-        for (text, d) in [
-            ("500ms", Duration::from_millis(500)),
-            ("5s", Duration::from_secs(5)),
-            ("7", Duration::from_secs(7)),
-            ("2m", Duration::from_secs(120)),
-            ("1h", Duration::from_secs(3600)),
-        ] {
-            assert_eq!(parse_duration(text), Ok(d));
-            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
-        }
-        for bad in ["", "s", "1d", "-1s", "1.5s", "99999999999999999999h"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
     }
 }

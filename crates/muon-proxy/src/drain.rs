@@ -91,16 +91,25 @@ impl Watch {
 mod tests {
     use super::*;
 
+    use std::time::Duration;
+
+    /// Far longer than a phase change takes: a bound against a hang, not a timing check.
+    const WAIT: Duration = Duration::from_secs(10);
+
     #[tokio::test]
     async fn phases_only_move_forward() {
         let d = Drain::new();
         let mut w = d.watch();
         assert!(d.start());
         assert!(!d.start());
-        w.draining().await;
+        tokio::time::timeout(WAIT, w.draining())
+            .await
+            .expect("a watcher sees the drain start");
         assert!(d.close());
         assert!(!d.start());
         assert_eq!(d.phase(), Phase::Closing);
-        w.closing().await;
+        tokio::time::timeout(WAIT, w.closing())
+            .await
+            .expect("a watcher sees the close");
     }
 }

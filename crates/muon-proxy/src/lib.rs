@@ -29,6 +29,7 @@ pub mod gateway;
 pub mod http;
 pub mod inbound;
 pub mod listen;
+pub mod logwriter;
 pub mod metrics;
 pub mod model;
 pub mod outbound;

@@ -20,6 +20,8 @@ fn main() -> anyhow::Result<()> {
             .build(),
     }
     .context("starting the tokio runtime")?;
-    runtime.block_on(muon_proxy::server::run(config))?;
+    let result = runtime.block_on(muon_proxy::server::run(config));
+    muon_proxy::accesslog::flush();
+    result?;
     Ok(())
 }

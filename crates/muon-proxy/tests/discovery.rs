@@ -352,11 +352,22 @@ fn backends() -> u16 {
     backends_at("127.0.0.1", "127.0.0.2")
 }
 
-/// Two backends on the same port: `one` answers "one", `two` answers "two".
+/// Two backends on the same port: `one` answers "one", `two` answers "two". The port is
+/// free on `one`'s address but may be taken on `two`'s (a busy host has many sockets, some in
+/// TIME-WAIT): then another port is tried.
 fn backends_at(one: &str, two: &str) -> u16 {
-    let one = std::net::TcpListener::bind((one, 0)).unwrap();
+    let (one, two) = (0..100)
+        .find_map(|_| {
+            let one = std::net::TcpListener::bind((one, 0)).unwrap();
+            let port = one.local_addr().unwrap().port();
+            match std::net::TcpListener::bind((two, port)) {
+                Ok(two) => Some((one, two)),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => None,
+                Err(e) => panic!("binding {two}:{port}: {e}"),
+            }
+        })
+        .expect("a port free on both addresses");
     let port = one.local_addr().unwrap().port();
-    let two = std::net::TcpListener::bind((two, port)).unwrap();
     for (l, name) in [(one, "one"), (two, "two")] {
         std::thread::spawn(move || {
             for mut s in l.incoming().map_while(Result::ok) {
@@ -392,6 +403,34 @@ async fn call_async(shared: Arc<Shared>, dst: &str) -> (Outcome, String) {
         .unwrap()
         .unwrap();
     (outcome, got)
+}
+
+/// An app's connection as the outbound listener would accept it: (the app's end, the
+/// accepted end, the app's address).
+async fn app_connection() -> (tokio::net::TcpStream, tokio::net::TcpStream, SocketAddr) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, src) = l.accept().await.unwrap();
+    (app, server, src)
+}
+
+/// What the app reads until the proxy closes its side; then the app closes too.
+async fn read_app(mut app: tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), app.read_to_string(&mut got)).await;
+    got
+}
+
+/// Polls `fut` once: its output if it finished, None if it is now waiting for something.
+async fn poll_once<F: std::future::Future + Unpin>(fut: &mut F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        out = fut => Some(out),
+        () = std::future::ready(()) => None,
+    }
 }
 
 fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
@@ -767,8 +806,10 @@ fn on_demand_subscribes_once_per_service_and_resubscribes_after_a_reconnect() {
         state.path().to_str().unwrap(),
         "--discovery-mode",
         "on-demand",
+        // Far beyond how long any call below may take (`call` gives up after 10 s): a
+        // connection that ends in time was released by an answer, not by this deadline.
         "--connect-timeout",
-        "3s",
+        "60s",
     ]));
     let mut conn = cp.accept();
     on_demand_sync(&cp, &mut conn, &shared, port);
@@ -789,7 +830,7 @@ fn on_demand_subscribes_once_per_service_and_resubscribes_after_a_reconnect() {
     assert!(routes.lookup(WEB.parse().unwrap()).unwrap().backends.known);
 
     // gone's endpoints do not exist: the control plane answers the name as removed, and the
-    // connection ends at once as no_endpoints instead of waiting out the deadline. Once
+    // connection ends at once as no_endpoints instead of waiting out the 60 s deadline. Once
     // answered, later connections do not ask again.
     let started = Instant::now();
     assert_eq!(
@@ -797,9 +838,13 @@ fn on_demand_subscribes_once_per_service_and_resubscribes_after_a_reconnect() {
         (Outcome::NoEndpoints, String::new())
     );
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "waited {:?}",
+        started.elapsed() < Duration::from_secs(30),
+        "waited {:?}: for the deadline, not the answer",
         started.elapsed()
+    );
+    assert!(
+        shared.on_demand.as_ref().unwrap().pending().is_empty(),
+        "the removal answered the subscription"
     );
     assert_eq!(
         call(&rt, &shared, GONE),
@@ -880,27 +925,49 @@ fn on_demand_concurrent_first_connections_share_one_subscription() {
         state.path().to_str().unwrap(),
         "--discovery-mode",
         "on-demand",
+        // Both connections wait for the held answer: far longer than the test takes.
+        "--connect-timeout",
+        "60s",
     ]));
     let mut conn = cp.accept();
     on_demand_sync(&cp, &mut conn, &shared, port);
 
-    // The control plane holds its answer until both connections are waiting.
+    // The control plane holds its answer until both connections are waiting. Each
+    // connection's handler is polled once by hand: when that poll returns pending, the
+    // connection has missed, subscribed (or joined the subscription) and is waiting.
     cp.on_demand.open.send_replace(false);
     let answers = cp.on_demand.clone();
-    let (a, b, ()) = rt.block_on(async {
-        tokio::join!(
-            call_async(shared.clone(), WEB),
-            call_async(shared.clone(), WEB),
-            async {
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while answers.subscriptions().is_empty() {
-                    assert!(Instant::now() < deadline, "no subscription");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                answers.open.send_replace(true);
-            },
-        )
+    let on_demand = shared.on_demand.clone().unwrap();
+    let (a, b) = rt.block_on(async {
+        let dst: SocketAddr = WEB.parse().unwrap();
+        let (app_a, server_a, src_a) = app_connection().await;
+        let (app_b, server_b, src_b) = app_connection().await;
+        let mut rec_a = Record::new(Direction::Outbound, src_a, dst);
+        let mut rec_b = Record::new(Direction::Outbound, src_b, dst);
+        let mut first = std::pin::pin!(outbound::handle(&shared, server_a, &mut rec_a));
+        let mut second = std::pin::pin!(outbound::handle(&shared, server_b, &mut rec_b));
+        assert!(
+            poll_once(&mut first).await.is_none(),
+            "the first connection waits for the answer"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while answers.subscriptions().is_empty() {
+            assert!(Instant::now() < deadline, "no subscription");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            poll_once(&mut second).await.is_none(),
+            "the second connection waits for the same answer"
+        );
+        assert_eq!(on_demand.pending(), ["web.shop"]);
+        answers.open.send_replace(true);
+        let (outcome_a, got_a, outcome_b, got_b) =
+            tokio::time::timeout(Duration::from_secs(20), async {
+                tokio::join!(first, read_app(app_a), second, read_app(app_b))
+            })
+            .await
+            .expect("both connections released by the answer");
+        ((outcome_a, got_a), (outcome_b, got_b))
     });
     assert_eq!(a, (Outcome::Ok, "one".into()));
     assert_eq!(b, (Outcome::Ok, "one".into()));
@@ -1042,8 +1109,10 @@ fn on_demand_against_muon_control_subscribes_once_and_resubscribes_after_its_res
         state_dir.to_str().unwrap(),
         "--discovery-mode",
         "on-demand",
+        // Far beyond how long any call below may take (`call` gives up after 10 s): a
+        // connection that ends in time was released by an answer, not by this deadline.
         "--connect-timeout",
-        "3s",
+        "60s",
     ]));
     wait_for("web in the table", Duration::from_secs(20), || {
         shared
@@ -1061,15 +1130,20 @@ fn on_demand_against_muon_control_subscribes_once_and_resubscribes_after_its_res
     assert_eq!(call(&rt, &shared, WEB), (Outcome::Ok, "one".into()));
     assert_eq!(call(&rt, &shared, WEB), (Outcome::Ok, "one".into()));
     assert_eq!(metric(&shared, subscriptions), 1);
+    // Answered as removed: released at once, not at the 60 s deadline.
     let started = Instant::now();
     assert_eq!(
         call(&rt, &shared, GONE),
         (Outcome::NoEndpoints, String::new())
     );
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
+        started.elapsed() < Duration::from_secs(30),
+        "waited {:?}: for the deadline, not the answer",
         started.elapsed()
+    );
+    assert!(
+        shared.on_demand.as_ref().unwrap().pending().is_empty(),
+        "the removal answered the subscription"
     );
     assert_eq!(metric(&shared, subscriptions), 2);
 

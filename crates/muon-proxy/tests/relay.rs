@@ -138,6 +138,92 @@ async fn outbound_half_close_still_delivers_the_reply_and_counts_bytes() {
     assert_eq!((m.sent.get(), m.received.get()), (5, 7));
 }
 
+/// A server that is done first: on accept it sends a banner and shuts down its write side at
+/// once, then keeps reading until the client's EOF. Sends what it read on the channel.
+async fn banner_then_read() -> (SocketAddr, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                w.write_all(b"banner").await.unwrap();
+                w.shutdown().await.unwrap();
+                let mut heard = Vec::new();
+                r.read_to_end(&mut heard).await.unwrap();
+                let _ = tx.send(heard).await;
+            });
+        }
+    });
+    (local, rx)
+}
+
+/// One connection through the proxy to a [`banner_then_read`] server: the server's EOF
+/// reaches the client, and what the client sends after it still reaches the server.
+async fn server_closes_first(
+    shared: &Arc<Shared>,
+    direction: Direction,
+    dst: SocketAddr,
+    heard: &mut tokio::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    let (client, server, src) = accepted_pair().await;
+    let task = spawn_proxy(shared.clone(), direction, server, src, dst);
+    let (mut r, mut w) = client.into_split();
+    w.write_all(b"early ").await.unwrap();
+    let mut got = Vec::new();
+    timeout(Duration::from_secs(10), r.read_to_end(&mut got))
+        .await
+        .expect("the server's EOF reaches the client")
+        .unwrap();
+    assert_eq!(got, b"banner", "{direction:?}");
+    // The client has seen the server's EOF and goes on sending.
+    w.write_all(b"and late").await.unwrap();
+    w.shutdown().await.unwrap();
+    let heard = timeout(Duration::from_secs(10), heard.recv())
+        .await
+        .expect("the client's later bytes and EOF reach the server")
+        .unwrap();
+    assert_eq!(heard, b"early and late", "{direction:?}");
+    let (outcome, rec) = timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the relay ends once both sides are done")
+        .unwrap();
+    assert_eq!(outcome, Outcome::Ok, "{direction:?}");
+    assert_eq!(
+        (rec.bytes_sent, rec.bytes_received),
+        (14, 6),
+        "{direction:?}"
+    );
+}
+
+#[tokio::test]
+async fn server_half_close_first_still_carries_what_the_client_sends_after_it() {
+    let (backend, mut heard) = banner_then_read().await;
+    // Declared `tcp` (straight to the opaque relay) and undeclared (detected as not HTTP
+    // from the client's first bytes, then the same relay).
+    for protocol in [r#","protocol":"tcp""#, ""] {
+        let json = format!(
+            r#"{{"services":[{{"name":"web","namespace":"shop","vips":["198.19.0.1"],
+                "ports":[{{"port":80,"targetPort":{}{protocol}}}],
+                "endpoints":[{{"ip":"127.0.0.1","pod":"web-0"}}]}}]}}"#,
+            backend.port()
+        );
+        let table = ServiceTable::from_json(json.as_bytes()).unwrap();
+        let shared = shared(&config(&[]), table);
+        server_closes_first(
+            &shared,
+            Direction::Outbound,
+            VIP.parse().unwrap(),
+            &mut heard,
+        )
+        .await;
+    }
+    let shared = shared(&config(&[]), ServiceTable::default());
+    server_closes_first(&shared, Direction::Inbound, backend, &mut heard).await;
+}
+
 #[tokio::test]
 async fn large_transfers_are_counted_exactly_both_ways() {
     // An echo server: every byte comes back.

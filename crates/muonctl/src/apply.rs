@@ -3,11 +3,21 @@
 //! Every object of every file goes into ONE `Management.Apply`, so the control plane
 //! applies all of them or none (it validates them all first). Output, one line per object:
 //! `service/web.default created|configured|unchanged` (`deleted` for delete).
+//!
+//! When the answer is lost (the connection broke after the request was sent), the apply may
+//! or may not have been stored. An apply sends whole objects, so sending the same apply again
+//! is safe, and its answer tells the truth: muonctl applies once more on a new connection
+//! (saying so on stderr; what the first attempt stored shows as `unchanged`). If that fails
+//! too, or the answer did not come within `--timeout` (a control plane that is still working
+//! on it must not get the same work twice), the error says the apply may have been stored and
+//! which `muonctl get` shows it, as kubectl says a request "may still be processing". A delete
+//! is not sent again (a second one would find nothing to delete and refuse the whole delete);
+//! it gets the same "may have been" message.
 
-use crate::control::{self, status_error};
+use crate::control::{self, Failure, Target};
 use crate::get::kind_for;
 use crate::manifest;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use muon_api::v1::{ApplyRequest, DeleteRequest, Object, ObjectRef};
 
@@ -54,27 +64,114 @@ pub fn line(r: &ObjectRef) -> String {
     format!("{}/{}{} {}", r.kind.to_lowercase(), r.name, ns, r.result)
 }
 
-pub fn apply(addr: &str, args: ApplyArgs) -> Result<i32> {
-    let objects = read_all(&args.files)?;
-    control::block_on(async {
-        let mut client = control::connect(addr).await?;
-        let resp = client
-            .apply(ApplyRequest {
-                objects,
-                dry_run: args.dry_run,
-            })
-            .await
-            .map_err(|s| status_error(addr, "apply", s))?
-            .into_inner();
-        let suffix = if args.dry_run { " (dry run)" } else { "" };
-        for r in &resp.applied {
-            println!("{}{suffix}", line(r));
+/// The `muonctl get` commands that show whether these objects are stored: one object by name,
+/// else each kind (in its namespace when all objects of the kind share one).
+pub fn check_with(refs: &[ObjectRef]) -> String {
+    let ns = |n: &str| {
+        if n.is_empty() {
+            "default".to_owned()
+        } else {
+            n.to_owned()
         }
-        Ok(0)
-    })?
+    };
+    if let [r] = refs {
+        return format!(
+            "`muonctl get {} {} -n {}`",
+            r.kind.to_lowercase(),
+            r.name,
+            ns(&r.namespace)
+        );
+    }
+    let mut kinds: Vec<(String, Vec<String>)> = Vec::new();
+    for r in refs {
+        match kinds.iter_mut().find(|(k, _)| *k == r.kind) {
+            Some((_, namespaces)) => namespaces.push(ns(&r.namespace)),
+            None => kinds.push((r.kind.clone(), vec![ns(&r.namespace)])),
+        }
+    }
+    kinds
+        .into_iter()
+        .map(|(kind, mut namespaces)| {
+            let kind = kind.to_lowercase();
+            let plural = match kind.strip_suffix('y') {
+                Some(stem) => format!("{stem}ies"),
+                None => format!("{kind}s"),
+            };
+            namespaces.sort();
+            namespaces.dedup();
+            match namespaces.as_slice() {
+                [one] => format!("`muonctl get {plural} -n {one}`"),
+                _ => format!("`muonctl get {plural}`"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-pub fn delete(addr: &str, args: DeleteArgs) -> Result<i32> {
+fn refs_of(objects: &[Object]) -> Vec<ObjectRef> {
+    objects
+        .iter()
+        .map(|o| {
+            let meta = o.metadata.clone().unwrap_or_default();
+            ObjectRef {
+                kind: o.kind.clone(),
+                namespace: meta.namespace,
+                name: meta.name,
+                result: String::new(),
+            }
+        })
+        .collect()
+}
+
+pub fn apply(target: &Target, args: ApplyArgs) -> Result<i32> {
+    let objects = read_all(&args.files)?;
+    let check = check_with(&refs_of(&objects));
+    let request = ApplyRequest {
+        objects,
+        dry_run: args.dry_run,
+    };
+    let send = |mut c: control::Client| {
+        let request = request.clone();
+        async move { c.apply(request).await }
+    };
+    let may_have = |e: anyhow::Error| {
+        if args.dry_run {
+            e
+        } else {
+            anyhow!("{e:#}; the apply may have been stored: check with {check}")
+        }
+    };
+    let resp = control::block_on(async {
+        let conn = control::connect(target).await?;
+        match conn.try_call(send).await {
+            Ok(resp) => Ok(resp),
+            Err(Failure::Lost(cause)) => {
+                let note = if args.dry_run {
+                    ""
+                } else {
+                    " (objects the first attempt stored show as unchanged)"
+                };
+                eprintln!(
+                    "muonctl: the connection to the control plane at {} broke before it answered the apply ({cause}); applying again on a new connection{note}",
+                    conn.url()
+                );
+                let conn = control::connect(target).await.map_err(may_have)?;
+                conn.try_call(send)
+                    .await
+                    .map_err(|e| may_have(conn.explain("apply", e)))
+            }
+            Err(e @ Failure::TimedOut) => Err(may_have(conn.explain("apply", e))),
+            Err(e) => Err(conn.explain("apply", e)),
+        }
+    })??;
+    let suffix = if args.dry_run { " (dry run)" } else { "" };
+    for r in &resp.applied {
+        println!("{}{suffix}", line(r));
+    }
+    Ok(0)
+}
+
+pub fn delete(target: &Target, args: DeleteArgs) -> Result<i32> {
     let refs: Vec<ObjectRef> = if args.files.is_empty() {
         let (Some(kind), Some(name)) = (args.kind, args.name) else {
             bail!("name what to delete: muonctl delete KIND NAME [-n NS], or -f FILE");
@@ -86,31 +183,28 @@ pub fn delete(addr: &str, args: DeleteArgs) -> Result<i32> {
             result: String::new(),
         }]
     } else {
-        read_all(&args.files)?
-            .into_iter()
-            .map(|o| {
-                let meta = o.metadata.unwrap_or_default();
-                ObjectRef {
-                    kind: o.kind,
-                    namespace: meta.namespace,
-                    name: meta.name,
-                    result: String::new(),
-                }
-            })
-            .collect()
+        refs_of(&read_all(&args.files)?)
     };
-    control::block_on(async {
-        let mut client = control::connect(addr).await?;
-        let resp = client
-            .delete(DeleteRequest { objects: refs })
+    let check = check_with(&refs);
+    let resp = control::block_on(async {
+        let conn = control::connect(target).await?;
+        let request = DeleteRequest { objects: refs };
+        match conn
+            .try_call(|mut c| async move { c.delete(request).await })
             .await
-            .map_err(|s| status_error(addr, "delete", s))?
-            .into_inner();
-        for r in &resp.deleted {
-            println!("{}", line(r));
+        {
+            Ok(resp) => Ok(resp),
+            Err(e @ (Failure::Lost(_) | Failure::TimedOut)) => Err(anyhow!(
+                "{:#}; the delete may have been done: check with {check}",
+                conn.explain("delete", e)
+            )),
+            Err(e) => Err(conn.explain("delete", e)),
         }
-        Ok(0)
-    })?
+    })??;
+    for r in &resp.deleted {
+        println!("{}", line(r));
+    }
+    Ok(0)
 }
 
 #[cfg(test)]
@@ -133,5 +227,42 @@ mod tests {
             result: "unchanged".into(),
         };
         assert_eq!(line(&r), "httproute/r.shop unchanged");
+    }
+
+    fn r(kind: &str, namespace: &str, name: &str) -> ObjectRef {
+        ObjectRef {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            result: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_lost_answer_says_which_get_shows_the_objects() {
+        assert_eq!(
+            check_with(&[r("Service", "", "web")]),
+            "`muonctl get service web -n default`"
+        );
+        assert_eq!(
+            check_with(&[
+                r("Service", "shop", "web"),
+                r("Workload", "shop", "web-0"),
+                r("Workload", "", "web-1"),
+                r("AuthorizationPolicy", "shop", "p"),
+            ]),
+            "`muonctl get services -n shop`, `muonctl get workloads`, `muonctl get authorizationpolicies -n shop`"
+        );
+        // Every suggested word is one `get` knows.
+        for kind in [
+            "service",
+            "workloads",
+            "httproutes",
+            "grpcroutes",
+            "gateways",
+            "authorizationpolicies",
+        ] {
+            assert!(kind_for(kind).is_ok(), "{kind}");
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! uses: for every Service, the Workloads of its namespace whose labels include all of its
 //! selector. `proxies` is `Management.ListProxies` (see also `proxy-status`).
 
-use crate::control::{self, status_error};
+use crate::control::{self, Conn, Target};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use muon_api::json::json_from_struct;
@@ -51,34 +51,31 @@ pub fn kind_for(what: &str) -> Result<&'static str> {
     })
 }
 
-pub fn get(addr: &str, args: GetArgs) -> Result<i32> {
+pub fn get(target: &Target, args: GetArgs) -> Result<i32> {
     match args.what.to_ascii_lowercase().as_str() {
-        "proxies" | "proxy" => return crate::proxy_status::list(addr, args.output),
-        "endpoints" | "endpoint" | "ep" => return endpoints(addr, &args),
+        "proxies" | "proxy" => return crate::proxy_status::list(target, args.output),
+        "endpoints" | "endpoint" | "ep" => return endpoints(target, &args),
         _ => {}
     }
     let kind = kind_for(&args.what)?;
     let objects = control::block_on(async {
-        let mut client = control::connect(addr).await?;
+        let mut conn = control::connect(target).await?;
         let objects = match &args.name {
-            Some(name) => vec![client
-                .get(GetRequest {
+            Some(name) => {
+                let request = GetRequest {
                     kind: kind.into(),
                     namespace: args.namespace.clone().unwrap_or_else(|| "default".into()),
                     name: name.clone(),
-                })
-                .await
-                .map_err(|s| status_error(addr, "get", s))?
-                .into_inner()],
-            None => {
-                list_all(
-                    &mut client,
-                    addr,
-                    kind,
-                    &args.namespace.clone().unwrap_or_default(),
-                )
-                .await?
+                };
+                vec![
+                    conn.call("get", |mut c| {
+                        let request = request.clone();
+                        async move { c.get(request).await }
+                    })
+                    .await?,
+                ]
             }
+            None => list_all(&mut conn, kind, &args.namespace.clone().unwrap_or_default()).await?,
         };
         anyhow::Ok(objects)
     })??;
@@ -87,24 +84,21 @@ pub fn get(addr: &str, args: GetArgs) -> Result<i32> {
 }
 
 /// Every object of `kind` in `namespace` ("" for all), page by page.
-async fn list_all(
-    client: &mut muon_api::v1::management_client::ManagementClient<tonic::transport::Channel>,
-    addr: &str,
-    kind: &str,
-    namespace: &str,
-) -> Result<Vec<Object>> {
+async fn list_all(conn: &mut Conn, kind: &str, namespace: &str) -> Result<Vec<Object>> {
     let mut objects = Vec::new();
     let mut page_token = String::new();
     loop {
-        let resp = client
-            .list(ListRequest {
-                kind: kind.into(),
-                namespace: namespace.into(),
-                page_token,
+        let request = ListRequest {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            page_token,
+        };
+        let resp = conn
+            .call("get", |mut c| {
+                let request = request.clone();
+                async move { c.list(request).await }
             })
-            .await
-            .map_err(|s| status_error(addr, "list", s))?
-            .into_inner();
+            .await?;
         objects.extend(resp.objects);
         if resp.next_page_token.is_empty() {
             return Ok(objects);
@@ -419,17 +413,12 @@ pub fn render_endpoints(view: &[Value], format: Format) -> Result<String> {
     }
 }
 
-fn endpoints(addr: &str, args: &GetArgs) -> Result<i32> {
+fn endpoints(target: &Target, args: &GetArgs) -> Result<i32> {
     let namespace = args.namespace.clone().unwrap_or_default();
     let (services, workloads) = control::block_on(async {
-        let client = control::connect(addr).await?;
-        let fetch = |kind: &'static str| {
-            let mut c = client.clone();
-            let namespace = namespace.clone();
-            async move { list_all(&mut c, addr, kind, &namespace).await }
-        };
-        let services = fetch("Service").await?;
-        let workloads = fetch("Workload").await?;
+        let mut conn = control::connect(target).await?;
+        let services = list_all(&mut conn, "Service", &namespace).await?;
+        let workloads = list_all(&mut conn, "Workload", &namespace).await?;
         anyhow::Ok((services, workloads))
     })??;
     let services: Vec<Object> = services

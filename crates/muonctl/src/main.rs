@@ -10,7 +10,7 @@ mod proxy_status;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use muon_lab::{LabStatus, UpOptions};
+use muon_lab::{LabPhase, LabStatus, UpOptions};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -28,6 +28,20 @@ struct Cli {
     /// Talk to the control plane of this lab (and to its pods), from the host.
     #[arg(long, global = true, env = "MUON_LAB")]
     lab: Option<String>,
+    /// Give up connecting to the control plane after this long.
+    #[arg(
+        long,
+        global = true,
+        env = "MUON_CONNECT_TIMEOUT",
+        default_value = "5s",
+        value_parser = parse_timeout
+    )]
+    connect_timeout: Duration,
+    /// How long to wait: for each answer of the control plane (default 30s); with `lab up`,
+    /// for pods and sidecars to become ready (default 60s); with `lab restart`, for the
+    /// restarted process (default 30s).
+    #[arg(long, global = true, env = "MUON_TIMEOUT", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
     #[command(subcommand)]
     command: Command,
 }
@@ -82,8 +96,6 @@ enum Lab {
         pod: String,
         #[arg(long)]
         sidecar: bool,
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        timeout: Duration,
     },
     /// (Started by `lab up` for a gateway's hostPort) forward a host port into a pod.
     #[command(hide = true)]
@@ -119,9 +131,6 @@ struct UpArgs {
     /// Where muon-proxy and muon-init are (default: $MUON_BIN_DIR, else beside muonctl).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-    /// How long pods and sidecars get to become ready.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    timeout: Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -130,18 +139,15 @@ enum Output {
     Json,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s or 500ms"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unit must be ms, s or m")),
-    }
+/// A time limit: a duration above zero (`30s`, `500ms`, `1m`, or seconds).
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    muon_core::duration::parse_flag_positive(s)
 }
+
+/// What `--timeout` means where the command is not a call to the control plane.
+const LAB_UP_TIMEOUT: Duration = Duration::from_secs(60);
+const LAB_RESTART_TIMEOUT: Duration = Duration::from_secs(30);
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() {
     let cli = Cli::parse();
@@ -155,39 +161,44 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    let target = control::Target {
+        addr: cli.control_plane,
+        connect_timeout: cli.connect_timeout,
+        timeout: cli.timeout.unwrap_or(CALL_TIMEOUT),
+    };
     match cli.command {
-        Command::Lab(lab) => run_lab(lab),
-        Command::Apply(args) => via_lab(cli.lab, cli.control_plane, args, apply::apply),
-        Command::Delete(args) => via_lab(cli.lab, cli.control_plane, args, apply::delete),
-        Command::Get(args) => via_lab(cli.lab, cli.control_plane, args, get::get),
-        Command::ProxyStatus(args) => via_lab(cli.lab, cli.control_plane, args, proxy_status::run),
+        Command::Lab(lab) => run_lab(lab, cli.timeout),
+        Command::Apply(args) => via_lab(cli.lab, target, args, apply::apply),
+        Command::Delete(args) => via_lab(cli.lab, target, args, apply::delete),
+        Command::Get(args) => via_lab(cli.lab, target, args, get::get),
+        Command::ProxyStatus(args) => via_lab(cli.lab, target, args, proxy_status::run),
         Command::ConfigDump(args) => proxy_status::config_dump(cli.lab.as_deref(), args),
     }
 }
 
-/// Runs a management command against `addr`, or, with `--lab`, against that lab's control
+/// Runs a management command against `target`, or, with `--lab`, against that lab's control
 /// plane: pod addresses exist only inside the lab, so the command runs on a thread that has
 /// joined the control plane pod's network namespace.
 fn via_lab<A: Send + 'static>(
     lab: Option<String>,
-    addr: String,
+    mut target: control::Target,
     args: A,
-    command: fn(&str, A) -> Result<i32>,
+    command: fn(&control::Target, A) -> Result<i32>,
 ) -> Result<i32> {
     let Some(lab) = lab else {
-        return command(&addr, args);
+        return command(&target, args);
     };
     let state = muon_lab::LabState::load(&lab)?;
     let cp = state
         .control_plane_pod()
         .with_context(|| format!("lab {lab} has no control plane (controlPlane: false)"))?;
-    let addr = format!("http://{}:{}", cp.ip, muon_core::ports::CONTROL);
-    muon_lab::netns::in_netns(&cp.netns, move || command(&addr, args))
+    target.addr = format!("http://{}:{}", cp.ip, muon_core::ports::CONTROL);
+    muon_lab::netns::in_netns(&cp.netns, move || command(&target, args))
 }
 
-fn run_lab(cmd: Lab) -> Result<i32> {
+fn run_lab(cmd: Lab, timeout: Option<Duration>) -> Result<i32> {
     match cmd {
-        Lab::Up(args) => up(args),
+        Lab::Up(args) => up(args, timeout.unwrap_or(LAB_UP_TIMEOUT)),
         Lab::Exec {
             name,
             pod,
@@ -218,12 +229,8 @@ fn run_lab(cmd: Lab) -> Result<i32> {
             std::io::stdout().write_all(&text)?;
             Ok(0)
         }
-        Lab::Restart {
-            name,
-            pod,
-            sidecar,
-            timeout,
-        } => {
+        Lab::Restart { name, pod, sidecar } => {
+            let timeout = timeout.unwrap_or(LAB_RESTART_TIMEOUT);
             muon_lab::restart(&name, &pod, sidecar, timeout)?;
             println!(
                 "restarted the {} of {pod}",
@@ -254,15 +261,27 @@ fn run_lab(cmd: Lab) -> Result<i32> {
     }
 }
 
-fn up(args: UpArgs) -> Result<i32> {
+fn up(args: UpArgs, ready_timeout: Duration) -> Result<i32> {
     let opts = UpOptions {
         topology: args.file,
         name: args.name,
         bin_dir: args.bin_dir,
-        ready_timeout: args.timeout,
+        ready_timeout,
         supervisor: !args.detach,
     };
-    let lab = muon_lab::up(&opts)?;
+    // From here a Ctrl-C, SIGTERM or SIGHUP makes `up` remove what it made, and, once the
+    // lab is up, makes the foreground supervisor take it down.
+    muon_lab::signals::catch()?;
+    let lab = match muon_lab::up(&opts) {
+        Ok(lab) => lab,
+        Err(e) => match e.downcast_ref::<muon_lab::Interrupted>() {
+            Some(stop) => {
+                eprintln!("muonctl: {e:#}");
+                return Ok(stop.exit_code());
+            }
+            None => return Err(e),
+        },
+    };
     print_status(&muon_lab::status(&lab.name)?);
     // An app pod: the control plane's and the gateway's have no sidecar to try the mesh from.
     let first = lab
@@ -310,27 +329,12 @@ fn up(args: UpArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// The foreground `up` is the lab's supervisor: it waits for Ctrl-C or SIGTERM, or for
-/// `muonctl lab down` run elsewhere, reaping pod processes that exit meanwhile.
+/// The foreground `up` is the lab's supervisor: it waits for Ctrl-C, SIGTERM or SIGHUP
+/// (caught since before `up`), or for `muonctl lab down` run elsewhere, reaping pod processes
+/// that exit meanwhile.
 fn wait_for_stop(name: &str) -> Result<()> {
-    use nix::sys::signal::{SigSet, Signal};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    // Blocked only now, after every pod process was started: a blocked mask is inherited
-    // across exec, and the sidecars must still see SIGTERM.
-    set.thread_block()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    std::thread::spawn(move || {
-        if set.wait().is_ok() {
-            flag.store(true, Ordering::SeqCst);
-        }
-    });
     let state = muon_lab::state::state_file(name);
-    while !stop.load(Ordering::SeqCst) && state.exists() {
+    while muon_lab::signals::received().is_none() && state.exists() {
         muon_lab::process::reap_children();
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -338,12 +342,26 @@ fn wait_for_stop(name: &str) -> Result<()> {
 }
 
 fn print_status(s: &LabStatus) {
+    let phase = match s.phase {
+        LabPhase::Up => "up",
+        LabPhase::Starting => "starting",
+        LabPhase::Incomplete => "INCOMPLETE",
+    };
     println!(
-        "lab {}  (topology {}, ipv6 {})",
+        "lab {}  {phase}  (topology {}, ipv6 {})",
         s.name,
-        s.topology_file,
+        s.topology_file.as_deref().unwrap_or("unknown"),
         if s.ipv6 { "on" } else { "off" }
     );
+    if let Some(problem) = &s.problem {
+        println!("  {problem}");
+    }
+    if s.pods.is_empty() {
+        if !s.namespaces.is_empty() {
+            println!("  namespaces left: {}", s.namespaces.join(", "));
+        }
+        return;
+    }
     println!(
         "  {:<20} {:<12} {:<16} {:<10} {:<8} {:<10}",
         "POD", "NAMESPACE", "IP", "ZONE", "APP", "SIDECAR"

@@ -6,7 +6,7 @@
 //! `/config_dump` (127.0.0.1:15000 inside the pod). In the lab (`--lab NAME`) that request
 //! is made from inside the pod's network namespace.
 
-use crate::control::{self, status_error};
+use crate::control::{self, Target};
 use crate::get::{columns, yaml, Format};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -29,18 +29,19 @@ pub struct ConfigDumpArgs {
     pub admin_addr: SocketAddr,
 }
 
-pub fn run(addr: &str, args: ProxyStatusArgs) -> Result<i32> {
-    list(addr, args.output)
+pub fn run(target: &Target, args: ProxyStatusArgs) -> Result<i32> {
+    list(target, args.output)
 }
 
-pub fn list(addr: &str, format: Format) -> Result<i32> {
+pub fn list(target: &Target, format: Format) -> Result<i32> {
     let proxies = control::block_on(async {
-        let mut client = control::connect(addr).await?;
-        let resp = client
-            .list_proxies(ListProxiesRequest {})
-            .await
-            .map_err(|s| status_error(addr, "proxy-status", s))?;
-        anyhow::Ok(resp.into_inner().proxies)
+        let mut conn = control::connect(target).await?;
+        let resp = conn
+            .call("proxy-status", |mut c| async move {
+                c.list_proxies(ListProxiesRequest {}).await
+            })
+            .await?;
+        anyhow::Ok(resp.proxies)
     })??;
     print!("{}", render(&proxies, format)?);
     Ok(0)

@@ -203,24 +203,12 @@ pub struct BulkReport {
     pub mb_per_s: f64,
 }
 
+/// A load's duration: the mesh's one grammar (`10s`, `500ms`, `1m`), at most an hour.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 10s or 500ms"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" | "" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
-    };
-    if !(0.0..=3600.0).contains(&secs) {
-        return Err(format!("{s:?}: must be between 0 and 1h"));
+    match muon_core::duration::parse_flag(s)? {
+        d if d > Duration::from_secs(3600) => Err(format!("{s:?}: must be at most 1h")),
+        d => Ok(d),
     }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -801,7 +789,7 @@ mod tests {
     #[test]
     fn durations_accept_units_and_fractions() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("fast").is_err());

@@ -147,6 +147,17 @@ impl OnDemand {
 mod tests {
     use super::*;
 
+    /// Far longer than any step here takes: a bound against a hang, not a timing check.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// How many connections wait for `name`'s answer right now.
+    fn waiters(od: &OnDemand, name: &str) -> usize {
+        od.lock()
+            .waiting
+            .get(name)
+            .map_or(0, watch::Sender::receiver_count)
+    }
+
     #[tokio::test]
     async fn concurrent_misses_share_one_subscription_and_are_released_by_the_answer() {
         let metrics = Arc::new(Metrics::new());
@@ -161,27 +172,31 @@ mod tests {
             async move { od.wait("web.shop", long).await }
         });
         // The client is woken and finds exactly one name to send.
-        tokio::time::timeout(Duration::from_secs(5), od.unsent())
+        tokio::time::timeout(WAIT, od.unsent())
             .await
-            .unwrap();
-        while od.pending().is_empty() {
-            tokio::task::yield_now().await;
-        }
-        tokio::task::yield_now().await;
+            .expect("the client is woken");
+        // Both misses wait on the one subscription before it is answered.
+        tokio::time::timeout(WAIT, async {
+            while waiters(&od, "web.shop") < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("both connections wait for the answer");
         assert_eq!(od.take_unsent(), ["web.shop"]);
         assert_eq!(od.pending(), ["web.shop"]);
         od.answered(["web.shop"]);
-        tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::time::timeout(WAIT, async {
             a.await.unwrap();
             b.await.unwrap();
         })
         .await
-        .unwrap();
+        .expect("the answer releases both");
         assert!(od.pending().is_empty());
         // Answered: a later miss (a race with the publish) returns at once, sends nothing.
-        tokio::time::timeout(Duration::from_secs(1), od.wait("web.shop", long))
+        tokio::time::timeout(WAIT, od.wait("web.shop", long))
             .await
-            .unwrap();
+            .expect("an answered name does not wait");
         assert!(od.take_unsent().is_empty());
         assert_eq!(od.resubscribe(), ["web.shop"]);
         assert!(metrics
@@ -193,7 +208,9 @@ mod tests {
     async fn an_unanswered_subscription_gives_up_at_the_deadline() {
         let od = OnDemand::new(Arc::new(Metrics::new()));
         let started = std::time::Instant::now();
-        od.wait("gone.shop", Duration::from_millis(50)).await;
+        tokio::time::timeout(WAIT, od.wait("gone.shop", Duration::from_millis(50)))
+            .await
+            .expect("the wait ends at its own deadline");
         assert!(started.elapsed() >= Duration::from_millis(50));
         // Still pending, and listed again by the next stream.
         assert_eq!(od.pending(), ["gone.shop"]);
