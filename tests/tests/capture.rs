@@ -233,11 +233,15 @@ fn ipv6_traffic_is_captured_both_ways() {
         2.0
     );
     assert_eq!(lab.metric("web", OPENED, &[("direction", "inbound")]), 2.0);
-    let log = lab.access_log("web");
-    assert!(
-        log.iter()
-            .any(|e| e.to_string().contains(&format!("[{web6}]:8080"))),
-        "no inbound IPv6 access log on web: {log:?}"
+    eventually(
+        "the inbound IPv6 access event on web",
+        Duration::from_secs(10),
+        || {
+            lab.access_log("web")
+                .iter()
+                .any(|e| e.to_string().contains(&format!("[{web6}]:8080")))
+                .then_some(())
+        },
     );
 }
 

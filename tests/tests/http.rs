@@ -353,11 +353,12 @@ spec:
     assert_eq!(ws["pod"], "ws");
 
     // One access event per request, with the fields the issue names.
-    let events = requests(&lab, "client");
-    let e = events
-        .iter()
-        .find(|e| e["path"] == "/seen?x=1")
-        .unwrap_or_else(|| panic!("no event for /seen in {events:?}"));
+    let e = eventually("the access event of /seen", Duration::from_secs(10), || {
+        requests(&lab, "client")
+            .into_iter()
+            .find(|e| e["path"] == "/seen?x=1")
+    });
+    let e = &e;
     for (field, want) in [
         ("direction", "outbound"),
         ("method", "GET"),
@@ -379,10 +380,15 @@ spec:
         e["duration_ms"].is_u64() && e["bytes_received"].as_u64() > Some(0),
         "{e}"
     );
-    let grpc_event = events
-        .iter()
-        .find(|e| e["path"] == "/muon.test.Echo/Fail")
-        .unwrap_or_else(|| panic!("no gRPC event in {events:?}"));
+    let grpc_event = eventually(
+        "the gRPC call's access event",
+        Duration::from_secs(10),
+        || {
+            requests(&lab, "client")
+                .into_iter()
+                .find(|e| e["path"] == "/muon.test.Echo/Fail")
+        },
+    );
     assert_eq!(grpc_event["grpc_status"], "9", "{grpc_event}");
 
     // Metrics: requests by service, route and status class; a latency histogram per service.
@@ -1074,14 +1080,16 @@ spec:
     assert_eq!(json(&out)["path"], "/x");
 
     // The gateway logs each request, and connections are counted under its own direction.
-    let events: Vec<Value> = muon_tests::access_events(&lab.app_log("edge"))
-        .into_iter()
-        .filter(|e| e["message"] == "request")
-        .collect();
-    let e = events
-        .iter()
-        .find(|e| e["path"] == "/shop/x")
-        .unwrap_or_else(|| panic!("{events:?}"));
+    // (Log lines are written in batches, a few milliseconds after the request.)
+    let e = eventually(
+        "the gateway's access event",
+        Duration::from_secs(10),
+        || {
+            muon_tests::access_events(&lab.app_log("edge"))
+                .into_iter()
+                .find(|e| e["message"] == "request" && e["path"] == "/shop/x")
+        },
+    );
     assert_eq!(e["direction"], "gateway");
     assert_eq!(e["route"], "shop.default");
     assert_eq!(e["service"], "web.default");

@@ -84,6 +84,10 @@ pub struct CpBenchArgs {
     /// Use the release muon-control already built instead of building it.
     #[arg(long)]
     no_build: bool,
+    /// Also measure a real sidecar (release muon-proxy) synced with the loaded mesh: its RSS
+    /// with `--discovery-mode all` and with `on-demand`.
+    #[arg(long)]
+    sidecars: bool,
 }
 
 /// The size of the run, with every default resolved and checked.
@@ -131,16 +135,24 @@ impl Plan {
 
 pub fn run(args: CpBenchArgs) -> Result<()> {
     let plan = Plan::from_args(&args)?;
+    let mut packages = vec!["-p", "muon-control"];
+    if args.sidecars {
+        packages.extend(["-p", "muon-proxy"]);
+    }
     if !args.no_build {
-        util::status(util::cargo().args(["build", "--release", "-p", "muon-control"]))?;
+        util::status(util::cargo().args(["build", "--release"]).args(&packages))?;
     }
     let target = util::target_dir()?;
     let bin = target.join("release/muon-control");
-    ensure!(
-        bin.is_file(),
-        "{} is missing: run `cargo build --release -p muon-control` (or drop --no-build)",
-        bin.display()
-    );
+    let proxy_bin = args.sidecars.then(|| target.join("release/muon-proxy"));
+    for b in std::iter::once(&bin).chain(proxy_bin.as_ref()) {
+        ensure!(
+            b.is_file(),
+            "{} is missing: run `cargo build --release {}` (or drop --no-build)",
+            b.display(),
+            packages.join(" ")
+        );
+    }
     let started = SystemTime::now();
     let out = args.out.clone().unwrap_or_else(|| {
         target
@@ -155,7 +167,7 @@ pub fn run(args: CpBenchArgs) -> Result<()> {
     let results = rt.block_on(async {
         let mut cp = ControlPlane::start(&bin)?;
         let outcome = tokio::select! {
-            r = tokio::time::timeout(RUN_DEADLINE, measure(&plan, &mut cp)) => match r {
+            r = tokio::time::timeout(RUN_DEADLINE, measure(&plan, &mut cp, proxy_bin.as_deref())) => match r {
                 Ok(r) => r,
                 Err(_) => Err(anyhow!("the run took longer than {RUN_DEADLINE:?}")),
             },
@@ -245,10 +257,14 @@ struct Results {
     clk_tck: u64,
     cpu: [Cpu; 3],
     rss_after_load_kb: u64,
+    /// A real sidecar synced with the loaded mesh: discovery mode `all`, `on-demand`.
+    sidecar_rss_kb: Option<[u64; 2]>,
     /// Settled ([`SETTLE`]) after the initial sync, and after the changes: every proxy
     /// still connected.
     rss_synced_kb: u64,
     rss_after_changes_kb: u64,
+    /// Settled after every proxy disconnected: the same mesh, no proxy.
+    rss_proxies_gone_kb: u64,
     peak_rss_kb: [u64; 3],
     hwm_kb: u64,
 }
@@ -256,7 +272,7 @@ struct Results {
 /// How long the control plane is left alone before its steady-state RSS is read.
 const SETTLE: Duration = Duration::from_secs(3);
 
-async fn measure(plan: &Plan, cp: &mut ControlPlane) -> Result<Results> {
+async fn measure(plan: &Plan, cp: &mut ControlPlane, proxy_bin: Option<&Path>) -> Result<Results> {
     cp.wait_ready(READY_DEADLINE).await?;
     let sampler = Arc::new(Sampler::default());
     let mut background = JoinSet::new();
@@ -295,6 +311,14 @@ async fn measure(plan: &Plan, cp: &mut ControlPlane) -> Result<Results> {
     probe.stop().await;
     let load = load_started.elapsed();
     let rss_after_load_kb = proc_status(cp.pid)?.0;
+    // A real sidecar, before the simulated ones connect.
+    let sidecar_rss_kb = match proxy_bin {
+        Some(bin) => Some([
+            sidecar_rss(bin, cp.grpc, "all").await?,
+            sidecar_rss(bin, cp.grpc, "on-demand").await?,
+        ]),
+        None => None,
+    };
 
     // 2. Initial sync of every proxy.
     let m0 = cp.metrics().await?;
@@ -368,6 +392,8 @@ async fn measure(plan: &Plan, cp: &mut ControlPlane) -> Result<Results> {
     tokio::time::sleep(SETTLE).await;
     let (rss_after_changes_kb, hwm_kb) = proc_status(cp.pid)?;
     proxies.stop().await;
+    tokio::time::sleep(SETTLE).await;
+    let rss_proxies_gone_kb = proc_status(cp.pid)?.0;
     background.abort_all();
 
     let peak = |i: usize| sampler.peak_kb[i].load(Ordering::Relaxed);
@@ -389,8 +415,10 @@ async fn measure(plan: &Plan, cp: &mut ControlPlane) -> Result<Results> {
         clk_tck: clk_tck(),
         cpu: [cpu0, cpu1, cpu2],
         rss_after_load_kb,
+        sidecar_rss_kb,
         rss_synced_kb,
         rss_after_changes_kb,
+        rss_proxies_gone_kb,
         peak_rss_kb: [peak(0), peak(1).max(proc_status(cp.pid)?.0), peak(2)],
         hwm_kb,
     })
@@ -834,6 +862,51 @@ impl Drop for ControlPlane {
 }
 
 /// A loopback port that was free a moment ago (the server binds it right after).
+/// Starts the release muon-proxy against the control plane in discovery `mode`, waits for
+/// its first full sync (`/ready`) and [`SETTLE`], and reads its RSS (kB). Killed by pid after.
+async fn sidecar_rss(bin: &Path, grpc: SocketAddr, mode: &str) -> Result<u64> {
+    let dir = TempDir::new()?;
+    let [out, inb, health, admin] = [free_port()?, free_port()?, free_port()?, free_port()?];
+    let child = Command::new(bin)
+        .args(["--outbound-addr", &out.to_string()])
+        .args(["--inbound-addr", &inb.to_string()])
+        .args(["--health-addr", &health.to_string()])
+        .args(["--admin-addr", &admin.to_string()])
+        .args(["--pod-name", "bench-sidecar", "--pod-namespace", NAMESPACE])
+        .args(["--control-plane", &format!("http://{grpc}")])
+        .args(["--discovery-mode", mode, "--log-level", "warn"])
+        .arg("--state-dir")
+        .arg(&dir.0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut sidecar = Kill(child);
+    let end = Instant::now() + SYNC_DEADLINE;
+    loop {
+        if let Some(st) = sidecar.0.try_wait()? {
+            bail!("muon-proxy ({mode}) exited: {st}");
+        }
+        if let Ok((200, _)) = http_get(health, "/ready").await {
+            break;
+        }
+        ensure!(
+            Instant::now() < end,
+            "muon-proxy ({mode}) not ready within {SYNC_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(SETTLE).await;
+    Ok(proc_status(sidecar.0.id())?.0)
+}
+
 fn free_port() -> Result<SocketAddr> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?)
@@ -1073,12 +1146,12 @@ impl Results {
     }
 
     /// What each connected proxy costs the control plane once synced: the settled RSS after
-    /// the changes (every proxy still connected) over the RSS with the mesh loaded and no
-    /// proxy, per proxy.
+    /// the changes (every proxy still connected) over the settled RSS once they all left
+    /// (the same mesh, the same history, no proxy), per proxy.
     fn kib_per_proxy(&self, plan: &Plan) -> f64 {
         let extra = self
             .rss_after_changes_kb
-            .saturating_sub(self.rss_after_load_kb);
+            .saturating_sub(self.rss_proxies_gone_kb);
         (extra as f64 / plan.proxies.max(1) as f64 * 10.0).round() / 10.0
     }
 
@@ -1127,9 +1200,11 @@ impl Results {
                 })).collect::<Vec<_>>(),
             },
             "server_vm_hwm_kb": self.hwm_kb,
+            "sidecar_rss_kb": self.sidecar_rss_kb.map(|[all, od]| json!({"all": all, "on_demand": od})),
             "steady_state": {
                 "rss_synced_kb": self.rss_synced_kb,
                 "rss_after_changes_kb": self.rss_after_changes_kb,
+                "rss_proxies_gone_kb": self.rss_proxies_gone_kb,
                 "kib_per_proxy": self.kib_per_proxy(plan),
             },
             "targets": {"p99_under_1s": s.p99 < TARGET_P99, "bytes_proportional_to_change": s.proportional},
@@ -1243,11 +1318,20 @@ fn markdown(
         size(r.peak_rss_kb[2] as f64 * 1024.0),
         size(r.hwm_kb as f64 * 1024.0)
     );
+    if let Some([all, od]) = r.sidecar_rss_kb {
+        let _ = writeln!(
+            o,
+            "| a real sidecar (release muon-proxy) synced with the mesh, RSS: discovery `all` / `on-demand` | {} / {} | < 10 MiB idle |",
+            size(all as f64 * 1024.0),
+            size(od as f64 * 1024.0)
+        );
+    }
     let _ = writeln!(
         o,
-        "| control plane RSS, settled, every proxy connected: after the sync / after the changes; per proxy | {} / {}; {:.1} KiB | < 100 KiB |",
+        "| control plane RSS, settled: every proxy connected after the sync / after the changes / once they left; per connected proxy | {} / {} / {}; {:.1} KiB | < 100 KiB |",
         size(r.rss_synced_kb as f64 * 1024.0),
         size(r.rss_after_changes_kb as f64 * 1024.0),
+        size(r.rss_proxies_gone_kb as f64 * 1024.0),
         r.kib_per_proxy(plan)
     );
     let _ = writeln!(
@@ -1359,6 +1443,7 @@ mod tests {
             quick: true,
             out: None,
             no_build: true,
+            sidecars: false,
         };
         let p = Plan::from_args(&args).unwrap();
         assert_eq!(

@@ -60,6 +60,23 @@ pub fn finish(shared: &Shared, rec: &Record, outcome: Outcome) {
 
 fn emit(me: &PodInfo, rec: &Record, outcome: Outcome) {
     let duration_ms = u64::try_from(rec.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let written = crate::jsonlog::access("connection closed", |l| {
+        l.str("direction", rec.direction.as_str());
+        l.display("src", Some(rec.src));
+        l.display("dst", Some(rec.dst));
+        l.str("service", rec.service.as_deref().unwrap_or(""));
+        l.display("endpoint", rec.endpoint);
+        l.str("pod", rec.pod.as_deref().unwrap_or(""));
+        l.u64("bytes_sent", rec.bytes_sent);
+        l.u64("bytes_received", rec.bytes_received);
+        l.u64("duration_ms", duration_ms);
+        l.str("outcome", outcome.as_str());
+        l.str("proxy_pod", &me.pod);
+        l.str("proxy_namespace", &me.namespace);
+    });
+    if written {
+        return;
+    }
     tracing::info!(
         target: "access",
         direction = rec.direction.as_str(),
@@ -115,6 +132,9 @@ pub fn init(format: LogFormat, filter: &str) -> Result<(), LogError> {
     let writer = crate::logwriter::LogWriter::stdout()
         .map_err(|e| LogError::Install(format!("starting the log writer thread: {e}")))?;
     let _ = WRITER.set(writer.clone());
+    if format == LogFormat::Json {
+        crate::jsonlog::install(writer.clone());
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env_filter)
         .with_writer(writer)

@@ -28,6 +28,7 @@ pub mod endpoint;
 pub mod gateway;
 pub mod http;
 pub mod inbound;
+pub mod jsonlog;
 pub mod listen;
 pub mod logwriter;
 pub mod metrics;

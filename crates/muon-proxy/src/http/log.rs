@@ -75,6 +75,32 @@ impl Drop for RequestLog {
             stats.record(self.status, elapsed);
         }
         let duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        let bytes_sent = self.sent.load(Ordering::Relaxed);
+        let written = crate::jsonlog::access("request", |l| {
+            l.str("direction", self.direction.as_str());
+            l.display("src", Some(self.src));
+            l.display("dst", Some(self.dst));
+            l.str("protocol", self.protocol);
+            l.str("method", self.method.as_str());
+            l.str("authority", &self.authority);
+            l.str("path", &self.path);
+            l.u64("status", u64::from(self.status));
+            l.display("grpc_status", self.grpc_status);
+            l.str("route", self.route.as_deref().unwrap_or(""));
+            l.str("service", self.service.as_deref().unwrap_or(""));
+            l.display("endpoint", self.endpoint);
+            l.str("pod", self.pod.as_deref().unwrap_or(""));
+            l.u64("duration_ms", duration_ms);
+            l.u64("bytes_sent", bytes_sent);
+            l.u64("bytes_received", self.bytes_received);
+            l.str("request_id", &self.request_id);
+            l.str("error", self.error.unwrap_or(""));
+            l.str("proxy_pod", &self.me.pod);
+            l.str("proxy_namespace", &self.me.namespace);
+        });
+        if written {
+            return;
+        }
         tracing::info!(
             target: "access",
             direction = self.direction.as_str(),
@@ -91,7 +117,7 @@ impl Drop for RequestLog {
             endpoint = %OrEmpty(self.endpoint),
             pod = self.pod.as_deref().unwrap_or(""),
             duration_ms,
-            bytes_sent = self.sent.load(Ordering::Relaxed),
+            bytes_sent,
             bytes_received = self.bytes_received,
             request_id = %self.request_id,
             error = self.error.unwrap_or(""),
