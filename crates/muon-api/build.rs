@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "muon/v1/resources.proto",
         "muon/v1/discovery.proto",
         "muon/v1/management.proto",
+        "muon/v1/identity.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

@@ -213,6 +213,35 @@ impl Lab {
         )
     }
 
+    /// `curl -i`: (status, headers lowercased, body).
+    pub fn curl_i(
+        &self,
+        pod: &str,
+        args: &[&str],
+    ) -> (u16, std::collections::BTreeMap<String, String>, String) {
+        let mut all = vec!["-i"];
+        all.extend_from_slice(args);
+        let (out, err, ok) = self.curl_with(pod, &all);
+        assert!(ok, "curl {args:?}: {err}");
+        // The last response (after a 100 Continue or a redirect's first hop).
+        let text = out.replace("\r\n", "\n");
+        let last = text
+            .rfind("\nHTTP/")
+            .map_or(text.as_str(), |i| &text[i + 1..]);
+        let (head, body) = last.split_once("\n\n").unwrap_or((last, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {out:?}"));
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        (status, headers, body.to_string())
+    }
+
     /// Runs a test client (`tests/clients/NAME`) in a pod as root (whose connections are
     /// captured like the app's) and parses the JSON line it prints last.
     pub fn client_json(&self, pod: &str, script: &str, args: &[&str]) -> Value {

@@ -268,7 +268,14 @@ fn a_generic_grpc_client_lists_the_services_through_reflection() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/grpc_reflect.py");
     let cp = lab.pod("muon-control")["ip"].as_str().unwrap().to_string();
     let addr = format!("{cp}:15010");
-    let out = lab.exec_as("client", Some(0), &[&python, script, &addr]);
+    // The control plane speaks TLS; the client trusts the mesh's root (no client
+    // certificate: reflection is open to anyone, the management API is not).
+    let bundle = format!("/run/muon/lab/{}/control/ca/trust-bundle.pem", lab.name);
+    let out = lab.exec_as(
+        "client",
+        Some(0),
+        &[&python, script, "--ca", &bundle, &addr],
+    );
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     let services: Vec<&str> = text.lines().collect();
@@ -277,7 +284,14 @@ fn a_generic_grpc_client_lists_the_services_through_reflection() {
     let out = lab.exec_as(
         "client",
         Some(0),
-        &[&python, script, &addr, "muon.v1.Management"],
+        &[
+            &python,
+            script,
+            "--ca",
+            &bundle,
+            &addr,
+            "muon.v1.Management",
+        ],
     );
     let text = output_text(&out);
     assert!(

@@ -27,29 +27,8 @@ fn json(text: &str) -> Value {
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text:?}"))
 }
 
-/// `curl -i`: (status, headers lowercased, body).
 fn curl_i(lab: &Lab, pod: &str, args: &[&str]) -> (u16, BTreeMap<String, String>, String) {
-    let mut all = vec!["-i"];
-    all.extend_from_slice(args);
-    let (out, err, ok) = lab.curl_with(pod, &all);
-    assert!(ok, "curl {args:?}: {err}");
-    // The last response (after a 100 Continue or a redirect's first hop).
-    let text = out.replace("\r\n", "\n");
-    let last = text
-        .rfind("\nHTTP/")
-        .map_or(text.as_str(), |i| &text[i + 1..]);
-    let (head, body) = last.split_once("\n\n").unwrap_or((last, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {out:?}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    (status, headers, body.to_string())
+    lab.curl_i(pod, args)
 }
 
 #[track_caller]

@@ -790,6 +790,8 @@ impl ControlPlane {
             .arg("--data-dir")
             .arg(dir.0.join("data"))
             .args(["--debounce", DEBOUNCE, "--log-level", "warn"])
+            // The streams are what is measured; their connections' TLS handshakes are not.
+            .arg("--insecure-plaintext")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

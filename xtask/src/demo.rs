@@ -3,7 +3,9 @@
 //! sidecars (HTTP between them over pooled HTTP/2), and the demo shows the answers, each
 //! sidecar's counters and access-log lines, then HTTP routing: a canary HTTPRoute splitting
 //! orders v1/v2 90/10 (and by header), and the ingress gateway routing by path from the
-//! host.
+//! host; then identity: a sidecar's certificate, access-log lines naming both SPIFFE ids, an
+//! AuthorizationPolicy that lets orders call inventory and denies the client, and STRICT
+//! mutual TLS refusing a pod outside the mesh.
 
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -43,6 +45,26 @@ spec:
       backendRefs: [{name: inventory, port: 8080}]
 "#;
 
+/// Only orders may call inventory.
+const INVENTORY_CALLERS: &str = r#"apiVersion: muon.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: inventory-callers, namespace: default}
+spec:
+  selector: {matchLabels: {app: inventory}}
+  action: ALLOW
+  rules:
+    - from: [{source: {principals: ["cluster.local/ns/default/sa/orders"]}}]
+"#;
+
+/// orders takes mutual TLS only.
+const ORDERS_STRICT: &str = r#"apiVersion: muon.io/v1alpha1
+kind: PeerAuthentication
+metadata: {name: orders-strict, namespace: default}
+spec:
+  selector: {matchLabels: {app: orders}}
+  mtls: {mode: STRICT}
+"#;
+
 pub fn run(keep: bool) -> Result<()> {
     util::require_root("the lab creates network namespaces and iptables rules inside them")?;
     crate::setup::ensure_packages()?;
@@ -80,7 +102,9 @@ pub fn run(keep: bool) -> Result<()> {
     if let Err(e) = up {
         bail!("the lab did not come up: {e:#}");
     }
-    let result = show(&muonctl).and_then(|()| routing(&muonctl, &workdir, host_port));
+    let result = show(&muonctl)
+        .and_then(|()| routing(&muonctl, &workdir, host_port))
+        .and_then(|()| identity(&muonctl, &workdir));
     if keep && result.is_ok() {
         println!("\n== the mesh is still up");
         println!("  muonctl is {}", muonctl.display());
@@ -88,6 +112,8 @@ pub fn run(keep: bool) -> Result<()> {
         println!("  the canary:       muonctl lab exec {LAB} client -- curl -s -H 'x-canary: always' http://orders:8080/orders/widget");
         println!("  from this host:   curl -s http://127.0.0.1:{host_port}/orders/widget   (the ingress gateway)");
         println!("  the routes:       muonctl --lab {LAB} get routes");
+        println!("  the policies:     muonctl --lab {LAB} get authorizationpolicies; muonctl --lab {LAB} get peerauthentications");
+        println!("  a certificate:    muonctl lab exec {LAB} orders --user 0 -- curl -s http://127.0.0.1:15000/certs");
         println!("  see the pods:     muonctl lab status {LAB}");
         println!("  the mesh's state: muonctl --lab {LAB} proxy-status; muonctl --lab {LAB} get endpoints");
         println!("  sidecar log:      muonctl lab logs {LAB} orders --sidecar");
@@ -109,11 +135,15 @@ fn topology_yaml(app: &Path, host_port: u16) -> String {
     let app = app.display();
     format!(
         r#"# The demo shop: client -> orders (v1, and a v2 canary) -> inventory (two replicas, two
-# zones), and an ingress gateway reachable from the host.
+# zones), and an ingress gateway reachable from the host. outsider has no sidecar: a pod
+# outside the mesh.
 pods:
   - name: client
     labels: {{app: client}}
     zone: zone-a
+  - name: outsider
+    sidecar: false
+    command: ["sleep", "infinity"]
   - name: orders
     labels: {{app: orders}}
     zone: zone-a
@@ -265,6 +295,195 @@ fn routing(muonctl: &Path, workdir: &Path, host_port: u16) -> Result<()> {
     Ok(())
 }
 
+/// The identity part: a sidecar's certificate, both SPIFFE ids in the access log, an
+/// AuthorizationPolicy (orders may call inventory, the client may not), and STRICT mutual
+/// TLS refusing a pod outside the mesh.
+fn identity(muonctl: &Path, workdir: &Path) -> Result<()> {
+    println!("\n== identity: orders' sidecar's certificate (/certs on its admin port), from the lab's CA");
+    let (ok, out) = ctl_output(
+        muonctl,
+        &[
+            "lab",
+            "exec",
+            LAB,
+            "orders",
+            "--user",
+            "0",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:15000/certs",
+        ],
+    )?;
+    let certs: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+    let Some(id) = certs["identity"].as_str().filter(|_| ok) else {
+        bail!("orders' sidecar has no certificate: {out}");
+    };
+    println!("  identity   {id}");
+    println!("  serial     {}", certs["serial"].as_str().unwrap_or("?"));
+    println!(
+        "  valid for  {}s more (renewed at about half its lifetime)",
+        certs["expiresInSeconds"]
+    );
+    println!(
+        "  trust      {} root(s) in the bundle",
+        certs["trustBundle"].as_array().map_or(0, Vec::len)
+    );
+
+    println!(
+        "\n== every hop between sidecars is mutual TLS: inventory's log names both identities"
+    );
+    curl_from(muonctl, "client", &["http://orders:8080/orders/widget"])?;
+    let mut shown = 0;
+    for pod in ["inventory-a", "inventory-b"] {
+        let (_, log) = ctl_output(muonctl, &["lab", "logs", LAB, pod, "--sidecar"])?;
+        if let Some(line) = log
+            .lines()
+            .rfind(|l| l.contains("\"request\"") && l.contains("\"src_identity\":\"spiffe://"))
+        {
+            println!("  {}", summarize_request(line));
+            shown += 1;
+        }
+    }
+    if shown == 0 {
+        bail!("no access event of inventory named the caller's identity");
+    }
+
+    println!("\n== an AuthorizationPolicy: only orders may call inventory");
+    apply(
+        muonctl,
+        workdir,
+        "inventory-callers.yaml",
+        INVENTORY_CALLERS,
+    )?;
+    let url = "http://inventory:8080/stock/widget";
+    let denied = wait_for("the policy to reach inventory", || {
+        let (code, body) = curl_from(muonctl, "client", &["-w", "\n%{http_code}", url])?;
+        Ok((code == "403").then_some(body))
+    })?;
+    println!("  client    -> {url}  -> 403 {denied}");
+    let (code, body) = curl_from(
+        muonctl,
+        "client",
+        &["-w", "\n%{http_code}", "http://orders:8080/orders/widget"],
+    )?;
+    println!("  client    -> orders -> inventory                -> {code} {body}");
+    if code != "200" || !denied.contains("inventory-callers") {
+        bail!("the policy did not decide as it says (orders got {code})");
+    }
+    let mut logged = false;
+    for pod in ["inventory-a", "inventory-b"] {
+        let (_, log) = ctl_output(muonctl, &["lab", "logs", LAB, pod, "--sidecar"])?;
+        if let Some(line) = log
+            .lines()
+            .rfind(|l| l.contains("\"request\"") && l.contains("\"authz\":\"deny\""))
+        {
+            println!("  {pod}'s log: {}", summarize_request(line));
+            logged = true;
+        }
+    }
+    if !logged {
+        bail!("inventory's sidecars did not log the denial");
+    }
+
+    println!("\n== STRICT mutual TLS for orders: a pod outside the mesh is refused");
+    let ip = pod_ip(muonctl, "orders")?;
+    let direct = format!("http://{ip}:8080/orders/widget");
+    let (code, _) = curl_from(muonctl, "outsider", &["-w", "\n%{http_code}", &direct])?;
+    println!("  PERMISSIVE (the default): outsider -> {direct}  -> {code}");
+    apply(muonctl, workdir, "orders-strict.yaml", ORDERS_STRICT)?;
+    let refused = wait_for("STRICT to reach orders", || {
+        let (ok, out) = ctl_output(
+            muonctl,
+            &[
+                "lab",
+                "exec",
+                LAB,
+                "outsider",
+                "--",
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                &direct,
+            ],
+        )?;
+        Ok((!ok).then(|| out.trim().to_string()))
+    })?;
+    println!("  STRICT:                   outsider -> {direct}  -> refused ({refused})");
+    let (code, _) = curl_from(
+        muonctl,
+        "client",
+        &["-w", "\n%{http_code}", "http://orders:8080/orders/widget"],
+    )?;
+    println!("  STRICT:                   client (meshed) -> http://orders:8080/orders/widget  -> {code}");
+    if code != "200" {
+        bail!("STRICT refused the meshed client too ({code})");
+    }
+    Ok(())
+}
+
+/// Writes `yaml` to `workdir/file`, shows it and applies it.
+fn apply(muonctl: &Path, workdir: &Path, file: &str, yaml: &str) -> Result<()> {
+    let path = workdir.join(file);
+    std::fs::write(&path, yaml)?;
+    for line in yaml.lines() {
+        println!("  | {line}");
+    }
+    ctl(
+        muonctl,
+        &["--lab", LAB, "apply", "-f", &path.display().to_string()],
+    )
+}
+
+/// curl in `pod` (as its app): (the last line of what it printed, the lines before).
+fn curl_from(muonctl: &Path, pod: &str, args: &[&str]) -> Result<(String, String)> {
+    let mut all = vec![
+        "lab",
+        "exec",
+        LAB,
+        pod,
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+    ];
+    all.extend_from_slice(args);
+    let (_, out) = ctl_output(muonctl, &all)?;
+    let out = out.trim_end();
+    let (body, last) = out.rsplit_once('\n').unwrap_or(("", out));
+    Ok((last.trim().to_string(), body.trim().to_string()))
+}
+
+/// Polls `f` for up to 15 s until it has an answer.
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// A pod's address, from `muonctl lab status`.
+fn pod_ip(muonctl: &Path, pod: &str) -> Result<String> {
+    let (_, out) = ctl_output(muonctl, &["lab", "status", LAB, "-o", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("lab status")?;
+    v[0]["pods"]
+        .as_array()
+        .and_then(|pods| pods.iter().find(|p| p["name"] == pod))
+        .and_then(|p| p["ip"].as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("no pod {pod} in the lab's status"))
+}
+
 /// The `version` orders answers with, for a request with extra curl arguments.
 fn orders_version(muonctl: &Path, extra: &[&str]) -> Result<Option<String>> {
     let mut args = vec![
@@ -296,7 +515,7 @@ fn summarize_request(line: &str) -> String {
         serde_json::Value::Null => "-".into(),
         other => other.to_string(),
     };
-    format!(
+    let mut line = format!(
         "{} {} {}{} -> {} route={} service={} pod={} {}ms id={}",
         s("direction"),
         s("method"),
@@ -308,7 +527,19 @@ fn summarize_request(line: &str) -> String {
         s("pod"),
         s("duration_ms"),
         s("request_id"),
-    )
+    );
+    if v["src_identity"].as_str().is_some_and(|id| !id.is_empty()) {
+        line += &format!(
+            " from={} to={} {}",
+            s("src_identity"),
+            s("dst_identity"),
+            s("tls_version")
+        );
+    }
+    if v["authz"].as_str().is_some_and(|a| !a.is_empty()) {
+        line += &format!(" authz={} policy={}", s("authz"), s("policy"));
+    }
+    line
 }
 
 fn ctl(muonctl: &Path, args: &[&str]) -> Result<()> {

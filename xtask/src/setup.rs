@@ -9,7 +9,8 @@ use std::process::Command;
 
 /// iptables for capture (nft and legacy backends), iproute2 for namespaces, curl as the
 /// client, python3 for test apps, util-linux for setpriv, procps for sysctl, openssl for the
-/// gateway's test certificate.
+/// gateway's test certificate and for a TLS client without a certificate, tcpdump to show
+/// what crosses the lab's bridge.
 pub const PACKAGES: &[&str] = &[
     "iptables",
     "iproute2",
@@ -19,6 +20,7 @@ pub const PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "openssl",
+    "tcpdump",
 ];
 
 /// Installs the packages of `PACKAGES` that dpkg does not know as installed.

@@ -1,7 +1,12 @@
 //! Muon's wire contract, generated from `proto/muon/v1`, and the one conversion every user of
-//! the management API needs: a protobuf `Struct` spec to and from JSON. No other logic here.
+//! the management API needs: a protobuf `Struct` spec to and from JSON; and how to connect to
+//! the control plane (plaintext or TLS: [`connect`]).
 
+pub mod connect;
 pub mod json;
+
+/// The control plane's gRPC port, when a URL names none.
+pub const DEFAULT_PORT: u16 = 15010;
 
 /// The largest gRPC message either end of the discovery stream or the management API
 /// decodes or encodes. The control plane splits discovery responses well below it

@@ -87,6 +87,27 @@ pub struct Args {
     /// this; streams (discovery, Watch) are not bounded.
     #[arg(long, env = "MUON_CONTROL_CALL_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub call_timeout: Duration,
+    /// Accept plaintext gRPC too (besides TLS), trusting its callers as anyone: for tests,
+    /// benchmarks and a control plane no one else can reach. Never in a shared cluster.
+    #[arg(long, env = "MUON_CONTROL_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
+    /// The CA's certificate (PEM; an intermediate may be followed by its chain to the root),
+    /// instead of the root generated on first start; with --ca-key.
+    #[arg(long, env = "MUON_CONTROL_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The CA's private key (PEM), with --ca-cert.
+    #[arg(long, env = "MUON_CONTROL_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// More roots sidecars trust (PEM), e.g. the next root during a CA rotation.
+    #[arg(long, env = "MUON_CONTROL_EXTRA_ROOTS")]
+    pub extra_roots: Option<PathBuf>,
+    /// The lifetime of workload certificates (sidecars renew at about half of it).
+    #[arg(long, env = "MUON_CONTROL_CERT_TTL", default_value = "24h", value_parser = duration)]
+    pub cert_ttl: Duration,
+    /// More names (DNS names or IPs) the control plane's own certificate carries, besides
+    /// its addresses (repeatable), e.g. its Kubernetes service name.
+    #[arg(long, env = "MUON_CONTROL_TLS_SAN", value_delimiter = ',')]
+    pub tls_san: Vec<String>,
     /// Discovery responses with more bytes of resources than this are sent in parts.
     #[arg(long, hide = true, default_value_t = muon_api::DISCOVERY_SPLIT_BYTES)]
     pub discovery_split_bytes: usize,
@@ -114,6 +135,12 @@ pub struct Config {
     pub discovery_split_bytes: usize,
     pub connections: crate::gate::Limits,
     pub call_timeout: Duration,
+    pub insecure_plaintext: bool,
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    pub extra_roots: Option<PathBuf>,
+    pub cert_ttl: Duration,
+    pub tls_sans: Vec<String>,
 }
 
 impl Config {
@@ -156,6 +183,12 @@ impl Config {
                 "--max-connections and --max-connections-per-source must be at least 1".into(),
             );
         }
+        if a.cert_ttl < Duration::from_secs(60) {
+            problems.push(format!(
+                "--cert-ttl {} is too short: at least 1m",
+                muon_core::duration::format(a.cert_ttl)
+            ));
+        }
         if a.handshake_timeout.is_zero() || a.call_timeout.is_zero() {
             problems.push("--handshake-timeout and --call-timeout must be above zero".into());
         }
@@ -182,6 +215,12 @@ impl Config {
                 handshake_timeout: a.handshake_timeout,
             },
             call_timeout: a.call_timeout,
+            insecure_plaintext: a.insecure_plaintext,
+            ca_cert: a.ca_cert,
+            ca_key: a.ca_key,
+            extra_roots: a.extra_roots,
+            cert_ttl: a.cert_ttl,
+            tls_sans: a.tls_san,
         })
     }
 
@@ -207,6 +246,13 @@ impl Config {
                 handshake_timeout: Duration::from_secs(10),
             },
             call_timeout: Duration::from_secs(30),
+            // In-process tests talk plaintext (and TLS when they bring credentials).
+            insecure_plaintext: true,
+            ca_cert: None,
+            ca_key: None,
+            extra_roots: None,
+            cert_ttl: Duration::from_secs(24 * 3600),
+            tls_sans: Vec::new(),
         }
     }
 }

@@ -4,10 +4,12 @@
 use crate::model::Stored;
 use muon_api::json::{json_from_struct, struct_from_json};
 use muon_api::v1;
+use muon_core::resource::policy::{self, Action, MtlsMode};
 use muon_core::resource::{
-    selector_matches, BackendRef, Filter, GrpcRouteSpec, HeaderMatch, HeaderModifier, HeaderValue,
-    HttpRouteSpec, Invalid, Kind, Metadata, Object, ParentRef, PathModifier, Problem, ServiceSpec,
-    WorkloadSpec, DEFAULT_NAMESPACE,
+    selector_matches, AuthorizationPolicySpec, BackendRef, Filter, GrpcRouteSpec, HeaderMatch,
+    HeaderModifier, HeaderValue, HttpRouteSpec, Invalid, Kind, Metadata, Object, ParentRef,
+    PathModifier, PeerAuthenticationSpec, Problem, ServiceSpec, WorkloadSelector, WorkloadSpec,
+    DEFAULT_NAMESPACE,
 };
 use std::net::IpAddr;
 
@@ -301,4 +303,148 @@ pub fn grpc_route_resource(meta: &Metadata, r: &GrpcRouteSpec) -> v1::Route {
             })
             .collect(),
     }
+}
+
+/// The resource name of a policy: `authz/name.namespace` for an AuthorizationPolicy,
+/// `peerauthn/name.namespace` for a PeerAuthentication.
+pub fn policy_name(kind: Kind, name: &str, namespace: &str) -> String {
+    match kind {
+        Kind::PeerAuthentication => format!("peerauthn/{}", qualified(name, namespace)),
+        _ => format!("authz/{}", qualified(name, namespace)),
+    }
+}
+
+/// Which workloads a policy applies to, as the data plane gets it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Names in the policy's namespace, sorted.
+    pub workloads: Vec<String>,
+    /// No selector: every workload of the namespace (of the mesh, in the root namespace).
+    pub all: bool,
+}
+
+impl Selection {
+    /// The workloads among `candidates` (the policy namespace's workloads, or those carrying
+    /// the selector's first label) whose labels match every label of `selector`; no
+    /// selector: all of them.
+    pub fn of<'a>(
+        selector: Option<&WorkloadSelector>,
+        candidates: impl Iterator<Item = &'a Metadata>,
+    ) -> Selection {
+        let Some(s) = selector else {
+            return Selection {
+                workloads: Vec::new(),
+                all: true,
+            };
+        };
+        let mut workloads: Vec<String> = candidates
+            .filter(|m| selector_matches(&s.match_labels, &m.labels))
+            .map(|m| m.name.clone())
+            .collect();
+        workloads.sort();
+        workloads.dedup();
+        Selection {
+            workloads,
+            all: false,
+        }
+    }
+}
+
+fn workload_selector(s: Option<&WorkloadSelector>) -> Option<v1::WorkloadSelector> {
+    s.map(|s| v1::WorkloadSelector {
+        match_labels: s.match_labels.clone().into_iter().collect(),
+    })
+}
+
+fn mtls_mode(m: MtlsMode) -> i32 {
+    match m {
+        MtlsMode::Unset => v1::MtlsMode::Unset,
+        MtlsMode::Permissive => v1::MtlsMode::Permissive,
+        MtlsMode::Strict => v1::MtlsMode::Strict,
+    }
+    .into()
+}
+
+fn policy_resource(meta: &Metadata, kind: v1::policy::Kind, selection: Selection) -> v1::Policy {
+    v1::Policy {
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        kind: Some(kind),
+        workloads: selection.workloads,
+        all_workloads: selection.all,
+    }
+}
+
+/// An AuthorizationPolicy as sidecars apply it: principals without `spiffe://`, ports as
+/// numbers.
+pub fn authorization_resource(
+    meta: &Metadata,
+    p: &AuthorizationPolicySpec,
+    selection: Selection,
+) -> v1::Policy {
+    use v1::authorization_policy::Action as A;
+    let principals = |v: &[String]| {
+        v.iter()
+            .map(|p| policy::normalize_principal(p).to_string())
+            .collect()
+    };
+    let rules = p
+        .rules
+        .iter()
+        .map(|r| v1::AuthorizationRule {
+            from: r
+                .from
+                .iter()
+                .map(|f| v1::AuthorizationSource {
+                    principals: principals(&f.source.principals),
+                    not_principals: principals(&f.source.not_principals),
+                    namespaces: f.source.namespaces.clone(),
+                    not_namespaces: f.source.not_namespaces.clone(),
+                })
+                .collect(),
+            to: r
+                .to
+                .iter()
+                .map(|t| {
+                    let o = &t.operation;
+                    v1::AuthorizationOperation {
+                        ports: o.port_numbers().into_iter().map(u32::from).collect(),
+                        not_ports: o.not_port_numbers().into_iter().map(u32::from).collect(),
+                        methods: o.methods.clone(),
+                        not_methods: o.not_methods.clone(),
+                        paths: o.paths.clone(),
+                        not_paths: o.not_paths.clone(),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    let action = match p.action() {
+        Action::Allow => A::Allow,
+        Action::Deny => A::Deny,
+    };
+    let kind = v1::policy::Kind::Authorization(v1::AuthorizationPolicy {
+        selector: workload_selector(p.selector.as_ref()),
+        action: action.into(),
+        rules,
+    });
+    policy_resource(meta, kind, selection)
+}
+
+/// A PeerAuthentication as sidecars apply it.
+pub fn peer_authentication_resource(
+    meta: &Metadata,
+    p: &PeerAuthenticationSpec,
+    selection: Selection,
+) -> v1::Policy {
+    let kind = v1::policy::Kind::PeerAuthentication(v1::PeerAuthentication {
+        selector: workload_selector(p.selector.as_ref()),
+        mode: mtls_mode(p.mode()),
+        port_level_mtls: p
+            .port_modes()
+            .into_iter()
+            .map(|(port, m)| (u32::from(port), mtls_mode(m)))
+            .collect(),
+    });
+    policy_resource(meta, kind, selection)
 }

@@ -116,6 +116,38 @@ impl KindStatus {
     }
 }
 
+/// A sidecar's stream is for the identity its certificate names: a node claiming another
+/// namespace or service account is refused, and a missing one is filled in from the
+/// certificate. Administrators may watch as anyone; a connection without a certificate may
+/// not open a stream (plaintext is trusted only with `--insecure-plaintext`).
+fn bind_identity(caller: &crate::auth::Caller, node: &mut v1::Node) -> Result<(), Status> {
+    use crate::auth::Caller;
+    match caller {
+        Caller::Insecure | Caller::Admin(_) => Ok(()),
+        Caller::Anonymous => Err(no_certificate()),
+        Caller::Workload(id) => {
+            let claims = |mine: &str, claimed: &str| claimed.is_empty() || claimed == mine;
+            if !claims(&id.namespace, &node.namespace)
+                || !claims(&id.service_account, &node.service_account)
+            {
+                return Err(Status::permission_denied(format!(
+                    "the node says namespace {:?} and service account {:?}, but its certificate is {id}",
+                    node.namespace, node.service_account
+                )));
+            }
+            node.namespace = id.namespace.clone();
+            node.service_account = id.service_account.clone();
+            Ok(())
+        }
+    }
+}
+
+fn no_certificate() -> Status {
+    Status::unauthenticated(
+        "a discovery stream needs the sidecar's mesh certificate (Identity.Certify first)",
+    )
+}
+
 /// The part of a NACK message about `name` (the sidecar joins `name: reason` with `; `).
 fn reason_of(message: &str, name: &str) -> String {
     let prefix = format!("{name}: ");
@@ -222,13 +254,18 @@ impl DiscoveryService {
     }
 
     /// Starts the task that serves one discovery stream; returns what it sends.
-    pub(crate) fn open(&self, inbound: Streaming<DiscoveryRequest>) -> Responses {
+    pub(crate) fn open(
+        &self,
+        inbound: Streaming<DiscoveryRequest>,
+        caller: crate::auth::Caller,
+    ) -> Responses {
         // One slot: the stream task builds a response only when the previous one was taken.
         let (tx, rx) = mpsc::channel(1);
         let svc = self.clone();
         self.tasks.spawn(async move {
             let mut s = StreamTask {
                 svc: &svc,
+                caller,
                 tx,
                 kinds: Default::default(),
                 next_kind: 0,
@@ -475,6 +512,8 @@ impl Diff {
 
 struct StreamTask<'a> {
     svc: &'a DiscoveryService,
+    /// Who the connection proved to be: a sidecar's stream is for its own identity.
+    caller: crate::auth::Caller,
     tx: mpsc::Sender<Result<EncodedResponse, Status>>,
     kinds: PerKind<KindState>,
     /// Round robin over kinds, so one busy kind cannot starve the others.
@@ -484,6 +523,11 @@ struct StreamTask<'a> {
 impl StreamTask<'_> {
     async fn run(&mut self, mut inbound: Streaming<DiscoveryRequest>) {
         let mut shutdown = self.svc.shutdown.clone();
+        // Who may not open a stream at all is told so before anything is read.
+        if matches!(self.caller, crate::auth::Caller::Anonymous) {
+            let _ = self.tx.send(Err(no_certificate())).await;
+            return;
+        }
         // The first request says who the sidecar is.
         let first = tokio::select! {
             m = inbound.message() => m,
@@ -506,6 +550,11 @@ impl StreamTask<'_> {
                 .await;
             return;
         };
+        if let Err(status) = bind_identity(&self.caller, &mut node) {
+            warn!(pod = %node.pod, namespace = %node.namespace, error = %status.message(), "discovery stream refused");
+            let _ = self.tx.send(Err(status)).await;
+            return;
+        }
         if node.id.is_empty() {
             node.id = format!("{}.{}", node.pod, node.namespace);
         }

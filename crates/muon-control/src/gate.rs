@@ -5,8 +5,10 @@
 //! - At most `max_connections` open at once, and `max_per_source` from one address: past
 //!   either, a new connection is closed at once (counted, and logged at most once a second),
 //!   while the ones already open — sidecars' streams, operators' calls — go on.
-//! - A connection must send its HTTP/2 preface within `handshake_timeout`: a client that
-//!   connects and says nothing (or too little) holds its slot no longer than that.
+//! - A connection must finish its TLS handshake and send its HTTP/2 preface within
+//!   `handshake_timeout`: a client that connects and says nothing (or too little) holds its
+//!   slot no longer than that. Handshakes run on tasks of their own. The caller a client
+//!   certificate names (see `auth`) is found once, here.
 //! - An accept that fails for lack of file descriptors waits a moment instead of spinning.
 //!
 //! Idle HTTP/2 connections that did complete their handshake are the server's keepalive
@@ -142,18 +144,34 @@ impl Drop for Ticket {
     }
 }
 
-/// The admitted connections of a listener, for `serve_with_incoming`.
+/// How the gRPC port speaks: TLS (with an optional client certificate) and, with
+/// `--insecure-plaintext`, plaintext too (told apart by the first byte).
+#[derive(Clone)]
+pub struct Security {
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub plaintext: bool,
+    /// Certificates name callers in this trust domain.
+    pub trust_domain: Arc<str>,
+}
+
+/// The admitted connections of a listener, for `serve_with_incoming`: each is accepted,
+/// admitted by the gate, and shakes hands (TLS, within the handshake timeout) on a task of
+/// its own, so a slow handshake never holds up the next connection.
 pub struct Incoming {
     listener: TcpListener,
     gate: Arc<Gate>,
+    security: Security,
+    handshakes: tokio::task::JoinSet<Option<Conn>>,
     backoff: Option<Pin<Box<Sleep>>>,
 }
 
 impl Incoming {
-    pub fn new(listener: TcpListener, gate: Arc<Gate>) -> Incoming {
+    pub fn new(listener: TcpListener, gate: Arc<Gate>, security: Security) -> Incoming {
         Incoming {
             listener,
             gate,
+            security,
+            handshakes: tokio::task::JoinSet::new(),
             backoff: None,
         }
     }
@@ -164,58 +182,136 @@ impl Stream for Incoming {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        // Accept what is waiting; each admitted connection shakes hands on its own task.
         loop {
             if let Some(pause) = &mut this.backoff {
-                std::task::ready!(pause.as_mut().poll(cx));
+                if pause.as_mut().poll(cx).is_pending() {
+                    break;
+                }
                 this.backoff = None;
             }
-            match std::task::ready!(this.listener.poll_accept(cx)) {
-                Ok((stream, peer)) => {
+            match this.listener.poll_accept(cx) {
+                Poll::Ready(Ok((stream, peer))) => {
                     // Refused: the socket is closed as it is dropped.
                     let Ok(ticket) = this.gate.admit(peer.ip()) else {
                         continue;
                     };
                     let _ = stream.set_nodelay(true);
-                    return Poll::Ready(Some(Ok(Conn::new(
+                    let handshake = handshake(
                         stream,
+                        peer,
                         ticket,
+                        this.security.clone(),
                         this.gate.limits.handshake_timeout,
-                    ))));
+                        this.gate.metrics.clone(),
+                    );
+                    this.handshakes.spawn(handshake);
                 }
-                Err(e) => {
+                Poll::Ready(Err(e)) => {
                     warn!(error = %e, "gRPC accept failed; pausing accepts for 50ms");
                     this.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
                 }
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match this.handshakes.poll_join_next(cx) {
+                Poll::Ready(Some(Ok(Some(conn)))) => return Poll::Ready(Some(Ok(conn))),
+                // A failed handshake: its socket is closed, its ticket given back.
+                Poll::Ready(Some(_)) => continue,
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
             }
         }
     }
 }
 
-/// An admitted connection: the socket, its ticket, and the handshake deadline until the
-/// preface has arrived.
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// TLS (or, if allowed, plaintext) within `timeout`; `None` closes the connection.
+async fn handshake(
+    stream: TcpStream,
+    remote: std::net::SocketAddr,
+    ticket: Ticket,
+    security: Security,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+) -> Option<Conn> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let shake = async {
+        let mut first = [0u8; 1];
+        let tls_first = match stream.peek(&mut first).await {
+            Ok(1) => first[0] == TLS_HANDSHAKE,
+            _ => return None,
+        };
+        match (tls_first, &security.tls) {
+            (true, Some(config)) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+                let tls = match acceptor.accept(stream).await {
+                    Ok(tls) => tls,
+                    Err(e) => {
+                        tracing::debug!(%remote, error = %e, "gRPC TLS handshake failed");
+                        metrics.connection_refused("tls-handshake");
+                        return None;
+                    }
+                };
+                let caller = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .and_then(|leaf| {
+                        webpki::EndEntityCert::try_from(leaf).ok().map(|c| {
+                            crate::auth::Caller::from_uris(
+                                c.valid_uri_names().collect::<Vec<_>>(),
+                                &security.trust_domain,
+                            )
+                        })
+                    })
+                    .unwrap_or(crate::auth::Caller::Anonymous);
+                Some((Io::Tls(Box::new(tls)), caller))
+            }
+            (false, _) if security.plaintext => {
+                Some((Io::Plain(stream), crate::auth::Caller::Insecure))
+            }
+            (false, _) => {
+                tracing::debug!(%remote, "plaintext gRPC refused (the port speaks TLS)");
+                metrics.connection_refused("plaintext");
+                None
+            }
+            (true, None) => None,
+        }
+    };
+    let (io, caller) = tokio::time::timeout_at(deadline, shake).await.ok()??;
+    Some(Conn {
+        io,
+        info: crate::auth::ConnInfo { remote, caller },
+        _ticket: ticket,
+        handshake: Some(Box::pin(tokio::time::sleep_until(deadline))),
+        read: 0,
+    })
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// An admitted connection after its handshake: the stream, who it proved to be, its ticket,
+/// and the deadline for the HTTP/2 preface (what is left of the handshake timeout).
 pub struct Conn {
-    io: TcpStream,
+    io: Io,
+    info: crate::auth::ConnInfo,
     _ticket: Ticket,
     handshake: Option<Pin<Box<Sleep>>>,
     read: usize,
 }
 
-impl Conn {
-    fn new(io: TcpStream, ticket: Ticket, handshake_timeout: Duration) -> Conn {
-        Conn {
-            io,
-            _ticket: ticket,
-            handshake: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
-            read: 0,
-        }
-    }
-}
-
 impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = <TcpStream as tonic::transport::server::Connected>::ConnectInfo;
+    type ConnectInfo = crate::auth::ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        self.info.clone()
     }
 }
 
@@ -227,7 +323,10 @@ impl AsyncRead for Conn {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        let r = match &mut this.io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
         if let Some(deadline) = &mut this.handshake {
             this.read += buf.filled().len() - before;
             if this.read >= PREFACE_BYTES {
@@ -249,7 +348,10 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
     }
 
     fn poll_write_vectored(
@@ -257,19 +359,31 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 

@@ -9,11 +9,14 @@
 #![forbid(unsafe_code)]
 
 pub mod alloc;
+pub mod auth;
+pub mod ca;
 pub mod config;
 pub mod convert;
 pub mod discovery;
 pub mod gate;
 pub mod http;
+pub mod identity;
 pub mod management;
 pub mod metrics;
 pub mod model;

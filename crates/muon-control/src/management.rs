@@ -5,7 +5,8 @@
 //! `INVALID_ARGUMENT` (the message names kind, namespace, name, field and reason, one problem
 //! per line), unknown objects `NOT_FOUND`, objects owned by another source
 //! `FAILED_PRECONDITION`, a store whose disk is full `RESOURCE_EXHAUSTED`, a store that cannot
-//! write for another reason `UNAVAILABLE`. A store error's message says what failed (file,
+//! write for another reason `UNAVAILABLE`. Every call needs an administrator (see `auth`):
+//! `UNAUTHENTICATED` without a certificate, `PERMISSION_DENIED` for a workload's. A store error's message says what failed (file,
 //! step, the data directory); nothing was changed and the previous objects keep serving.
 
 use crate::convert::{object_from_proto, object_to_proto};
@@ -177,6 +178,7 @@ impl v1::management_server::Management for ManagementService {
         &self,
         request: Request<v1::ApplyRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
+        crate::auth::require_admin(&request)?;
         let req = request.into_inner();
         if req.objects.is_empty() {
             return Err(Status::invalid_argument("apply: no objects given"));
@@ -219,6 +221,7 @@ impl v1::management_server::Management for ManagementService {
         &self,
         request: Request<v1::DeleteRequest>,
     ) -> Result<Response<v1::DeleteResponse>, Status> {
+        crate::auth::require_admin(&request)?;
         let req = request.into_inner();
         if req.objects.is_empty() {
             return Err(Status::invalid_argument("delete: no objects given"));
@@ -243,6 +246,7 @@ impl v1::management_server::Management for ManagementService {
     }
 
     async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::Object>, Status> {
+        crate::auth::require_admin(&request)?;
         let req = request.into_inner();
         let k = key(&req.kind, &req.namespace, &req.name)?;
         match self.registry.get(&k).await {
@@ -255,6 +259,7 @@ impl v1::management_server::Management for ManagementService {
         &self,
         request: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListResponse>, Status> {
+        crate::auth::require_admin(&request)?;
         let req = request.into_inner();
         let kind = match req.kind.as_str() {
             "" => None,
@@ -272,8 +277,9 @@ impl v1::management_server::Management for ManagementService {
 
     async fn list_proxies(
         &self,
-        _request: Request<v1::ListProxiesRequest>,
+        request: Request<v1::ListProxiesRequest>,
     ) -> Result<Response<v1::ListProxiesResponse>, Status> {
+        crate::auth::require_admin(&request)?;
         let version = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
         let proxies = self
             .proxies
@@ -310,6 +316,7 @@ impl v1::management_server::Management for ManagementService {
         &self,
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<WatchStream>, Status> {
+        crate::auth::require_admin(&request)?;
         let req = request.into_inner();
         let kind = match req.kind.as_str() {
             "" => None,

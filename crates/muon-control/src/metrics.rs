@@ -19,6 +19,12 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    result: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -37,6 +43,7 @@ pub struct Metrics {
     /// Open connections on the gRPC port.
     pub grpc_connections: Gauge,
     refused: Family<ReasonLabels, Counter>,
+    certificates: Family<CertLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -104,7 +111,14 @@ impl Metrics {
             "gRPC connections closed on accept, by the limit they hit",
             refused.clone(),
         );
+        let certificates = Family::<CertLabels, Counter>::default();
+        registry.register(
+            "certificates",
+            "Certificate requests: issued, or refused and why",
+            certificates.clone(),
+        );
         Metrics {
+            certificates,
             grpc_connections,
             refused,
             registry,
@@ -136,6 +150,12 @@ impl Metrics {
         self.compared
             .get_or_create(&TypeLabels { type_url })
             .inc_by(resources as u64);
+    }
+
+    pub fn certificate(&self, result: &'static str, reason: &'static str) {
+        self.certificates
+            .get_or_create(&CertLabels { result, reason })
+            .inc();
     }
 
     pub fn connection_refused(&self, reason: &'static str) {

@@ -42,9 +42,10 @@ impl Server {
     /// Loads the store (refusing a corrupt one), binds both addresses and starts serving.
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
         let metrics = Arc::new(Metrics::new());
+        let own = own_addresses(config.grpc_addr);
         let limits = crate::rules::Limits {
             service_cidrs: config.service_cidrs.clone(),
-            reserved: own_addresses(config.grpc_addr),
+            reserved: own.clone(),
             max_object_bytes: config.max_object_bytes,
             max_apply_bytes: config.max_apply_bytes,
         };
@@ -54,6 +55,24 @@ impl Server {
             limits,
             metrics.clone(),
         )?;
+        let ca = Arc::new(
+            crate::ca::Ca::open(&crate::ca::CaConfig {
+                data_dir: config.data_dir.clone(),
+                trust_domain: config.trust_domain.clone(),
+                cert_file: config.ca_cert.clone(),
+                key_file: config.ca_key.clone(),
+                extra_roots: config.extra_roots.clone(),
+                cert_ttl: config.cert_ttl,
+            })
+            .context("the certificate authority")?,
+        );
+        let tls = tls_config(&ca, config, &own)?;
+        write_credentials(&ca, &config.data_dir)?;
+        if config.insecure_plaintext {
+            tracing::warn!(
+                "--insecure-plaintext: plaintext gRPC is accepted and trusted as anyone"
+            );
+        }
         let grpc = bind_grpc(config.grpc_addr)
             .with_context(|| format!("binding --grpc-addr {}", config.grpc_addr))?;
         let http = TcpListener::bind(config.metrics_addr)
@@ -112,7 +131,18 @@ impl Server {
             crate::gate::within_fd_limit(config.connections),
             metrics.clone(),
         );
-        let incoming = crate::gate::Incoming::new(grpc, gate);
+        let incoming = crate::gate::Incoming::new(
+            grpc,
+            gate,
+            crate::gate::Security {
+                tls: Some(tls),
+                plaintext: config.insecure_plaintext,
+                trust_domain: config.trust_domain.as_str().into(),
+            },
+        );
+        let identity = v1::identity_server::IdentityServer::new(
+            crate::identity::IdentityService::new(ca.clone(), metrics.clone()),
+        );
         let mut grpc_stop = stop.clone();
         let router = tonic::transport::Server::builder()
             // Find sidecars that vanished without closing their stream.
@@ -123,6 +153,7 @@ impl Server {
             .timeout(config.call_timeout)
             .add_service(discovery)
             .add_service(management)
+            .add_service(identity)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
         tasks.spawn(async move {
@@ -157,6 +188,81 @@ impl Server {
         info!("stopped");
     }
 }
+
+/// The gRPC port's TLS: TLS 1.3, a certificate from the mesh CA for every address of the
+/// control plane (and `--tls-san`), client certificates from the mesh CA optional (callers
+/// without one are anonymous: see `auth`).
+fn tls_config(
+    ca: &crate::ca::Ca,
+    config: &Config,
+    own: &[std::net::IpAddr],
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut names: Vec<String> = vec!["localhost".into(), "muon-control".into()];
+    names.extend(own.iter().map(|ip| ip.to_string()));
+    if !config.grpc_addr.ip().is_unspecified() {
+        names.push(config.grpc_addr.ip().to_string());
+    }
+    names.extend(config.tls_sans.iter().cloned());
+    names.sort();
+    names.dedup();
+    let (chain, key) = ca
+        .serving_certificate(&names)
+        .context("the control plane's certificate")?;
+    let certs = chain
+        .iter()
+        .map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("the control plane's certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).context("the control plane's key")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in ca.bundle() {
+        roots
+            .add(CertificateDer::from_pem_slice(pem.as_bytes()).context("the trust bundle")?)
+            .context("the trust bundle")?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .context("the client certificate verifier")?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .context("the control plane's certificate")?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// Writes what others need to reach this control plane: the trust bundle
+/// (`<data-dir>/ca/trust-bundle.pem`, for sidecars' `--ca-bundle`), and, once, an
+/// administrator credential for `muonctl` (`<data-dir>/admin/{ca.pem,cert.pem,key.pem}`,
+/// readable by the control plane's user only).
+fn write_credentials(ca: &crate::ca::Ca, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let bundle: String = ca.bundle().concat();
+    let ca_dir = data_dir.join("ca");
+    std::fs::write(ca_dir.join("trust-bundle.pem"), &bundle)
+        .with_context(|| format!("writing {}", ca_dir.join("trust-bundle.pem").display()))?;
+    let admin = data_dir.join("admin");
+    if !admin.join("key.pem").exists() {
+        std::fs::create_dir_all(&admin).with_context(|| format!("creating {}", admin.display()))?;
+        let (chain, key) = ca.admin_certificate("admin", ADMIN_CERT_TTL)?;
+        crate::ca::write_private(&admin.join("key.pem"), key)?;
+        crate::ca::write_private(&admin.join("cert.pem"), chain.concat())?;
+        info!(dir = %admin.display(), "wrote an administrator credential for muonctl");
+    }
+    crate::ca::write_private(&admin.join("ca.pem"), &bundle)?;
+    Ok(())
+}
+
+/// The administrator credential written on first start.
+const ADMIN_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Connections the kernel completes before the control plane accepts them: room for every
 /// sidecar of a big mesh reconnecting at once (capped by `net.core.somaxconn`).

@@ -11,7 +11,7 @@ use crate::model::Stored;
 use bytes::Bytes;
 use muon_api::v1;
 use muon_api::v1::kinds::{PerKind, ResourceKind};
-use muon_core::resource::{Kind, ObjectKey, Spec, WorkloadSpec};
+use muon_core::resource::{Kind, ObjectKey, Spec, WorkloadSelector, WorkloadSpec};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -178,6 +178,24 @@ pub fn compute(
                     v1::resource::Kind::Route(convert::grpc_route_resource(meta, r)),
                 );
             }
+            // Policies name the workloads they select, so a workload's new labels change
+            // the policies that (no longer) select it.
+            Spec::AuthorizationPolicy(p) => {
+                let selection = selection(&workloads, &k.namespace, p.selector.as_ref());
+                put(
+                    convert::policy_name(k.kind, &k.name, &k.namespace),
+                    v1::resource::Kind::Policy(convert::authorization_resource(meta, p, selection)),
+                );
+            }
+            Spec::PeerAuthentication(p) => {
+                let selection = selection(&workloads, &k.namespace, p.selector.as_ref());
+                put(
+                    convert::policy_name(k.kind, &k.name, &k.namespace),
+                    v1::resource::Kind::Policy(convert::peer_authentication_resource(
+                        meta, p, selection,
+                    )),
+                );
+            }
             Spec::Workload(_) | Spec::Gateway(_) => {}
         }
     }
@@ -191,6 +209,19 @@ pub fn compute(
     snap
 }
 
+/// The workloads of `namespace` a policy's selector selects (every workload carries its
+/// first label, so only those are looked at).
+fn selection(
+    workloads: &WorkloadIndex,
+    namespace: &str,
+    selector: Option<&WorkloadSelector>,
+) -> convert::Selection {
+    let candidates = selector
+        .and_then(|s| s.match_labels.iter().next())
+        .and_then(|(key, value)| workloads.get(&(namespace, key.as_str(), value.as_str())));
+    convert::Selection::of(selector, candidates.into_iter().flatten().map(|(m, _)| *m))
+}
+
 /// The discovery kind a resource is sent as.
 pub fn resource_kind(kind: &v1::resource::Kind) -> ResourceKind {
     match kind {
@@ -198,5 +229,136 @@ pub fn resource_kind(kind: &v1::resource::Kind) -> ResourceKind {
         v1::resource::Kind::Endpoints(_) => ResourceKind::Endpoints,
         v1::resource::Kind::Route(_) => ResourceKind::Routes,
         v1::resource::Kind::Policy(_) => ResourceKind::Policies,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Source;
+    use muon_core::ports::ROOT_NAMESPACE;
+    use muon_core::resource::Object;
+    use serde_json::{json, Value};
+
+    fn stored(v: Value) -> Stored {
+        Stored {
+            object: Object::from_json(&v, 0).unwrap(),
+            generation: 1,
+            source: Source::Api,
+        }
+    }
+
+    fn workload(name: &str, ns: &str, app: &str) -> Stored {
+        stored(json!({
+            "apiVersion": "muon.io/v1alpha1", "kind": "Workload",
+            "metadata": {"name": name, "namespace": ns, "labels": {"app": app, "tier": "x"}},
+            "spec": {"address": "198.18.0.9"},
+        }))
+    }
+
+    fn authz(name: &str, ns: &str, selector: Option<Value>) -> Stored {
+        let mut spec = json!({
+            "action": "DENY",
+            "rules": [{
+                "from": [{"source": {"principals": ["spiffe://cluster.local/ns/shop/sa/orders"]}}],
+                "to": [{"operation": {"ports": ["9090"], "paths": ["/admin/*"]}}],
+            }],
+        });
+        if let Some(s) = selector {
+            spec["selector"] = json!({"matchLabels": s});
+        }
+        stored(json!({
+            "apiVersion": "muon.io/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec,
+        }))
+    }
+
+    fn compute_all(objects: &[Stored], previous: &Snapshot, version: u64) -> Snapshot {
+        let keys: Vec<ObjectKey> = objects.iter().map(|s| s.object.key()).collect();
+        let merged: BTreeMap<&ObjectKey, &Stored> = keys.iter().zip(objects).collect();
+        compute(
+            &merged,
+            version,
+            previous,
+            None,
+            "cluster.local",
+            &Metrics::default(),
+        )
+    }
+
+    fn policy<'a>(snap: &'a Snapshot, name: &str) -> &'a v1::Policy {
+        match snap.kinds[ResourceKind::Policies]
+            .get(name)
+            .and_then(|r| r.proto.kind.as_ref())
+        {
+            Some(v1::resource::Kind::Policy(p)) => p,
+            other => panic!("no policy {name}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn policies_name_the_workloads_their_selector_selects_and_follow_label_changes() {
+        let peer_authn = stored(json!({
+            "apiVersion": "muon.io/v1alpha1", "kind": "PeerAuthentication",
+            "metadata": {"name": "strict", "namespace": "shop"},
+            "spec": {"mtls": {"mode": "STRICT"}, "portLevelMtls": {"9090": {"mode": "PERMISSIVE"}}},
+        }));
+        let mut objects = vec![
+            workload("payment-0", "shop", "payment"),
+            workload("payment-1", "shop", "payment"),
+            workload("orders-0", "shop", "orders"),
+            // Same labels, another namespace: not selected by shop's policy.
+            workload("payment-0", "other", "payment"),
+            authz(
+                "deny-admin",
+                "shop",
+                Some(json!({"app": "payment", "tier": "x"})),
+            ),
+            authz("everyone", "shop", None),
+            authz("mesh", ROOT_NAMESPACE, None),
+            peer_authn,
+        ];
+        let first = compute_all(&objects, &Snapshot::default(), 1);
+        let p = policy(&first, "authz/deny-admin.shop");
+        assert_eq!(p.workloads, ["payment-0", "payment-1"]);
+        assert!(!p.all_workloads);
+        let Some(v1::policy::Kind::Authorization(a)) = &p.kind else {
+            panic!("{p:?}")
+        };
+        assert_eq!(a.action, i32::from(v1::authorization_policy::Action::Deny));
+        assert_eq!(
+            a.rules[0].from[0].principals,
+            ["cluster.local/ns/shop/sa/orders"],
+            "spiffe:// is taken off"
+        );
+        assert_eq!(a.rules[0].to[0].ports, [9090]);
+        assert_eq!(a.selector.as_ref().unwrap().match_labels.len(), 2);
+        for name in ["authz/everyone.shop", "authz/mesh.muon-system"] {
+            let p = policy(&first, name);
+            assert!(p.all_workloads && p.workloads.is_empty(), "{name}: {p:?}");
+        }
+        let p = policy(&first, "peerauthn/strict.shop");
+        let Some(v1::policy::Kind::PeerAuthentication(pa)) = &p.kind else {
+            panic!("{p:?}")
+        };
+        assert_eq!(pa.mode, i32::from(v1::MtlsMode::Strict));
+        assert_eq!(
+            pa.port_level_mtls.get(&9090),
+            Some(&i32::from(v1::MtlsMode::Permissive))
+        );
+
+        // payment-1 becomes orders: the selecting policy changes (new version), the others
+        // keep theirs.
+        objects[1] = workload("payment-1", "shop", "orders");
+        let second = compute_all(&objects, &first, 2);
+        let p = policy(&second, "authz/deny-admin.shop");
+        assert_eq!(p.workloads, ["payment-0"]);
+        let res = |s: &Snapshot, n: &str| s.kinds[ResourceKind::Policies][n].version;
+        assert_eq!(res(&second, "authz/deny-admin.shop"), 2);
+        assert_eq!(res(&second, "authz/everyone.shop"), 1);
+        let changed = second
+            .changed_since(first.seq, ResourceKind::Policies)
+            .unwrap();
+        assert_eq!(changed, ["authz/deny-admin.shop"].into());
     }
 }

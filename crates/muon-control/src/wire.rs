@@ -81,12 +81,14 @@ impl DiscoveryServer {
                 return Status::unimplemented(msg).into_http();
             }
         }
+        // Who is asking, as its connection proved (see `auth`).
+        let caller = crate::auth::Peer::from_extensions(req.extensions()).caller;
         let decoder =
             tonic_prost::ProstCodec::<EncodedResponse, DiscoveryRequest>::default().decoder();
         let inbound =
             Streaming::new_request(decoder, req.into_body(), None, Some(self.max_message));
         let body = ResponseBody {
-            rx: self.svc.open(inbound),
+            rx: self.svc.open(inbound, caller),
             max_message: self.max_message,
             ended: false,
         };

@@ -317,6 +317,7 @@ impl Drop for Child {
 fn spawn_binary(dir: &Path, port: u16) -> Child {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_muon-control"))
         .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
+        .arg("--insecure-plaintext")
         .args(["--metrics-addr", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(dir)

@@ -126,6 +126,7 @@ fn a_flood_of_idle_connections_is_refused_and_operators_are_still_served() {
         .arg(dir.path().join("data"))
         .args(["--max-connections-per-source", &PER_SOURCE.to_string()])
         .args(["--handshake-timeout", "3s"])
+        .arg("--insecure-plaintext")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod duration;
+pub mod identity;
 pub mod net;
 pub mod ports;
 pub mod resource;

@@ -38,7 +38,7 @@ pub fn plan_pod(lab: &str, ipv6: bool) -> Result<PodState> {
         ipv6: ipv6.then(|| addr::pod_v6(0)),
         zone: None,
         labels: BTreeMap::from([("app".into(), CONTROL_PLANE_POD.into())]),
-        app_uid: ports::PROXY_UID,
+        app_uid: ports::CONTROL_UID,
         sidecar: false,
         command: vec![
             bin.display().to_string(),
@@ -65,10 +65,93 @@ pub fn prepare(lab: &LabState) -> Result<()> {
     std::fs::create_dir_all(&data)?;
     nix::unistd::chown(
         &data,
-        Some(ports::PROXY_UID.into()),
-        Some(ports::PROXY_UID.into()),
+        Some(ports::CONTROL_UID.into()),
+        Some(ports::CONTROL_UID.into()),
     )?;
     Ok(())
+}
+
+/// The administrator credential the lab's control plane wrote (for `muonctl --lab`).
+pub fn admin_dir(lab: &str) -> std::path::PathBuf {
+    state::lab_dir(lab).join("control").join("admin")
+}
+
+/// The mesh's trust bundle, as the lab's control plane wrote it (every sidecar's
+/// `--ca-bundle`).
+pub fn trust_bundle(lab: &str) -> std::path::PathBuf {
+    state::lab_dir(lab)
+        .join("control")
+        .join("ca")
+        .join("trust-bundle.pem")
+}
+
+/// The control plane's TLS address in the lab.
+pub fn url(cp: &PodState) -> String {
+    format!("https://{}:{}", cp.ip, ports::CONTROL)
+}
+
+/// A management channel to the lab's control plane, as its administrator.
+async fn admin_channel(lab: &str, addr: &str) -> Result<tonic::transport::Channel> {
+    let tls = muon_api::connect::admin_tls(&admin_dir(lab)).map_err(anyhow::Error::msg)?;
+    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())?
+        .connect_timeout(Duration::from_secs(5));
+    muon_api::connect::channel(endpoint, Some(tls))
+        .await
+        .with_context(|| format!("connecting to muon-control at {addr}"))
+}
+
+/// How long a sidecar's join token lasts: the lab's life, give or take (a restarted sidecar
+/// asks for its first certificate with it again).
+const TOKEN_TTL_S: u32 = 30 * 24 * 3600;
+
+/// Writes a join token for each of `pods` (a sidecar or a gateway) into its proxy state
+/// directory, readable by the sidecar's user only.
+pub fn write_join_tokens(lab: &LabState, pods: Vec<PodState>) -> Result<()> {
+    let name = lab.name.clone();
+    block_on_in_lab(&lab.name, move |addr| async move {
+        let mut client =
+            muon_api::v1::identity_client::IdentityClient::new(admin_channel(&name, &addr).await?);
+        for pod in pods {
+            let token = client
+                .create_join_token(muon_api::v1::CreateJoinTokenRequest {
+                    namespace: pod.namespace.clone(),
+                    service_account: pod.service_account.clone(),
+                    ttl_seconds: TOKEN_TTL_S,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("a join token for {}: {}", pod.name, s.message()))?
+                .into_inner()
+                .token;
+            proxy_state_dir(&name, &pod.name)?;
+            let file = join_token_file(&name, &pod.name);
+            state::write_atomic(&file, token.as_bytes())?;
+            std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
+            nix::unistd::chown(
+                &file,
+                Some(ports::PROXY_UID.into()),
+                Some(ports::PROXY_UID.into()),
+            )?;
+        }
+        Ok(())
+    })
+}
+
+/// Where a pod's sidecar finds its join token.
+pub fn join_token_file(lab: &str, pod: &str) -> std::path::PathBuf {
+    state::proxy_state_dir(lab, pod).join("join-token")
+}
+
+/// The flags that make a proxy of this lab talk TLS to its control plane and get a mesh
+/// certificate.
+pub fn proxy_flags(lab: &str, cp: &PodState, pod: &str) -> Vec<String> {
+    vec![
+        "--control-plane".into(),
+        url(cp),
+        "--ca-bundle".into(),
+        trust_bundle(lab).display().to_string(),
+        "--join-token-file".into(),
+        join_token_file(lab, pod).display().to_string(),
+    ]
 }
 
 pub fn ready(pod: &PodState) -> bool {
@@ -222,11 +305,10 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Registers every pod and service with the control plane, in one all-or-nothing apply.
 pub fn register(lab: &LabState, topo: &Topology) -> Result<()> {
     let objects = objects(lab, topo);
+    let lab_name = lab.name.clone();
     block_on_in_lab(&lab.name, move |addr| async move {
         let call = async {
-            let mut client = ManagementClient::connect(addr.clone())
-                .await
-                .with_context(|| format!("connecting to muon-control at {addr}"))?;
+            let mut client = ManagementClient::new(admin_channel(&lab_name, &addr).await?);
             client
                 .apply(ApplyRequest {
                     objects,
@@ -246,4 +328,17 @@ pub fn register(lab: &LabState, topo: &Topology) -> Result<()> {
                 )
             })?
     })
+}
+
+/// The sidecar's state directory (its join token, its discovery cache), created and owned by
+/// the proxy's user.
+pub fn proxy_state_dir(lab: &str, pod: &str) -> Result<std::path::PathBuf> {
+    let dir = state::proxy_state_dir(lab, pod);
+    std::fs::create_dir_all(&dir)?;
+    nix::unistd::chown(
+        &dir,
+        Some(ports::PROXY_UID.into()),
+        Some(ports::PROXY_UID.into()),
+    )?;
+    Ok(dir)
 }

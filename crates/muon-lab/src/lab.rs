@@ -303,7 +303,11 @@ fn gateway_pod(
         "--gateway".into(),
         format!("{}.{}", g.name, g.namespace),
         "--control-plane".into(),
-        format!("http://{cp_ip}:{}", ports::CONTROL),
+        format!("https://{cp_ip}:{}", ports::CONTROL),
+        "--ca-bundle".into(),
+        control::trust_bundle(lab).display().to_string(),
+        "--join-token-file".into(),
+        control::join_token_file(lab, &g.name).display().to_string(),
         "--state-dir".into(),
         state::proxy_state_dir(lab, &g.name).display().to_string(),
         "--log-format".into(),
@@ -484,6 +488,16 @@ fn create(lab: &mut LabState, topo: &Topology, bins: &Path, timeout: Duration) -
         control::wait_ready(lab, &lab.pods[i], timeout)?;
         signals::check()?;
         control::register(lab, topo)?;
+        // Every proxy gets a join token for its identity: its first certificate, then
+        // mutual TLS with the others.
+        let proxies: Vec<PodState> = lab
+            .pods
+            .iter()
+            .filter(|p| p.sidecar || p.gateway.is_some())
+            .cloned()
+            .collect();
+        signals::check()?;
+        control::write_join_tokens(lab, proxies)?;
     }
     for i in 0..lab.pods.len() {
         if lab.control_plane.as_deref() == Some(lab.pods[i].name.as_str()) {
@@ -669,15 +683,8 @@ fn start_sidecar(lab: &LabState, pod: &PodState) -> Result<i32> {
     ];
     match lab.control_plane_pod() {
         Some(cp) => {
-            let dir = state::proxy_state_dir(&lab.name, &pod.name);
-            std::fs::create_dir_all(&dir)?;
-            nix::unistd::chown(
-                &dir,
-                Some(ports::PROXY_UID.into()),
-                Some(ports::PROXY_UID.into()),
-            )?;
-            argv.push("--control-plane".into());
-            argv.push(format!("http://{}:{}", cp.ip, ports::CONTROL));
+            let dir = control::proxy_state_dir(&lab.name, &pod.name)?;
+            argv.extend(control::proxy_flags(&lab.name, cp, &pod.name));
             argv.push("--state-dir".into());
             argv.push(dir.display().to_string());
         }

@@ -34,6 +34,16 @@ pub struct Record {
     /// Upstream → client.
     pub bytes_received: u64,
     pub started: Instant,
+    /// The authorization decision (`allow`, `deny`; "" when no policy applies) and the
+    /// policy that made it (see `policy::Decision`).
+    pub authz: &'static str,
+    pub policy: Option<Arc<str>>,
+    /// Inbound over mutual TLS: the calling sidecar, as its certificate names it (policies
+    /// authorize by it). Outbound: the endpoint's, once mutual TLS checked it.
+    pub peer: Option<Arc<crate::tls::Peer>>,
+    /// The SPIFFE ids of both ends, when mutual TLS named them (outbound: this sidecar's and
+    /// the endpoint's; inbound: the peer's and this sidecar's), and the TLS in use.
+    pub identities: crate::tls::Identities,
 }
 
 impl Record {
@@ -48,6 +58,10 @@ impl Record {
             bytes_sent: 0,
             bytes_received: 0,
             started: Instant::now(),
+            authz: "",
+            policy: None,
+            peer: None,
+            identities: Default::default(),
         }
     }
 }
@@ -55,6 +69,9 @@ impl Record {
 /// Ends a connection: closes its metrics and writes its access event.
 pub fn finish(shared: &Shared, rec: &Record, outcome: Outcome) {
     shared.metrics.closed(rec.direction, outcome);
+    shared
+        .metrics
+        .identified(rec.direction, &rec.identities, "connection");
     emit(&shared.pod, rec, outcome);
 }
 
@@ -71,6 +88,9 @@ fn emit(me: &PodInfo, rec: &Record, outcome: Outcome) {
         l.u64("bytes_received", rec.bytes_received);
         l.u64("duration_ms", duration_ms);
         l.str("outcome", outcome.as_str());
+        l.str("authz", rec.authz);
+        l.str("policy", rec.policy.as_deref().unwrap_or(""));
+        rec.identities.log(l);
         l.str("proxy_pod", &me.pod);
         l.str("proxy_namespace", &me.namespace);
     });
@@ -89,6 +109,12 @@ fn emit(me: &PodInfo, rec: &Record, outcome: Outcome) {
         bytes_received = rec.bytes_received,
         duration_ms,
         outcome = outcome.as_str(),
+        authz = rec.authz,
+        policy = rec.policy.as_deref().unwrap_or(""),
+        src_identity = rec.identities.src.as_deref().unwrap_or(""),
+        dst_identity = rec.identities.dst.as_deref().unwrap_or(""),
+        tls_version = rec.identities.version,
+        tls_cipher = rec.identities.cipher,
         proxy_pod = &*me.pod,
         proxy_namespace = &*me.namespace,
         "connection closed"

@@ -48,6 +48,8 @@ pub struct State {
     pub discovery_mode: DiscoveryMode,
     /// On demand: the endpoints subscriptions, for `/config_dump`.
     pub on_demand: Option<Arc<OnDemand>>,
+    /// This sidecar's mesh identity, for `/certs`.
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 impl State {
@@ -66,10 +68,17 @@ impl State {
             flags: serde_json::to_value(config).unwrap_or_default(),
             discovery_mode: config.discovery_mode,
             on_demand: None,
+            identity: None,
         }
     }
 
     /// Shows the data path's on-demand subscriptions in `/config_dump`.
+    /// Shows this sidecar's certificate in `/certs`.
+    pub fn with_identity(mut self, identity: Option<Arc<crate::identity::Identity>>) -> Self {
+        self.identity = identity;
+        self
+    }
+
     pub fn with_on_demand(mut self, on_demand: Option<Arc<OnDemand>>) -> Self {
         self.on_demand = on_demand;
         self
@@ -103,6 +112,7 @@ pub async fn route(kind: Kind, state: &State, req: &Request<Incoming>) -> Respon
         (Kind::Health, "/metrics") if get => {
             respond(StatusCode::OK, OPENMETRICS, state.metrics.encode())
         }
+        (Kind::Admin, "/certs") if get => respond(StatusCode::OK, "application/json", certs(state)),
         (Kind::Admin, "/config_dump") if get => {
             respond(StatusCode::OK, "application/json", config_dump(state).await)
         }
@@ -145,6 +155,36 @@ pub async fn config_dump(state: &State) -> String {
     let mut body = serde_json::to_string_pretty(&dump).unwrap_or_default();
     body.push('\n');
     body
+}
+
+/// `/certs`: this sidecar's identity, its certificate's serial and validity, and the trust
+/// bundle (`{"identity": null}` without one).
+fn certs(state: &State) -> String {
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+    };
+    let body = match state.identity.as_ref().and_then(|i| i.current()) {
+        None => serde_json::json!({
+            "identity": null,
+            "configured": state.identity.is_some(),
+        }),
+        Some(c) => serde_json::json!({
+            "identity": &*c.id,
+            "serial": c.serial,
+            "notBefore": secs(c.not_before),
+            "notAfter": secs(c.not_after),
+            "expiresInSeconds": c.not_after
+                .duration_since(std::time::SystemTime::now())
+                .map_or(0, |d| d.as_secs()),
+            "chain": c.chain_pem,
+            "trustBundle": c.bundle_pem,
+        }),
+    };
+    let mut s = serde_json::to_string_pretty(&body).unwrap_or_default();
+    s.push('\n');
+    s
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -103,6 +103,20 @@ pub struct Args {
     /// allow-any: destinations no service claims pass through. registry-only: refused.
     #[arg(long, env = "MUON_OUTBOUND_POLICY", default_value = "allow-any")]
     pub outbound_policy: String,
+    /// The mesh's trust bundle (PEM): the roots the control plane's certificate chains to.
+    /// Required with an `https://` --control-plane.
+    #[arg(long, env = "MUON_CA_BUNDLE")]
+    pub ca_bundle: Option<String>,
+    /// A join token (from `muonctl token create`) to get this sidecar's first certificate
+    /// with; with a certificate, the sidecar does mutual TLS with the other sidecars.
+    #[arg(long, env = "MUON_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// A file holding the join token (read at every attempt), instead of --join-token.
+    #[arg(long, env = "MUON_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<String>,
+    /// The certificate lifetime to ask for (the CA caps it; default: the CA's).
+    #[arg(long, env = "MUON_CERT_TTL")]
+    pub cert_ttl: Option<String>,
     /// This pod's service account, sent to the control plane.
     #[arg(long, env = "POD_SERVICE_ACCOUNT", default_value = "")]
     pub service_account: String,
@@ -230,6 +244,37 @@ pub struct Config {
     pub zone: String,
     pub region: String,
     pub pod_ips: Vec<std::net::IpAddr>,
+    /// Roots of the control plane's TLS (`--ca-bundle`).
+    pub ca_bundle: Option<PathBuf>,
+    /// Where the join token comes from, when this sidecar gets a mesh certificate.
+    #[serde(skip)]
+    pub join_token: Option<JoinToken>,
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub cert_ttl: Option<Duration>,
+}
+
+/// A join token, or the file it is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinToken {
+    Value(String),
+    File(PathBuf),
+}
+
+impl JoinToken {
+    /// The token (a file is read now: it may have been replaced).
+    pub fn read(&self) -> std::io::Result<String> {
+        match self {
+            JoinToken::Value(t) => Ok(t.clone()),
+            JoinToken::File(p) => std::fs::read_to_string(p).map(|t| t.trim().to_owned()),
+        }
+    }
+}
+
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&format_duration(*d)),
+        None => s.serialize_none(),
+    }
 }
 
 /// Every problem found in the flags, reported together.
@@ -280,6 +325,45 @@ impl Config {
             Err(e) => p.fail("--log-level", format!("{:?}: {e}", args.log_level)),
         };
 
+        let tls_control_plane = args
+            .control_plane
+            .as_deref()
+            .is_some_and(|c| c.trim().starts_with("https://"));
+        let ca_bundle = match args.ca_bundle.as_deref().map(str::trim) {
+            None | Some("") if tls_control_plane => p.fail(
+                "--ca-bundle",
+                "is required with an https:// --control-plane (the roots its certificate chains to)".into(),
+            ),
+            None | Some("") => Some(None),
+            Some(path) => match std::fs::read(path) {
+                Ok(pem) => match muon_api::connect::roots_from_pem(&pem) {
+                    Ok(_) => Some(Some(PathBuf::from(path))),
+                    Err(e) => p.fail("--ca-bundle", format!("{path}: {e}")),
+                },
+                Err(e) => p.fail("--ca-bundle", format!("{path}: {e}")),
+            },
+        };
+        let join_token = match (args.join_token.as_deref(), args.join_token_file.as_deref()) {
+            (Some(_), Some(_)) => p.fail(
+                "--join-token",
+                "give --join-token or --join-token-file, not both".into(),
+            ),
+            (Some(t), None) if !t.trim().is_empty() => {
+                Some(Some(JoinToken::Value(t.trim().into())))
+            }
+            (None, Some(f)) if !f.trim().is_empty() => Some(Some(JoinToken::File(f.trim().into()))),
+            _ => Some(None),
+        };
+        if let (Some(Some(_)), None) = (&join_token, &args.control_plane) {
+            p.fail::<()>(
+                "--join-token",
+                "needs --control-plane (the certificate authority)".into(),
+            );
+        }
+        let cert_ttl = match args.cert_ttl.as_deref() {
+            None => Some(None),
+            Some(t) => p.check("--cert-ttl", parse_positive(t)).map(Some),
+        };
         let control_plane = match args.control_plane.as_deref().map(str::trim) {
             None | Some("") => Some(None),
             Some(addr) => p.check("--control-plane", parse_control_plane(addr).map(Some)),
@@ -410,6 +494,9 @@ impl Config {
                 zone: args.zone,
                 region: args.region,
                 pod_ips: pod_ips?,
+                ca_bundle: ca_bundle?,
+                join_token: join_token?,
+                cert_ttl: cert_ttl?,
             })
         })();
         match config {

@@ -105,6 +105,67 @@ pub async fn sniff<S: AsyncRead + Unpin>(
     }
 }
 
+/// A TLS ClientHello is read this far at most to find its ALPN.
+pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
+
+/// What a TLS ClientHello asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hello {
+    /// Not complete yet.
+    More,
+    /// Parsed: the ALPN protocols it offers (empty: none).
+    Alpn(Vec<Vec<u8>>),
+    /// Not a ClientHello rustls can read.
+    Invalid,
+}
+
+/// Parses the ClientHello at the start of `b` with rustls (nothing is answered).
+pub fn client_hello(b: &[u8]) -> Hello {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rd = b;
+    while !rd.is_empty() {
+        if acceptor.read_tls(&mut rd).is_err() {
+            return Hello::Invalid;
+        }
+    }
+    match acceptor.accept() {
+        Ok(None) => Hello::More,
+        Ok(Some(accepted)) => Hello::Alpn(
+            accepted
+                .client_hello()
+                .alpn()
+                .map(|a| a.map(<[u8]>::to_vec).collect())
+                .unwrap_or_default(),
+        ),
+        Err(_) => Hello::Invalid,
+    }
+}
+
+/// After [`sniff`] said TLS: reads on (into `buf`, up to [`MAX_CLIENT_HELLO`] and the
+/// deadline) until the ClientHello is whole; its ALPN protocols, or `None` when it is not
+/// one (or never completes).
+pub async fn read_client_hello<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    timeout: Duration,
+) -> io::Result<Option<Vec<Vec<u8>>>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match client_hello(buf) {
+            Hello::Alpn(a) => return Ok(Some(a)),
+            Hello::Invalid => return Ok(None),
+            Hello::More if buf.len() >= MAX_CLIENT_HELLO => return Ok(None),
+            Hello::More => {}
+        }
+        buf.reserve(4096);
+        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+            Err(_) | Ok(Ok(0)) => return Ok(None),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
 /// A stream whose first reads return `prefix` (bytes already read from it), then the rest.
 #[derive(Debug)]
 pub struct Prefixed<S> {
@@ -172,6 +233,31 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_hello_says_its_alpn_once_whole() {
+        // A real ClientHello, from rustls.
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let mut config = config;
+        config.alpn_protocols = vec![b"muon/h2".to_vec()];
+        let mut conn = rustls::ClientConnection::new(
+            std::sync::Arc::new(config),
+            "198.18.0.2".try_into().unwrap(),
+        )
+        .unwrap();
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).unwrap();
+        assert_eq!(classify(&hello), Some(Detected::Tls));
+        assert_eq!(client_hello(&hello[..hello.len() / 2]), Hello::More);
+        assert_eq!(client_hello(&hello), Hello::Alpn(vec![b"muon/h2".to_vec()]));
+        assert_eq!(client_hello(b"\x16\x03\x01\x00\x05hello"), Hello::Invalid);
+    }
     use tokio::io::AsyncWriteExt;
 
     #[test]

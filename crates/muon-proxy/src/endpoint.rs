@@ -29,6 +29,8 @@ pub struct EndpointState {
     pub in_flight: AtomicU64,
     /// Its connections, shared by every request to it.
     pub pool: crate::http::pool::Pool,
+    /// The cipher suite of the mutual TLS its connections negotiated (for access events).
+    pub tls_cipher: std::sync::OnceLock<&'static str>,
 }
 
 impl EndpointState {

@@ -6,7 +6,8 @@
 //! app ─► iptables REDIRECT ─► listen (accept, SO_ORIGINAL_DST, loop guard, overload)
 //!          ├─ outbound: plan (table lookup; on demand, a first miss subscribes and waits)
 //!          │            ─► balance ─► tcp::connect(endpoint) ─► tcp::relay
-//!          └─ inbound:  plan ─► tcp::connect(app, source 127.0.0.6 / ::6) ─► tcp::relay
+//!          └─ inbound:  plan ─► policy (authorize) ─► tcp::connect(app, source 127.0.0.6 /
+//!                       ::6) ─► tcp::relay (authorized again at every policy change)
 //!        every connection ends in accesslog::finish (one `access` event + metrics)
 //! ```
 //!
@@ -27,6 +28,7 @@ pub mod drain;
 pub mod endpoint;
 pub mod gateway;
 pub mod http;
+pub mod identity;
 pub mod inbound;
 pub mod jsonlog;
 pub mod listen;
@@ -34,10 +36,12 @@ pub mod logwriter;
 pub mod metrics;
 pub mod model;
 pub mod outbound;
+pub mod policy;
 pub mod route;
 pub mod server;
 pub mod table;
 pub mod tcp;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,10 +91,15 @@ pub enum Outcome {
     Error,
     /// `--outbound-policy registry-only` and no service claims the destination: refused.
     RefusedUnknown,
+    /// An authorization policy denied it: closed before the app was reached, or when a
+    /// policy change no longer allowed it.
+    Denied,
+    /// Not the mesh's mutual TLS to a port in STRICT mode (PeerAuthentication): closed.
+    MtlsRequired,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Ok,
         Outcome::ConnectError,
         Outcome::ConnectTimeout,
@@ -101,6 +110,8 @@ impl Outcome {
         Outcome::DrainTimeout,
         Outcome::Error,
         Outcome::RefusedUnknown,
+        Outcome::Denied,
+        Outcome::MtlsRequired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -115,6 +126,8 @@ impl Outcome {
             Outcome::DrainTimeout => "drain_timeout",
             Outcome::Error => "error",
             Outcome::RefusedUnknown => "refused_unknown",
+            Outcome::Denied => "denied",
+            Outcome::MtlsRequired => "mtls_required",
         }
     }
 }
@@ -154,6 +167,11 @@ pub struct Shared {
     pub drain: Arc<drain::Drain>,
     /// Gateway mode with `--tls-cert`: TLS for the gateway's clients.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Bumped by discovery when a new table changes this pod's policies: open inbound
+    /// connections are checked again (`inbound`).
+    pub authz_changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// With a mesh certificate: mutual TLS with the other sidecars.
+    pub mesh: Option<Arc<tls::MeshTls>>,
 }
 
 impl Shared {
@@ -184,6 +202,8 @@ impl Shared {
             inbound_stats,
             drain: Arc::new(drain::Drain::new()),
             tls: None,
+            authz_changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+            mesh: None,
         }
     }
 }

@@ -76,10 +76,55 @@ struct LatencyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsLabels {
+    direction: Direction,
+    /// `ok`, or why not (`handshake`, `wrong-identity`, `no-certificate`, `not-mesh`).
+    result: &'static str,
+}
+
+/// A label value shared with the connection that counts it: building the labels of a
+/// request clones two `Arc`s instead of allocating two strings.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct SharedStr(std::sync::Arc<str>);
+
+impl EncodeLabelValue for SharedStr {
+    fn encode(&self, e: &mut LabelValueEncoder) -> std::fmt::Result {
+        e.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    direction: Direction,
+    /// Workload identities (service accounts), so the label values stay few.
+    src_identity: SharedStr,
+    dst_identity: SharedStr,
+    /// `request` or `connection`.
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertLabels {
+    /// `issued` or `failed`.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabels {
     direction: Direction,
     /// `http1` or `http2`.
     protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthzLabels {
+    direction: Direction,
+    /// `allow` or `deny`.
+    decision: &'static str,
+    /// `namespace/name` of the policy that decided ("" when allowed because no DENY policy
+    /// matched and no ALLOW policy applies; the ALLOW policies, comma-separated, when none
+    /// of them allowed it). Bounded by the policies that apply to this pod.
+    policy: String,
 }
 
 /// The status classes counted, in order.
@@ -185,6 +230,16 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<LatencyLabels, LatencyHistogram>,
     upstream_connections: Family<UpstreamLabels, Counter>,
+    authz_decisions: Family<AuthzLabels, Counter>,
+    tls_connections: Family<TlsLabels, Counter>,
+    certificates: Family<CertLabels, Counter>,
+    identities: Family<IdentityLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
 }
 
 impl Default for Metrics {
@@ -280,6 +335,33 @@ impl Metrics {
             upstream_connections.clone(),
         );
 
+        let tls_connections = Family::<TlsLabels, Counter>::default();
+        registry.register(
+            "muon_tls_connections",
+            "Mutual TLS connections between sidecars, by direction and result",
+            tls_connections.clone(),
+        );
+        let identities = Family::<IdentityLabels, Counter>::default();
+        registry.register(
+            "muon_mesh_identity",
+            "Mutual TLS requests and connections by source and destination SPIFFE id",
+            identities.clone(),
+        );
+        let certificates = Family::<CertLabels, Counter>::default();
+        registry.register(
+            "muon_identity_certificates",
+            "Certificates this sidecar asked the control plane for: issued or failed",
+            certificates.clone(),
+        );
+
+        let authz_decisions = Family::<AuthzLabels, Counter>::default();
+        registry.register(
+            "muon_authz_decisions",
+            "Authorization decisions on connections and requests, by direction, decision and \
+             the policy that made it",
+            authz_decisions.clone(),
+        );
+
         // One statement per lookup: `get_or_create` returns a read guard, and a second
         // lookup in the same statement would wait for the write lock forever.
         let direction = |direction: Direction| {
@@ -326,7 +408,61 @@ impl Metrics {
             requests,
             latency,
             upstream_connections,
+            authz_decisions,
+            tls_connections,
+            certificates,
+            identities,
         }
+    }
+
+    /// Counts a request (or connection) between two identified workloads.
+    pub fn identified(
+        &self,
+        direction: Direction,
+        ids: &crate::tls::Identities,
+        kind: &'static str,
+    ) {
+        if let (Some(src), Some(dst)) = (&ids.src, &ids.dst) {
+            self.identities
+                .get_or_create(&IdentityLabels {
+                    direction,
+                    src_identity: SharedStr(src.clone()),
+                    dst_identity: SharedStr(dst.clone()),
+                    kind,
+                })
+                .inc();
+        }
+    }
+
+    /// Counts a mesh TLS connection (`ok`, or why it failed).
+    pub fn tls(&self, direction: Direction, result: &'static str) {
+        self.tls_connections
+            .get_or_create(&TlsLabels { direction, result })
+            .inc();
+    }
+
+    /// Counts a certificate request of this sidecar.
+    pub fn certificate(&self, result: &'static str) {
+        self.certificates
+            .get_or_create(&CertLabels { result })
+            .inc();
+    }
+
+    /// The counter of one authorization decision by one policy. Takes the family's lock:
+    /// call it when compiling, not per decision.
+    pub fn authz_decision(
+        &self,
+        direction: Direction,
+        decision: &'static str,
+        policy: &str,
+    ) -> Counter {
+        self.authz_decisions
+            .get_or_create(&AuthzLabels {
+                direction,
+                decision,
+                policy: policy.to_owned(),
+            })
+            .clone()
     }
 
     /// The request counters of one route of a service (`route` "" for a service's default

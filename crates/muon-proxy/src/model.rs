@@ -60,6 +60,9 @@ pub struct Mesh {
     pub endpoints: BTreeMap<String, Vec<EndpointDef>>,
     /// By route resource name, compiled (matchers are built once, when received).
     pub routes: BTreeMap<String, Arc<crate::route::RouteDef>>,
+    /// By policy resource name (`authz/…`, `peerauthn/…`), checked and with their patterns
+    /// built; `table` keeps those that apply to this pod.
+    pub policies: BTreeMap<String, Arc<crate::policy::PolicyDef>>,
     /// On demand: the services whose endpoints the control plane has answered for. `None`:
     /// every service's endpoints are known.
     pub answered: Option<BTreeSet<String>>,

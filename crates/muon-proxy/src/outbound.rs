@@ -197,20 +197,45 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     rec.service = Some(target.service.clone());
-    match connect_any(shared, &target.backends, rec).await {
-        Ok(mut upstream) => relay(shared, client, &mut upstream, rec).await,
-        Err(outcome) => outcome,
+    let (mut upstream, ep) = match connect_any(shared, &target.backends, rec).await {
+        Ok(connected) => connected,
+        Err(outcome) => return outcome,
+    };
+    // A meshed endpoint gets mutual TLS when this sidecar has a certificate: the bytes
+    // inside are the app's, as they were.
+    match (&shared.mesh, ep.meshed && !ep.identity.is_empty()) {
+        (Some(mesh), true) if mesh.ready() => {
+            let ip = ep.addr.ip();
+            match mesh
+                .connect(upstream, ip, &ep.identity, crate::tls::Inner::Tcp)
+                .await
+            {
+                Ok(mut tls) => {
+                    shared.metrics.tls(Direction::Outbound, "ok");
+                    let (version, cipher) = crate::tls::negotiated(tls.get_ref().1);
+                    rec.identities = crate::tls::Identities {
+                        src: mesh.own_id(),
+                        dst: Some(ep.identity.clone()),
+                        version,
+                        cipher,
+                    };
+                    relay(shared, client, &mut tls, rec).await
+                }
+                Err(e) => {
+                    shared.metrics.tls(Direction::Outbound, e.reason());
+                    tracing::warn!(endpoint = %ep.addr, error = %e, "mutual TLS to the endpoint failed");
+                    Outcome::ConnectError
+                }
+            }
+        }
+        _ => relay(shared, client, &mut upstream, rec).await,
     }
 }
 
-async fn relay<S>(
-    shared: &Shared,
-    mut client: S,
-    upstream: &mut TcpStream,
-    rec: &mut Record,
-) -> Outcome
+async fn relay<S, U>(shared: &Shared, mut client: S, upstream: &mut U, rec: &mut Record) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
 {
     let metrics = shared.metrics.direction(Direction::Outbound);
     tcp::relay(
@@ -225,11 +250,11 @@ where
 
 /// Connects to one of `backends`' endpoints, in round-robin order, skipping those that
 /// refuse; records the one that answered.
-async fn connect_any(
+async fn connect_any<'b>(
     shared: &Shared,
-    backends: &Backends,
+    backends: &'b Backends,
     rec: &mut Record,
-) -> Result<TcpStream, Outcome> {
+) -> Result<(TcpStream, &'b crate::table::Endpoint), Outcome> {
     let order = backends.balancer.rr.order(backends.endpoints.len());
     let attempt = |i: usize| {
         let addr = backends.endpoints[i].addr;
@@ -244,7 +269,7 @@ async fn connect_any(
             let ep = &backends.endpoints[i];
             rec.endpoint = Some(ep.addr);
             rec.pod = Some(ep.pod.clone());
-            Ok(s)
+            Ok((s, ep))
         }
         Err(Some(e)) => Err(e.outcome()),
         Err(None) => Err(Outcome::NoEndpoints),
@@ -265,6 +290,8 @@ mod tests {
             source: Source::ControlPlane,
             local_ips: &[],
             metrics: &crate::metrics::Metrics::new(),
+            pod_name: "",
+            pod_namespace: "",
         };
         Table::compile(&m, &cx, &mut Registry::default())
     }
@@ -347,6 +374,8 @@ mod tests {
                 source: Source::ControlPlane,
                 local_ips: &[],
                 metrics: &crate::metrics::Metrics::new(),
+                pod_name: "",
+                pod_namespace: "",
             };
             let t = Table::compile(&m, &cx, &mut Registry::default());
             plan(

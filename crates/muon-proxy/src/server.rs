@@ -36,6 +36,8 @@ pub enum Error {
     Discovery(io::Error),
     #[error(transparent)]
     Tls(#[from] crate::gateway::TlsError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
 }
 
 /// Runs the proxy until it has drained. Returns `Ok` after a clean drain.
@@ -70,15 +72,23 @@ pub async fn run(config: Config) -> Result<(), Error> {
     if let Some(g) = &config.gateway {
         shared.tls = crate::gateway::tls_acceptor(g)?;
     }
+    // With a join token this sidecar gets a mesh certificate and speaks mutual TLS.
+    let identity = match (&config.join_token, &config.control_plane) {
+        (Some(_), Some(_)) => Some(crate::identity::Identity::generate()?),
+        _ => None,
+    };
+    shared.mesh = identity.clone().map(crate::tls::MeshTls::new);
     let shared = Arc::new(shared);
     let drain = shared.drain.clone();
-    let publisher =
-        Publisher::new(table.clone(), metrics.clone()).with_on_demand(shared.on_demand.clone());
+    let publisher = Publisher::new(table.clone(), metrics.clone())
+        .with_on_demand(shared.on_demand.clone())
+        .with_authz_changes(shared.authz_changes.clone());
     let (source, discovering) =
-        discovery::start(&config, hup, publisher).map_err(Error::Discovery)?;
+        discovery::start(&config, hup, publisher, identity.clone()).map_err(Error::Discovery)?;
     let state = Arc::new(
         admin::State::new(&config, table, source, metrics.clone(), drain.clone())
-            .with_on_demand(shared.on_demand.clone()),
+            .with_on_demand(shared.on_demand.clone())
+            .with_identity(identity.clone()),
     );
 
     let mut background = JoinSet::new();

@@ -3,7 +3,9 @@
 //!
 //! - outbound: a virtual IP:port → its service port ([`Target`]): protocol, endpoints;
 //! - inbound: one of this pod's IP:port → the service port it serves ([`InboundPort`]);
-//! - by name: every service, for backend references.
+//! - by name: every service, for backend references;
+//! - authorization: the policies that apply to this pod ([`Authz`]), asked per inbound
+//!   connection and request.
 //!
 //! `None` means "no table yet": the proxy is not ready. The writer is `discovery` (on a
 //! thread of its own, never on the runtime); readers are `outbound`, `inbound` and `admin`.
@@ -13,6 +15,7 @@
 use crate::endpoint::{self, BalancerState, EndpointKey, EndpointState};
 use crate::metrics::{Metrics, RequestStats};
 use crate::model::{EndpointDef, Mesh, PortDef};
+use crate::policy::Authz;
 use crate::route::{Filter, RouteDef, Router, RouterBuilder};
 use crate::Direction;
 use arc_swap::ArcSwapOption;
@@ -165,6 +168,8 @@ pub struct Table {
     inbound: HashMap<SocketAddr, Arc<InboundPort>>,
     /// By Gateway `name.namespace`: the routes attached to it.
     gateways: HashMap<String, Arc<Router<RuleTarget>>>,
+    /// The authorization and peer authentication policies of this pod.
+    authz: Arc<Authz>,
 }
 
 /// What a compile needs besides the model.
@@ -175,6 +180,9 @@ pub struct Context<'a> {
     pub local_ips: &'a [IpAddr],
     /// Where the request counters are resolved.
     pub metrics: &'a Metrics,
+    /// This pod's name and namespace: which policies apply to it.
+    pub pod_name: &'a str,
+    pub pod_namespace: &'a str,
 }
 
 /// Resolves a backendRef to the backends it names; port 0 means `default_port`.
@@ -383,7 +391,19 @@ impl Table {
             table.services.push(service);
         }
         carry.finish();
+        table.authz = Arc::new(Authz::compile(
+            mesh.policies.values(),
+            cx.pod_name,
+            cx.pod_namespace,
+            cx.metrics,
+        ));
         table
+    }
+
+    /// The policies of this pod: what inbound connections and requests are authorized by,
+    /// and each port's mTLS mode.
+    pub fn authz(&self) -> &Arc<Authz> {
+        &self.authz
     }
 
     /// The routes attached to the Gateway `name.namespace`.
@@ -399,6 +419,8 @@ impl Table {
             source: Source::File,
             local_ips: &[],
             metrics: &Metrics::new(),
+            pod_name: "",
+            pod_namespace: "",
         };
         Table::compile(
             &crate::discovery::file::mesh(table),
@@ -479,7 +501,7 @@ impl Table {
                 })
                 .collect()
         };
-        json!({ "services": services, "inbound": inbound })
+        json!({ "services": services, "inbound": inbound, "authorization": self.authz.dump() })
     }
 }
 
@@ -593,6 +615,8 @@ pub(crate) mod tests {
             source: Source::ControlPlane,
             local_ips: local,
             metrics,
+            pod_name: "web-1",
+            pod_namespace: "shop",
         }
     }
 
@@ -644,6 +668,42 @@ pub(crate) mod tests {
         assert!(t.inbound("198.18.0.2:8080".parse().unwrap()).is_none());
         assert!(t.inbound("198.18.0.3:80".parse().unwrap()).is_none());
         assert_eq!(t.dump()["inbound"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_policies_of_this_pod_are_compiled_into_the_table() {
+        use muon_api::v1;
+        let policy = |name: &str, ns: &str, workloads: &[&str]| {
+            let p = v1::Policy {
+                name: name.into(),
+                namespace: ns.into(),
+                kind: Some(v1::policy::Kind::Authorization(v1::AuthorizationPolicy {
+                    selector: None,
+                    action: v1::authorization_policy::Action::Deny.into(),
+                    rules: vec![v1::AuthorizationRule::default()],
+                })),
+                workloads: workloads.iter().map(|w| w.to_string()).collect(),
+                all_workloads: workloads.is_empty(),
+            };
+            let def = crate::policy::PolicyDef::from_proto(&p).unwrap();
+            (format!("authz/{name}.{ns}"), Arc::new(def))
+        };
+        let mut m = mesh();
+        m.policies = [
+            policy("mine", "shop", &["web-1"]),
+            policy("theirs", "shop", &["web-0"]),
+            policy("other-ns", "web", &[]),
+        ]
+        .into();
+        let t = Table::compile(
+            &m,
+            &cx(1, &[], &Metrics::new()),
+            &mut endpoint::Registry::default(),
+        );
+        let d = t.authz().authorize(&crate::policy::Attrs::tcp(None, 8080));
+        assert_eq!(d.policy.as_deref(), Some("shop/mine"));
+        let deny = &t.dump()["authorization"]["deny"];
+        assert_eq!(deny.as_array().map(Vec::len), Some(1), "{deny}");
     }
 
     #[test]

@@ -341,7 +341,7 @@ fn start_client(config: Config) -> (Arc<Shared>, tokio::runtime::Runtime) {
     let publisher = Publisher::new(table, metrics).with_on_demand(shared.on_demand.clone());
     rt.spawn(async move {
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).unwrap();
-        let (_, run) = discovery::start(&config, hup, publisher).unwrap();
+        let (_, run) = discovery::start(&config, hup, publisher, None).unwrap();
         run.await;
     });
     (shared, rt)
@@ -1011,7 +1011,13 @@ impl RealControlPlane {
             .arg(data_dir)
             .arg("--config-dir")
             .arg(config_dir)
-            .args(["--debounce", "10ms", "--log-level", "warn"])
+            .args([
+                "--debounce",
+                "10ms",
+                "--log-level",
+                "warn",
+                "--insecure-plaintext",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -32,6 +32,8 @@ pub struct Target {
     pub connect_timeout: Duration,
     /// For each call's answer.
     pub timeout: Duration,
+    /// An administrator credential directory: TLS with it; none: plaintext.
+    pub credentials: Option<std::path::PathBuf>,
 }
 
 impl Target {
@@ -58,20 +60,36 @@ pub enum Failure {
 /// A connection to the management API.
 pub struct Conn {
     client: Client,
+    /// The connection, for the control plane's other services (Identity).
+    pub channel: Channel,
     target: Target,
 }
 
 /// Connects to the control plane, within `--connect-timeout`.
 pub async fn connect(target: &Target) -> Result<Conn> {
     let url = target.url();
-    let endpoint = Endpoint::from_shared(url.clone()).map_err(|_| {
+    if url.starts_with("https://") && target.credentials.is_none() {
+        return Err(anyhow!(
+            "{url}: TLS needs an administrator credential (--credentials DIR, or --lab NAME)"
+        ));
+    }
+    // The connector does the TLS; tonic dials the same host and port.
+    let dial = url.replacen("https://", "http://", 1);
+    let endpoint = Endpoint::from_shared(dial).map_err(|_| {
         anyhow!(
             "{:?} is not a control-plane address like http://127.0.0.1:15010 (set --control-plane)",
             target.addr
         )
     })?;
+    let tls = match &target.credentials {
+        Some(dir) => Some(muon_api::connect::admin_tls(dir).map_err(|e| {
+            anyhow!("the administrator credential: {e} (--credentials, or MUON_CREDENTIALS)")
+        })?),
+        None => None,
+    };
     // Not tonic's `connect_timeout`: it would fire first, as a bare "deadline has elapsed".
-    let channel = match tokio::time::timeout(target.connect_timeout, endpoint.connect()).await {
+    let connect = muon_api::connect::channel(endpoint, tls);
+    let channel = match tokio::time::timeout(target.connect_timeout, connect).await {
         Err(_) => {
             return Err(anyhow!(
                 "no connection to the control plane at {url} within {} (is the address right and muon-control running? --connect-timeout raises the limit)",
@@ -87,11 +105,12 @@ pub async fn connect(target: &Target) -> Result<Conn> {
         Ok(Ok(channel)) => channel,
     };
     // The same limit as the control plane's, so any answer it can send can be read.
-    let client = ManagementClient::new(channel)
+    let client = ManagementClient::new(channel.clone())
         .max_decoding_message_size(muon_api::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(muon_api::MAX_MESSAGE_BYTES);
     Ok(Conn {
         client,
+        channel,
         target: target.clone(),
     })
 }

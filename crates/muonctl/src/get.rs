@@ -1,5 +1,6 @@
-//! `muonctl get services|workloads|endpoints|routes|grpcroutes|gateways|policies|proxies [NAME] [-n NS]
-//! [-o table|yaml|json]`.
+//! `muonctl get services|workloads|endpoints|routes|grpcroutes|gateways|authorizationpolicies|
+//! peerauthentications|proxies [NAME] [-n NS] [-o table|yaml|json]` (`policies` is
+//! `authorizationpolicies`).
 //!
 //! Objects come from `Management.List` (or `Get` with a NAME) and print as a table, or as
 //! the envelope users apply (`apiVersion`, `kind`, `metadata`, `spec`) in YAML or JSON.
@@ -23,7 +24,8 @@ pub enum Format {
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
-    /// services | workloads | endpoints | routes | grpcroutes | gateways | policies | proxies
+    /// services | workloads | endpoints | routes | grpcroutes | gateways |
+    /// authorizationpolicies (policies) | peerauthentications | proxies
     pub what: String,
     /// One object by name (all of them without it).
     pub name: Option<String>,
@@ -42,11 +44,12 @@ pub fn kind_for(what: &str) -> Result<&'static str> {
         "route" | "routes" | "httproute" | "httproutes" => "HTTPRoute",
         "grpcroute" | "grpcroutes" => "GRPCRoute",
         "gateway" | "gateways" | "gw" => "Gateway",
-        "policy" | "policies" | "authorizationpolicy" | "authorizationpolicies" => {
+        "policy" | "policies" | "authorizationpolicy" | "authorizationpolicies" | "authz" => {
             "AuthorizationPolicy"
         }
+        "peerauthentication" | "peerauthentications" | "peerauthn" | "pa" => "PeerAuthentication",
         other => bail!(
-            "unknown kind {other:?}: use services, workloads, endpoints, routes, grpcroutes, gateways, policies or proxies"
+            "unknown kind {other:?}: use services, workloads, endpoints, routes, grpcroutes, gateways, authorizationpolicies, peerauthentications or proxies"
         ),
     })
 }
@@ -179,6 +182,14 @@ fn map(v: &Value) -> String {
     }
 }
 
+/// A policy's selector (`matchLabels`), or `*` for every workload of its namespace.
+fn selector(v: &Value) -> String {
+    match v {
+        Value::Null => "*".into(),
+        v => map(&v["matchLabels"]),
+    }
+}
+
 /// Left-aligned columns, two spaces apart.
 pub fn columns(rows: &[Vec<String>]) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -291,6 +302,57 @@ fn table(kind: &str, values: &[Value]) -> String {
                     list(&spec["listeners"], |l| {
                         format!("{}:{}/{}", s(&l["name"]), s(&l["port"]), s(&l["protocol"]))
                     }),
+                ]);
+            }
+        }
+        "AuthorizationPolicy" => {
+            rows.push(
+                ["NAME", "NAMESPACE", "ACTION", "SELECTOR", "RULES"]
+                    .map(String::from)
+                    .to_vec(),
+            );
+            for v in values {
+                let spec = &v["spec"];
+                let action = match &spec["action"] {
+                    Value::Null => "ALLOW".to_string(),
+                    a => s(a),
+                };
+                rows.push(vec![
+                    name(v),
+                    ns(v),
+                    action,
+                    selector(&spec["selector"]),
+                    spec["rules"].as_array().map_or(0, Vec::len).to_string(),
+                ]);
+            }
+        }
+        "PeerAuthentication" => {
+            rows.push(
+                ["NAME", "NAMESPACE", "MODE", "SELECTOR", "PORTS"]
+                    .map(String::from)
+                    .to_vec(),
+            );
+            for v in values {
+                let spec = &v["spec"];
+                let mode = |m: &Value| match &m["mode"] {
+                    Value::Null => "UNSET".to_string(),
+                    m => s(m),
+                };
+                let ports = spec["portLevelMtls"].as_object().map_or_else(
+                    || "-".to_string(),
+                    |m| {
+                        m.iter()
+                            .map(|(p, v)| format!("{p}:{}", mode(v)))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    },
+                );
+                rows.push(vec![
+                    name(v),
+                    ns(v),
+                    mode(&spec["mtls"]),
+                    selector(&spec["selector"]),
+                    ports,
                 ]);
             }
         }
@@ -482,6 +544,61 @@ spec: {address: 198.18.0.4}
     }
 
     #[test]
+    fn policies_print_their_action_mode_selector_and_ports() {
+        let docs = manifest::parse(
+            "p.yaml",
+            "\
+apiVersion: muon.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: payment-callers, namespace: shop}
+spec:
+  selector: {matchLabels: {app: payment}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/orders]}}]}]
+---
+apiVersion: muon.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: shop}
+spec: {action: DENY}
+---
+apiVersion: muon.io/v1alpha1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec:
+  mtls: {mode: STRICT}
+  portLevelMtls: {9090: {mode: PERMISSIVE}}
+",
+        )
+        .unwrap();
+        let of = |kind: &str| -> Vec<Object> {
+            docs.iter()
+                .map(|d| d.object.clone())
+                .filter(|o| o.kind == kind)
+                .collect()
+        };
+        assert_eq!(
+            render(
+                "AuthorizationPolicy",
+                &of("AuthorizationPolicy"),
+                Format::Table
+            )
+            .unwrap(),
+            "NAME             NAMESPACE  ACTION  SELECTOR     RULES\n\
+             payment-callers  shop       ALLOW   app=payment  1\n\
+             deny-all         shop       DENY    *            0\n"
+        );
+        assert_eq!(
+            render(
+                "PeerAuthentication",
+                &of("PeerAuthentication"),
+                Format::Table
+            )
+            .unwrap(),
+            "NAME    NAMESPACE  MODE    SELECTOR  PORTS\n\
+             strict  shop       STRICT  *         9090:PERMISSIVE\n"
+        );
+    }
+
+    #[test]
     fn services_print_as_a_table_yaml_and_json() {
         let svcs = objects("Service");
         let t = render("Service", &svcs, Format::Table).unwrap();
@@ -529,6 +646,15 @@ spec: {address: 198.18.0.4}
         assert_eq!(kind_for("svc").unwrap(), "Service");
         assert_eq!(kind_for("Workloads").unwrap(), "Workload");
         assert_eq!(kind_for("routes").unwrap(), "HTTPRoute");
+        assert_eq!(kind_for("policies").unwrap(), "AuthorizationPolicy");
+        assert_eq!(
+            kind_for("authorizationpolicies").unwrap(),
+            "AuthorizationPolicy"
+        );
+        assert_eq!(
+            kind_for("peerauthentications").unwrap(),
+            "PeerAuthentication"
+        );
         assert!(kind_for("pods")
             .unwrap_err()
             .to_string()

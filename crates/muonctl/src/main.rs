@@ -1,5 +1,5 @@
 //! `muonctl`: the command line for Muon: the lab (`muonctl lab …`) and the control plane's
-//! management API (`apply`, `delete`, `get`, `proxy-status`, `config-dump`).
+//! management API (`apply`, `delete`, `get`, `proxy-status`, `config-dump`, `token`).
 #![forbid(unsafe_code)]
 
 mod apply;
@@ -7,6 +7,7 @@ mod control;
 mod get;
 mod manifest;
 mod proxy_status;
+mod token;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -28,6 +29,12 @@ struct Cli {
     /// Talk to the control plane of this lab (and to its pods), from the host.
     #[arg(long, global = true, env = "MUON_LAB")]
     lab: Option<String>,
+    /// An administrator credential directory (`ca.pem`, `cert.pem`, `key.pem`; muon-control
+    /// writes one to `<data-dir>/admin`): talk TLS to the control plane with it. With
+    /// --lab, the lab's. Without either, plaintext (a control plane run with
+    /// `--insecure-plaintext`).
+    #[arg(long, global = true, env = "MUON_CREDENTIALS")]
+    credentials: Option<PathBuf>,
     /// Give up connecting to the control plane after this long.
     #[arg(
         long,
@@ -61,6 +68,9 @@ enum Command {
     ProxyStatus(proxy_status::ProxyStatusArgs),
     /// What a sidecar actually uses (its admin /config_dump).
     ConfigDump(proxy_status::ConfigDumpArgs),
+    /// Join tokens: how a sidecar outside Kubernetes proves its identity.
+    #[command(subcommand)]
+    Token(token::TokenCmd),
 }
 
 #[derive(Subcommand)]
@@ -165,6 +175,7 @@ fn run(cli: Cli) -> Result<i32> {
         addr: cli.control_plane,
         connect_timeout: cli.connect_timeout,
         timeout: cli.timeout.unwrap_or(CALL_TIMEOUT),
+        credentials: cli.credentials,
     };
     match cli.command {
         Command::Lab(lab) => run_lab(lab, cli.timeout),
@@ -172,6 +183,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Delete(args) => via_lab(cli.lab, target, args, apply::delete),
         Command::Get(args) => via_lab(cli.lab, target, args, get::get),
         Command::ProxyStatus(args) => via_lab(cli.lab, target, args, proxy_status::run),
+        Command::Token(cmd) => via_lab(cli.lab, target, cmd, token::run),
         Command::ConfigDump(args) => proxy_status::config_dump(cli.lab.as_deref(), args),
     }
 }
@@ -193,6 +205,9 @@ fn via_lab<A: Send + 'static>(
         .control_plane_pod()
         .with_context(|| format!("lab {lab} has no control plane (controlPlane: false)"))?;
     target.addr = format!("http://{}:{}", cp.ip, muon_core::ports::CONTROL);
+    if target.credentials.is_none() {
+        target.credentials = Some(muon_lab::control::admin_dir(&lab));
+    }
     muon_lab::netns::in_netns(&cp.netns, move || command(&target, args))
 }
 

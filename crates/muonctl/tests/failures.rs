@@ -223,6 +223,7 @@ impl ControlPlane {
             .args(["--metrics-addr", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
+            .arg("--insecure-plaintext")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -1,7 +1,8 @@
 //! The objects users write (`muonctl apply -f`, the control plane's `--config-dir`), in a
 //! Kubernetes-style envelope, with their validation.
 //!
-//! Kinds: `muon.io/v1alpha1` `Service` and `Workload`, and the Gateway API's
+//! Kinds: `muon.io/v1alpha1` `Service`, `Workload`, `AuthorizationPolicy` and
+//! `PeerAuthentication` (see [`policy`]), and the Gateway API's
 //! `gateway.networking.k8s.io/v1` `HTTPRoute`, `GRPCRoute` and `Gateway` (see [`route`] and
 //! [`gateway`]). Parsing is strict (camelCase, unknown fields
 //! refused) and validation reports every problem of every object at once, each naming the
@@ -13,9 +14,11 @@
 //! errors (unknown or missing fields, wrong types).
 
 mod gateway;
+pub mod policy;
 mod route;
 
 pub use gateway::*;
+pub use policy::{AuthorizationPolicySpec, PeerAuthenticationSpec, WorkloadSelector};
 pub use route::*;
 
 use crate::table::Protocol;
@@ -46,15 +49,19 @@ pub enum Kind {
     #[serde(rename = "GRPCRoute")]
     GrpcRoute,
     Gateway,
+    AuthorizationPolicy,
+    PeerAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::Workload,
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::Gateway,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -64,13 +71,18 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
             Kind::Gateway => "Gateway",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 
     /// The `apiVersion` objects of this kind carry (and are written back with).
     pub fn api_version(self) -> &'static str {
         match self {
-            Kind::Service | Kind::Workload => MUON_API_VERSION,
+            Kind::Service
+            | Kind::Workload
+            | Kind::AuthorizationPolicy
+            | Kind::PeerAuthentication => MUON_API_VERSION,
             Kind::HttpRoute | Kind::GrpcRoute | Kind::Gateway => GATEWAY_API_VERSION,
         }
     }
@@ -82,11 +94,16 @@ impl Kind {
             || (self == Kind::Gateway && api_version == MUON_API_VERSION)
     }
 
-    /// Parses a kind as users type it: `Service`, `service`, `services`, `httproutes`.
+    /// Parses a kind as users type it: `Service`, `service`, `services`, `httproutes`,
+    /// `authorizationpolicies`, `peerauthn`.
     pub fn parse(s: &str) -> Option<Kind> {
         let lower = s.to_ascii_lowercase();
         let singular = lower.strip_suffix('s').unwrap_or(&lower);
         match (lower.as_str(), singular) {
+            ("authorizationpolicy" | "authorizationpolicies" | "authz", _) => {
+                Some(Kind::AuthorizationPolicy)
+            }
+            ("peerauthn" | "pa", _) | (_, "peerauthentication") => Some(Kind::PeerAuthentication),
             (_, "service") | ("svc", _) => Some(Kind::Service),
             (_, "workload") => Some(Kind::Workload),
             (_, "httproute") => Some(Kind::HttpRoute),
@@ -146,6 +163,8 @@ pub enum Spec {
     HttpRoute(HttpRouteSpec),
     GrpcRoute(GrpcRouteSpec),
     Gateway(GatewaySpec),
+    AuthorizationPolicy(AuthorizationPolicySpec),
+    PeerAuthentication(PeerAuthenticationSpec),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -554,6 +573,18 @@ impl Object {
                 gateway::validate(&mut check, &s);
                 Spec::Gateway(s)
             }),
+            Kind::AuthorizationPolicy => {
+                parse_spec(&mut check, spec).map(|s: AuthorizationPolicySpec| {
+                    policy::validate_authorization(&mut check, &s);
+                    Spec::AuthorizationPolicy(s)
+                })
+            }
+            Kind::PeerAuthentication => {
+                parse_spec(&mut check, spec).map(|s: PeerAuthenticationSpec| {
+                    policy::validate_peer_authentication(&mut check, &s);
+                    Spec::PeerAuthentication(s)
+                })
+            }
         };
         match spec {
             Some(spec) if check.problems.is_empty() => Ok(Object { metadata, spec }),
@@ -568,6 +599,8 @@ impl Object {
             Spec::HttpRoute(_) => Kind::HttpRoute,
             Spec::GrpcRoute(_) => Kind::GrpcRoute,
             Spec::Gateway(_) => Kind::Gateway,
+            Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Spec::PeerAuthentication(_) => Kind::PeerAuthentication,
         }
     }
 
@@ -587,6 +620,8 @@ impl Object {
             Spec::HttpRoute(s) => serde_json::to_value(s),
             Spec::GrpcRoute(s) => serde_json::to_value(s),
             Spec::Gateway(s) => serde_json::to_value(s),
+            Spec::AuthorizationPolicy(s) => serde_json::to_value(s),
+            Spec::PeerAuthentication(s) => serde_json::to_value(s),
         };
         // Serialising plain data with string keys cannot fail.
         v.unwrap_or(Json::Null)
@@ -887,6 +922,22 @@ mod tests {
         assert_eq!(Kind::parse("httproutes"), Some(Kind::HttpRoute));
         assert_eq!(Kind::parse("GRPCRoute"), Some(Kind::GrpcRoute));
         assert_eq!(Kind::parse("gateways"), Some(Kind::Gateway));
+        assert_eq!(
+            Kind::parse("AuthorizationPolicy"),
+            Some(Kind::AuthorizationPolicy)
+        );
+        assert_eq!(
+            Kind::parse("authorizationpolicies"),
+            Some(Kind::AuthorizationPolicy)
+        );
+        assert_eq!(
+            Kind::parse("peerauthentications"),
+            Some(Kind::PeerAuthentication)
+        );
+        assert_eq!(Kind::parse("peerauthn"), Some(Kind::PeerAuthentication));
+        for k in Kind::ALL {
+            assert_eq!(Kind::parse(k.as_str()), Some(k), "{k}");
+        }
         assert_eq!(Kind::parse("pods"), None);
     }
 

@@ -52,14 +52,17 @@ const OUTBOX: usize = 16;
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub addr: String,
+    /// How to reach it (TLS, this sidecar's certificate).
+    pub cp: crate::identity::ControlPlane,
     pub node: Node,
     pub mode: DiscoveryMode,
 }
 
 impl Settings {
-    pub fn from_config(config: &Config, addr: String) -> Self {
+    pub fn from_config(config: &Config, cp: crate::identity::ControlPlane) -> Self {
         Settings {
-            addr,
+            addr: cp.url.clone(),
+            cp,
             mode: config.discovery_mode,
             node: Node {
                 id: format!("{}.{}", config.pod_name, config.pod_namespace),
@@ -140,7 +143,7 @@ async fn session(
     on_demand: Option<&OnDemand>,
     backoff: &mut Backoff,
 ) -> SessionError {
-    let endpoint = match Endpoint::from_shared(settings.addr.clone()) {
+    let endpoint = match Endpoint::from_shared(settings.cp.dial_url()) {
         Ok(e) => e
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
@@ -149,7 +152,8 @@ async fn session(
             .keep_alive_while_idle(true),
         Err(e) => return SessionError::Address(settings.addr.clone(), e),
     };
-    let channel = match tokio::time::timeout(CONNECT_TIMEOUT * 2, endpoint.connect()).await {
+    let connect = muon_api::connect::channel(endpoint, settings.cp.tls());
+    let channel = match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return SessionError::Connect(settings.addr.clone(), error_chain(&e)),
         Err(_) => {
@@ -361,7 +365,7 @@ fn respond(applier: &mut Applier, resp: &DiscoveryResponse, full: bool) -> Disco
 }
 
 /// `e` and its sources, so "transport error" says what actually failed.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {

@@ -1,7 +1,8 @@
 //! muon.v1 resources → the proxy's own model ([`crate::model`]), in one place: a `Service`
-//! becomes a [`ServiceDef`], its `Endpoints` a list of [`EndpointDef`]s. Each resource is
-//! checked here on its own; what cannot be used is returned as a reason, which the client
-//! NACKs.
+//! becomes a [`ServiceDef`], its `Endpoints` a list of [`EndpointDef`]s (routes and policies
+//! are built by `route::RouteDef::from_proto` and `policy::PolicyDef::from_proto`). Each
+//! resource is checked on its own; what cannot be used is returned as a reason, which the
+//! client NACKs.
 //!
 //! Also the JSON shown by `/config_dump` for each kind (prost types have no serde).
 
@@ -99,17 +100,6 @@ pub fn endpoints(e: &v1::Endpoints) -> Result<Vec<EndpointDef>, String> {
     Ok(out)
 }
 
-/// Checks a policy the proxy does not enforce yet: it must be readable.
-pub fn check_policy(kind: &Kind) -> Result<(), String> {
-    match kind {
-        Kind::Policy(p) if p.name.is_empty() => Err("name is empty".into()),
-        Kind::Policy(p) if !p.spec_json.is_empty() => serde_json::from_str::<Value>(&p.spec_json)
-            .map(drop)
-            .map_err(|e| format!("spec is not valid JSON: {e}")),
-        _ => Ok(()),
-    }
-}
-
 /// `/config_dump`'s view of one resource, as the control plane sent it.
 pub fn dump(kind: &Kind) -> Value {
     match kind {
@@ -159,11 +149,7 @@ pub fn dump(kind: &Kind) -> Value {
                 "backendTimeoutMs": rule.backend_timeout_ms,
             })).collect::<Vec<_>>(),
         }),
-        Kind::Policy(p) => json!({
-            "name": p.name,
-            "namespace": p.namespace,
-            "spec": serde_json::from_str::<Value>(&p.spec_json).unwrap_or(Value::Null),
-        }),
+        Kind::Policy(p) => crate::policy::dump_proto(p),
     }
 }
 

@@ -56,6 +56,12 @@ pub struct Publisher {
     /// On-demand mode: the subscriptions the data path asks for (the same as
     /// [`crate::Shared::on_demand`]).
     on_demand: Option<Arc<on_demand::OnDemand>>,
+    /// This pod's name and namespace (which policies apply to it).
+    pod_name: String,
+    pod_namespace: String,
+    /// Bumped when a table changes this pod's policies, so open inbound connections are
+    /// checked again (the same as [`crate::Shared::authz_changes`]).
+    authz_changes: Option<Arc<tokio::sync::watch::Sender<u64>>>,
 }
 
 impl Publisher {
@@ -67,7 +73,23 @@ impl Publisher {
             local_ips: Vec::new(),
             registry: endpoint::Registry::default(),
             on_demand: None,
+            pod_name: String::new(),
+            pod_namespace: String::new(),
+            authz_changes: None,
         }
+    }
+
+    /// Links the publisher to the data path's policy-change signal.
+    pub fn with_authz_changes(mut self, changes: Arc<tokio::sync::watch::Sender<u64>>) -> Self {
+        self.authz_changes = Some(changes);
+        self
+    }
+
+    /// This pod's name and namespace, so that the table holds the policies that apply to it.
+    pub fn with_pod(mut self, name: &str, namespace: &str) -> Self {
+        self.pod_name = name.to_owned();
+        self.pod_namespace = namespace.to_owned();
+        self
     }
 
     /// Links the publisher to the data path's on-demand subscriptions.
@@ -90,10 +112,21 @@ impl Publisher {
             source,
             local_ips: &self.local_ips,
             metrics: &self.metrics,
+            pod_name: &self.pod_name,
+            pod_namespace: &self.pod_namespace,
         };
         let table = Table::compile(mesh, &cx, &mut self.registry);
         let services = table.services();
+        let authz_changed = self
+            .table
+            .load()
+            .as_ref()
+            .is_none_or(|old| !old.authz().same_policies(table.authz()));
         self.table.store(Some(Arc::new(table)));
+        // After the store: whoever wakes up reads the new policies.
+        if let Some(changes) = self.authz_changes.as_ref().filter(|_| authz_changed) {
+            changes.send_modify(|v| *v += 1);
+        }
         self.metrics.table_loaded(services);
         info!(services, version = self.version, source = ?source, "service table loaded");
     }
@@ -142,8 +175,11 @@ pub fn start(
     config: &Config,
     hup: Signal,
     mut publisher: Publisher,
+    identity: Option<Arc<crate::identity::Identity>>,
 ) -> std::io::Result<(Handle, Running)> {
     publisher.local_ips = config.pod_ips.clone();
+    publisher.pod_name = config.pod_name.clone();
+    publisher.pod_namespace = config.pod_namespace.clone();
     let source = match &config.control_plane {
         None => {
             let w = Worker::spawn("muon-discovery", file::FileSource::new(publisher))?;
@@ -152,7 +188,40 @@ pub fn start(
         }
         Some(addr) => addr.clone(),
     };
-    let settings = client::Settings::from_config(config, source);
+    let bootstrap = match &config.ca_bundle {
+        Some(path) => {
+            let pem = std::fs::read(path)?;
+            let roots = muon_api::connect::roots_from_pem(&pem)
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+            Some(Arc::new(roots))
+        }
+        None => None,
+    };
+    let cp = crate::identity::ControlPlane {
+        url: source,
+        bootstrap: bootstrap.filter(|_| {
+            config
+                .control_plane
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+        }),
+        identity: identity.clone(),
+    };
+    let certify = identity.clone().map(|id| {
+        crate::identity::keep_certified(
+            cp.clone(),
+            id,
+            config.join_token.clone(),
+            config.cert_ttl,
+            publisher.metrics.clone(),
+        )
+    });
+    // Over TLS the control plane serves discovery to certified sidecars only.
+    let first_cert = match (&cp.bootstrap, &identity) {
+        (Some(_), Some(id)) => Some(id.clone()),
+        _ => None,
+    };
+    let settings = client::Settings::from_config(config, cp);
     publisher.on_demand = match config.discovery_mode {
         DiscoveryMode::All => None,
         // Unlinked (no data path asks): endpoints of nothing, but still by name.
@@ -168,9 +237,22 @@ pub fn start(
     let worker = Worker::spawn("muon-discovery", applier)?;
     let handle = Handle::ControlPlane(worker.clone());
     let run = async move {
+        let discover = async {
+            if let Some(id) = first_cert {
+                crate::identity::certified(&id).await;
+            }
+            client::run(settings, worker.clone(), metrics, on_demand).await
+        };
+        let certify = async {
+            match certify {
+                Some(c) => c.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::join!(
-            client::run(settings, worker.clone(), metrics, on_demand),
-            fall_back_to_saved(worker, STARTUP_WAIT),
+            discover,
+            certify,
+            fall_back_to_saved(worker.clone(), STARTUP_WAIT),
             ignore_hup(hup),
         );
     };

@@ -150,7 +150,7 @@ impl State {
             ResourceKind::Services => drop(self.mesh.services.remove(name)),
             ResourceKind::Endpoints => drop(self.mesh.endpoints.remove(name)),
             ResourceKind::Routes => drop(self.mesh.routes.remove(name)),
-            ResourceKind::Policies => {}
+            ResourceKind::Policies => drop(self.mesh.policies.remove(name)),
         }
     }
 
@@ -191,7 +191,10 @@ impl State {
                 let def = crate::route::RouteDef::from_proto(&res.name, r)?;
                 self.mesh.routes.insert(res.name.clone(), Arc::new(def));
             }
-            (ResourceKind::Policies, p @ Kind::Policy(_)) => convert::check_policy(p)?,
+            (ResourceKind::Policies, Kind::Policy(p)) => {
+                let def = crate::policy::PolicyDef::from_proto(p)?;
+                self.mesh.policies.insert(res.name.clone(), Arc::new(def));
+            }
             _ => return Err(format!("not a resource of kind {kind}")),
         }
         self.kinds[kind]
@@ -420,6 +423,68 @@ pub(crate) mod tests {
             st.endpoints_known("anything.shop"),
             "all mode knows every name"
         );
+    }
+
+    fn policy(name: &str, principal: &str) -> Resource {
+        Resource {
+            name: format!("authz/{name}.shop"),
+            version: "1".into(),
+            kind: Some(Kind::Policy(v1::Policy {
+                name: name.into(),
+                namespace: "shop".into(),
+                kind: Some(v1::policy::Kind::Authorization(v1::AuthorizationPolicy {
+                    selector: None,
+                    action: v1::authorization_policy::Action::Allow.into(),
+                    rules: vec![v1::AuthorizationRule {
+                        from: vec![v1::AuthorizationSource {
+                            principals: vec![principal.into()],
+                            ..Default::default()
+                        }],
+                        to: vec![],
+                    }],
+                })),
+                workloads: vec![],
+                all_workloads: true,
+            })),
+        }
+    }
+
+    #[test]
+    fn policies_are_checked_kept_by_name_and_removed() {
+        let mut st = State::new();
+        let r = st
+            .apply(
+                &response(
+                    kinds::POLICIES,
+                    "1",
+                    vec![
+                        policy("callers", "cluster.local/ns/shop/sa/orders"),
+                        policy("bad", "orders"),
+                    ],
+                ),
+                true,
+            )
+            .unwrap();
+        assert_eq!(r.rejected.len(), 1);
+        assert_eq!(r.rejected[0].name, "authz/bad.shop");
+        assert!(
+            r.rejected[0].reason.contains("is not a principal"),
+            "{}",
+            r.rejected[0].reason
+        );
+        let names: Vec<&str> = st.mesh().policies.keys().map(String::as_str).collect();
+        assert_eq!(names, ["authz/callers.shop"]);
+        assert_eq!(
+            &*st.mesh().policies["authz/callers.shop"].name,
+            "shop/callers"
+        );
+        let dump = st.dump();
+        let dumped = &dump["policies"]["resources"][0]["resource"];
+        assert_eq!(dumped["policy"]["action"], "ALLOW", "{dumped}");
+        let mut rm = response(kinds::POLICIES, "2", vec![]);
+        rm.removed_resources = vec!["authz/callers.shop".into()];
+        st.apply(&rm, false).unwrap();
+        assert!(st.mesh().policies.is_empty());
     }
 
     #[test]

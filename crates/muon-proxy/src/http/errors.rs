@@ -30,6 +30,8 @@ pub enum ProxyError {
     Timeout,
     /// The proxy is shutting down (503).
     Draining,
+    /// An authorization policy denied the request (403; see [`respond_denied`]).
+    Denied,
 }
 
 impl ProxyError {
@@ -44,6 +46,7 @@ impl ProxyError {
             ProxyError::UpstreamFailed => "upstream-failed",
             ProxyError::Timeout => "timeout",
             ProxyError::Draining => "draining",
+            ProxyError::Denied => "rbac-denied",
         }
     }
 
@@ -56,6 +59,7 @@ impl ProxyError {
             ProxyError::NoEndpoints | ProxyError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ConnectFailed | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Denied => StatusCode::FORBIDDEN,
         }
     }
 
@@ -66,6 +70,7 @@ impl ProxyError {
             ProxyError::HeadersTooLarge => 8, // RESOURCE_EXHAUSTED
             ProxyError::NoRoute => 12,        // UNIMPLEMENTED
             ProxyError::Timeout => 4,         // DEADLINE_EXCEEDED
+            ProxyError::Denied => 7,          // PERMISSION_DENIED
             ProxyError::NoBackend
             | ProxyError::NoEndpoints
             | ProxyError::ConnectFailed
@@ -109,6 +114,33 @@ pub fn respond(err: ProxyError, grpc: bool) -> Response<ResponseBody> {
     resp
 }
 
+/// The answer to a request an authorization policy denied: 403 (gRPC: `PERMISSION_DENIED`)
+/// with `message` naming the policy, as the body (gRPC: `grpc-message`).
+pub fn respond_denied(message: &str, grpc: bool) -> Response<ResponseBody> {
+    let err = ProxyError::Denied;
+    let mut resp = respond(err, grpc);
+    if grpc {
+        // grpc-message is percent-encoded (PROTOCOL-HTTP2.md); the message is plain ASCII
+        // but for what a policy name cannot hold.
+        let text: String = message
+            .chars()
+            .map(|c| {
+                if (' '..='~').contains(&c) && c != '%' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            resp.headers_mut().insert("grpc-message", v);
+        }
+    } else {
+        *resp.body_mut() = ResponseBody::full(format!("{message}\n").into(), None);
+    }
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +161,18 @@ mod tests {
             HeaderValue::from_static("application/grpc+proto"),
         );
         assert!(is_grpc(&h));
+    }
+
+    #[test]
+    fn a_denied_request_gets_403_naming_the_policy_and_grpc_permission_denied() {
+        let msg = "RBAC: access denied by policy shop/deny-admin";
+        let r = respond_denied(msg, false);
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.headers()[ERROR_HEADER], "rbac-denied");
+        let g = respond_denied(msg, true);
+        assert_eq!(g.status(), 200);
+        assert_eq!(g.headers()["grpc-status"], "7");
+        assert_eq!(g.headers()["grpc-message"], msg);
+        assert_eq!(g.headers()[ERROR_HEADER], "rbac-denied");
     }
 }

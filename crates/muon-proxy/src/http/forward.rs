@@ -68,11 +68,25 @@ pub(super) fn admit(
         status: 0,
         grpc_status: None,
         error: None,
+        authz: "",
+        policy: None,
         sent: sent.clone(),
         bytes_received: 0,
         started: Instant::now(),
         stats: None,
         me: cx.shared.pod.clone(),
+        // Inbound over mutual TLS: the peer and this sidecar (outbound: set when a request
+        // goes to a meshed endpoint).
+        identities: match &cx.peer {
+            Some(peer) => crate::tls::Identities {
+                src: Some(peer.id.clone()),
+                dst: cx.shared.mesh.as_ref().and_then(|m| m.own_id()),
+                version: peer.version,
+                cipher: peer.cipher,
+            },
+            None => Default::default(),
+        },
+        metrics: Some(cx.shared.metrics.clone()),
     });
     let grpc = errors::is_grpc(&parts.headers);
     if headers::header_bytes(&parts.method, &parts.uri, &parts.headers)
@@ -481,6 +495,11 @@ impl Drop for MirrorSlot {
 
 /// The hop to one endpoint, on its pooled connections.
 fn hop_to<'a>(shared: &'a crate::Shared, ep: &'a Endpoint, direction: crate::Direction) -> Hop<'a> {
+    let mesh = shared
+        .mesh
+        .as_deref()
+        .filter(|m| ep.meshed && !ep.identity.is_empty() && m.ready())
+        .map(|m| (m, &*ep.identity));
     Hop {
         addr: ep.addr,
         source: None,
@@ -488,6 +507,8 @@ fn hop_to<'a>(shared: &'a crate::Shared, ep: &'a Endpoint, direction: crate::Dir
         pool: &ep.state.pool,
         metrics: &shared.metrics,
         direction,
+        mesh,
+        tls_cipher: Some(&ep.state.tls_cipher),
     }
 }
 
@@ -576,6 +597,16 @@ async fn send(
                 continue;
             }
         };
+        // Connected (or pooled): the endpoint proved its identity, and the cipher of its
+        // connections is known.
+        if let Some((mesh, identity)) = hop.mesh {
+            log.identities = crate::tls::Identities {
+                src: mesh.own_id(),
+                dst: Some(identity.into()),
+                version: "TLSv1.3",
+                cipher: ep.state.tls_cipher.get().copied().unwrap_or(""),
+            };
+        }
         upstream::prepare(&mut req, proto, &cx.authority);
         mark_orig_proto(&mut req, ep.meshed, cx.version);
         let in_flight = ep.state.begin();

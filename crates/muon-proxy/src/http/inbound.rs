@@ -5,14 +5,19 @@
 //! sees HTTP/1.1 with the same headers and body). A request without the header (a client
 //! outside the mesh) reaches the app in the protocol it came in. The app's connections are
 //! pooled per port and made from 127.0.0.6 (`::6`), like opaque inbound connections.
+//!
+//! Before that, each request is authorized by the pod's policies in the current table
+//! ([`crate::policy`]): a denied one gets 403 naming the policy (gRPC: `PERMISSION_DENIED`).
 
-use super::body::{Held, ResponseBody};
+use super::body::{Held, RequestBody, ResponseBody};
 use super::errors::{self, ProxyError};
 use super::forward::{admit, fail, respond};
 use super::headers::{self, ORIG_PROTO};
+use super::log::RequestLog;
 use super::upstream::{self, Hop, Proto};
 use super::ConnCx;
 use crate::endpoint::EndpointState;
+use crate::policy::{Attrs, Decision};
 use crate::table::InboundPort;
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
@@ -46,6 +51,14 @@ pub async fn request(
         None => (local, Some(cx.shared.inbound_stats.clone())),
     };
     log.stats = stats;
+    // Authorization (`crate::policy`), per request with the current table, so a policy
+    // change applies to the next request.
+    if let Some(d) = authorize(cx, &req) {
+        (log.authz, log.policy) = (d.label(), d.policy.clone());
+        if !d.allowed() {
+            return denied(log, &d, grpc);
+        }
+    }
     log.endpoint = Some(cx.dst);
     let hop = Hop {
         addr: cx.dst,
@@ -54,6 +67,9 @@ pub async fn request(
         pool: &app.pool,
         metrics: &cx.shared.metrics,
         direction: cx.direction,
+        // The app is local and plaintext.
+        mesh: None,
+        tls_cipher: None,
     };
     let upgrade = (cx.version != Version::HTTP_2 && headers::is_upgrade(req.headers()))
         .then(|| hyper::upgrade::on(&mut req));
@@ -91,4 +107,29 @@ pub async fn request(
             fail(log, err, grpc)
         }
     }
+}
+
+/// The decision on one request by the current table's policies (`None`: no table yet).
+fn authorize(cx: &ConnCx, req: &Request<RequestBody>) -> Option<Decision> {
+    let table = cx.shared.table.load();
+    let attrs = Attrs::http(
+        cx.peer.as_deref(),
+        cx.dst.port(),
+        req.method().as_str(),
+        req.uri().path(),
+    );
+    Some(table.as_ref()?.authz().authorize(&attrs))
+}
+
+/// The answer to a denied request: 403 naming the policy, finishing the log.
+fn denied(mut log: Box<RequestLog>, d: &Decision, grpc: bool) -> Response<ResponseBody> {
+    debug!(src = %log.src, path = %log.path, policy = d.policy.as_deref().unwrap_or(""), "request denied");
+    let mut resp = errors::respond_denied(&d.message(), grpc);
+    log.status = resp.status().as_u16();
+    log.error = Some(ProxyError::Denied.reason());
+    if grpc {
+        log.grpc_status = Some(ProxyError::Denied.grpc_status());
+    }
+    resp.body_mut().set_log(log);
+    resp
 }

@@ -37,12 +37,21 @@ pub struct RequestLog {
     pub grpc_status: Option<u32>,
     /// Set when the proxy answered itself (the `x-muon-error` reason) or the exchange failed.
     pub error: Option<&'static str>,
+    /// The authorization decision (`allow`, `deny`; "" when no policy applies) and the
+    /// policy that made it (inbound; see `policy::Decision`).
+    pub authz: &'static str,
+    pub policy: Option<Arc<str>>,
     /// Request body bytes forwarded (shared with the request body).
     pub sent: Arc<AtomicU64>,
     pub bytes_received: u64,
     pub started: Instant,
     pub stats: Option<Arc<RequestStats>>,
     pub me: PodInfo,
+    /// The SPIFFE ids of both ends, when mutual TLS named them (outbound: this sidecar's and
+    /// the endpoint's; inbound: the peer's and this sidecar's), and the TLS in use.
+    pub identities: crate::tls::Identities,
+    /// For the identity metric (`muon_mesh_identity_total`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl RequestLog {
@@ -74,6 +83,9 @@ impl Drop for RequestLog {
         if let Some(stats) = &self.stats {
             stats.record(self.status, elapsed);
         }
+        if let Some(m) = &self.metrics {
+            m.identified(self.direction, &self.identities, "request");
+        }
         let duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
         let bytes_sent = self.sent.load(Ordering::Relaxed);
         let written = crate::jsonlog::access("request", |l| {
@@ -95,6 +107,9 @@ impl Drop for RequestLog {
             l.u64("bytes_received", self.bytes_received);
             l.str("request_id", &self.request_id);
             l.str("error", self.error.unwrap_or(""));
+            l.str("authz", self.authz);
+            l.str("policy", self.policy.as_deref().unwrap_or(""));
+            self.identities.log(l);
             l.str("proxy_pod", &self.me.pod);
             l.str("proxy_namespace", &self.me.namespace);
         });
@@ -121,6 +136,12 @@ impl Drop for RequestLog {
             bytes_received = self.bytes_received,
             request_id = %self.request_id,
             error = self.error.unwrap_or(""),
+            authz = self.authz,
+            policy = self.policy.as_deref().unwrap_or(""),
+            src_identity = self.identities.src.as_deref().unwrap_or(""),
+            dst_identity = self.identities.dst.as_deref().unwrap_or(""),
+            tls_version = self.identities.version,
+            tls_cipher = self.identities.cipher,
             proxy_pod = &*self.me.pod,
             proxy_namespace = &*self.me.namespace,
             "request"

@@ -55,6 +55,8 @@ pub struct ConnCx {
     pub authority: Arc<str>,
     /// What the client speaks on this connection.
     pub version: Version,
+    /// Inbound over mutual TLS: the calling sidecar (see `accesslog::Record::peer`).
+    pub peer: Option<Arc<crate::tls::Peer>>,
     pub kind: ConnKind,
     /// Bytes read from the client and written to it (the connection's access event).
     sent: AtomicU64,
@@ -91,6 +93,7 @@ impl ConnCx {
             dst: rec.dst,
             authority: rec.dst.to_string().into(),
             version,
+            peer: rec.peer.clone(),
             kind,
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),

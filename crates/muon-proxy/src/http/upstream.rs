@@ -72,6 +72,11 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: hyper::Error,
     },
+    #[error("mutual TLS with {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: crate::tls::TlsError,
+    },
     #[error("connecting to {addr} failed for a request sent at the same time")]
     FailedMeanwhile { addr: SocketAddr },
     #[error("request to {addr}: {source}")]
@@ -88,6 +93,7 @@ impl UpstreamError {
             self,
             UpstreamError::Connect(_)
                 | UpstreamError::Handshake { .. }
+                | UpstreamError::Tls { .. }
                 | UpstreamError::FailedMeanwhile { .. }
         )
     }
@@ -103,6 +109,11 @@ pub struct Hop<'a> {
     pub pool: &'a Pool,
     pub metrics: &'a Metrics,
     pub direction: Direction,
+    /// Mutual TLS to a meshed endpoint: this sidecar's TLS and the identity the endpoint
+    /// must present (pooled HTTP/2 only).
+    pub mesh: Option<(&'a crate::tls::MeshTls, &'a str)>,
+    /// Where the negotiated cipher suite is noted.
+    pub tls_cipher: Option<&'a std::sync::OnceLock<&'static str>>,
 }
 
 /// A connection ready for one request (HTTP/2: with the stream counted on it).
@@ -134,7 +145,33 @@ impl Hop<'_> {
     }
 
     async fn connect_h2(&self) -> Result<H2, UpstreamError> {
-        let io = TokioIo::new(self.tcp().await?);
+        let tcp = self.tcp().await?;
+        match self.mesh {
+            Some((mesh, identity)) => {
+                let tls = mesh
+                    .connect(tcp, self.addr.ip(), identity, crate::tls::Inner::Http2)
+                    .await
+                    .map_err(|e| {
+                        self.metrics.tls(self.direction, e.reason());
+                        UpstreamError::Tls {
+                            addr: self.addr,
+                            source: e,
+                        }
+                    })?;
+                self.metrics.tls(self.direction, "ok");
+                if let Some(cell) = self.tls_cipher {
+                    let _ = cell.set(crate::tls::negotiated(tls.get_ref().1).1);
+                }
+                self.handshake_h2(TokioIo::new(tls)).await
+            }
+            None => self.handshake_h2(TokioIo::new(tcp)).await,
+        }
+    }
+
+    async fn handshake_h2<I>(&self, io: I) -> Result<H2, UpstreamError>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .adaptive_window(true)
