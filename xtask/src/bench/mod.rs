@@ -15,7 +15,11 @@
 //!
 //! `--mode l4` declares the service ports `tcp` and runs the peers as TCP proxies; `--mode
 //! http` declares them `http` (and the gRPC port `grpc`) and runs the peers in their HTTP
-//! modes (see `peers`).
+//! modes (see `peers`); `--mode mtls` is HTTP mode with mutual TLS between the two proxies
+//! of every pair (the peers with certificates from a test CA the run makes, see `pki`; Muon
+//! with its own mesh certificates). `--mode http,mtls` brings both modes' labs up at once and
+//! every step visits them in turn, so the report's "cost of mTLS" compares figures taken
+//! seconds apart.
 //!
 //! The load generator is this binary (`xtask bench load|grpc-load|bulk|bulk-server`),
 //! built in release mode and run inside the client pod. Results go to
@@ -24,10 +28,12 @@
 mod grpc;
 mod load;
 mod peers;
+mod pki;
 mod procs;
 mod profile;
 mod report;
 mod scenarios;
+mod tlsprobe;
 
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -46,13 +52,15 @@ const BENCH_ROOT: &str = "/run/muon/bench";
 pub struct BenchArgs {
     #[command(subcommand)]
     tool: Option<Tool>,
-    /// A short run (under 3 minutes; 4 in HTTP mode): the same steps, shorter.
+    /// A short run (under 3 minutes; 4 in HTTP or mTLS mode, 7 for both): the same steps,
+    /// shorter.
     #[arg(long)]
     quick: bool,
-    /// What the proxies carry: l4 (TCP forwarding) or http (HTTP/1.1 from the app, HTTP/2
-    /// between the proxies, and gRPC). mtls comes with that feature.
-    #[arg(long, value_enum, default_value_t = Mode::L4)]
-    mode: Mode,
+    /// What the proxies carry: l4 (TCP forwarding), http (HTTP/1.1 from the app, HTTP/2
+    /// between the proxies, and gRPC) or mtls (http with mutual TLS between the proxies).
+    /// `http,mtls` runs both side by side and reports the cost of mTLS.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "l4")]
+    mode: Vec<Mode>,
     /// Profile Muon under load with perf instead of comparing (writes profile.md).
     #[arg(long)]
     profile: bool,
@@ -66,9 +74,10 @@ pub struct BenchArgs {
     /// Use the release binaries already built instead of building them.
     #[arg(long)]
     no_build: bool,
-    /// Print the tables of an earlier run from its results.json, and do nothing else.
+    /// Print the tables of an earlier run from its results.json, and do nothing else. Given
+    /// twice, an HTTP run's and an mTLS run's, it also prints the cost of mTLS between them.
     #[arg(long, value_name = "RESULTS_JSON")]
-    report: Option<PathBuf>,
+    report: Vec<PathBuf>,
     /// Take muon-proxy, muon-init and muon-control from this directory instead of the release
     /// build (the lab's --bin-dir), e.g. to measure a candidate fix against the same peers.
     #[arg(long)]
@@ -87,12 +96,24 @@ enum Tool {
     Bulk(load::BulkArgs),
     /// (Runs in a pod) The bulk server: sink and source.
     BulkServer(load::BulkServerArgs),
+    /// (Runs in a pod) One GET over TLS (with or without a client certificate) or plaintext:
+    /// does a proxy's server side require mutual TLS?
+    TlsProbe(tlsprobe::TlsProbeArgs),
     /// Control plane: endpoint change → every proxy's ACK, bytes per change, RSS and CPU.
     ControlPlane(crate::cpbench::CpBenchArgs),
 }
 
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -112,7 +133,10 @@ pub struct Env {
     /// World-readable copies of what runs in pods: muon-bench, demo-shop, envoy.
     pub bench_bin: PathBuf,
     pub out: PathBuf,
-    pub mode: Mode,
+    /// The run's modes: one, or http and mtls side by side.
+    pub modes: Vec<Mode>,
+    /// mTLS mode: the run's test CA and the certificates of the peers' two sides.
+    pub pki: Option<pki::TestPki>,
 }
 
 /// How long each step runs.
@@ -125,7 +149,8 @@ pub struct Plan {
     /// (requests/s, connections) of the open-loop steps.
     pub rates: Vec<(u32, usize)>,
     pub saturation_connections: usize,
-    /// gRPC unary (HTTP mode; empty otherwise): (calls/s, streams) of the open-loop steps.
+    /// gRPC unary (HTTP and mTLS modes; empty otherwise): (calls/s, streams) of the
+    /// open-loop steps.
     #[serde(default)]
     pub grpc_rates: Vec<(u32, usize)>,
     /// The HTTP/2 connections the gRPC streams share.
@@ -142,11 +167,11 @@ impl Plan {
     fn new(quick: bool, mode: Mode) -> Plan {
         let rates = vec![(1000, 10), (5000, 50)];
         let (grpc_rates, grpc_connections, grpc_saturation_streams) = match mode {
-            Mode::Http => (vec![(1000, 10), (5000, 50)], 2, 16),
-            Mode::L4 | Mode::Mtls => (Vec::new(), 0, 0),
+            Mode::Http | Mode::Mtls => (vec![(1000, 10), (5000, 50)], 2, 16),
+            Mode::L4 => (Vec::new(), 0, 0),
         };
-        // HTTP mode carries no raw TCP stream: no bulk step.
-        let bulk = mode != Mode::Http;
+        // HTTP (and mTLS) mode carries no raw TCP stream: no bulk step.
+        let bulk = mode == Mode::L4;
         if quick {
             Plan {
                 warmup_s: 1.0,
@@ -185,26 +210,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Tool::Get(a) => load::run_get(a),
             Tool::Bulk(a) => load::run_bulk(a),
             Tool::BulkServer(a) => load::run_bulk_server(a),
+            Tool::TlsProbe(a) => tlsprobe::run_tls_probe(a),
             Tool::ControlPlane(a) => crate::cpbench::run(a.clone()),
         };
     }
-    if let Some(path) = &args.report {
-        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let run: RunReport = serde_json::from_slice(&text)
-            .with_context(|| format!("{} is not a results.json", path.display()))?;
-        print!("{}", report::markdown(&run));
+    if !args.report.is_empty() {
+        let mut runs = Vec::new();
+        for path in &args.report {
+            runs.extend(report::read(path)?);
+        }
+        print!("{}", report::markdown_runs(&runs));
         return Ok(());
     }
-    match args.mode {
-        Mode::L4 | Mode::Http => {}
-        Mode::Mtls => bail!("--mode mtls is not available yet: Muon has no mTLS until the identity work lands; use --mode l4"),
+    let modes = modes(&args.mode)?;
+    if args.profile && modes.len() > 1 {
+        bail!("--profile takes one --mode");
     }
     util::require_root(
         "the benchmark runs in a lab: network namespaces and iptables rules inside them",
     )?;
+    // What the lab itself needs (iptables, iproute2, …), as `cargo xtask demo` does.
+    crate::setup::ensure_packages()?;
     procs::install_interrupt_cleanup();
     let started = Instant::now();
-    let env = prepare(&args)?;
+    let env = prepare(&args, modes)?;
     println!("== results go to {}", env.out.display());
     if args.profile {
         let kinds = if args.scenarios.is_empty() {
@@ -212,7 +241,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         } else {
             args.scenarios.clone()
         };
-        return profile::run(&env, &kinds, args.quick);
+        return profile::run(&env, &kinds, args.quick, env.modes[0]);
     }
     let mut kinds: Vec<Kind> = if args.scenarios.is_empty() {
         Kind::ALL.to_vec()
@@ -224,21 +253,38 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     kinds.sort();
     kinds.dedup();
-    let plan = Plan::new(args.quick, args.mode);
-    let meta = Meta::collect(&env, args.quick);
+    // http and mtls have the same plan: one plan for a run of both.
+    let plan = Plan::new(args.quick, env.modes[0]);
+    let meta = Meta::collect(env.modes[0], args.quick);
     let result = compare(&env, &kinds, &plan, meta, started);
     // Whatever happened, no bench lab stays up.
-    for k in &kinds {
-        if Path::new("/run/muon/lab").join(k.lab()).exists() {
-            procs::lab_down(&env.muonctl, &k.lab());
+    for &mode in &env.modes {
+        for k in &kinds {
+            if Path::new("/run/muon/lab").join(k.lab(mode)).exists() {
+                procs::lab_down(&env.muonctl, &k.lab(mode));
+            }
         }
     }
     result
 }
 
+/// The run's modes in order: one, or `http,mtls` (the two share scenarios and steps).
+fn modes(given: &[Mode]) -> Result<Vec<Mode>> {
+    let mut modes = given.to_vec();
+    modes.sort();
+    modes.dedup();
+    match modes.as_slice() {
+        [] => Ok(vec![Mode::L4]),
+        [_] | [Mode::Http, Mode::Mtls] => Ok(modes),
+        _ => {
+            bail!("--mode: only http,mtls can run together (l4 has other steps); run l4 on its own")
+        }
+    }
+}
+
 /// Builds the release binaries, copies what pods run to BENCH_ROOT and makes the run's
-/// results directory.
-fn prepare(args: &BenchArgs) -> Result<Env> {
+/// results directory (and, for mTLS mode, the test PKI in it).
+fn prepare(args: &BenchArgs, modes: Vec<Mode>) -> Result<Env> {
     let target = util::target_dir()?;
     let release = target.join("release");
     if !args.no_build {
@@ -281,7 +327,8 @@ fn prepare(args: &BenchArgs) -> Result<Env> {
         release.join("muonctl"),
         lab_bins.join("muon-proxy"),
         lab_bins.join("muon-init"),
-        // Every lab runs its own control plane, from the same directory.
+        // The labs with a control plane (all but Muon's in L4 and HTTP modes) run it from
+        // the same directory.
         lab_bins.join("muon-control"),
     ] {
         if !path.is_file() {
@@ -295,17 +342,45 @@ fn prepare(args: &BenchArgs) -> Result<Env> {
             .join(report::stamp("%Y%m%d-%H%M%S")),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let pki = if modes.contains(&Mode::Mtls) {
+        let pki = pki::TestPki::generate().context("making the test CA and certificates")?;
+        pki.write(&out.join("pki"))?;
+        println!(
+            "== mTLS: test CA and certificates for {} and {} in {}/pki",
+            pki::spiffe_id(peers::Side::Client),
+            pki::spiffe_id(peers::Side::Server),
+            out.display()
+        );
+        Some(pki)
+    } else {
+        None
+    };
     Ok(Env {
         muonctl: release.join("muonctl"),
         lab_bins,
         bench_bin,
         out,
-        mode: args.mode,
+        modes,
+        pki,
     })
 }
 
 fn compare(env: &Env, kinds: &[Kind], plan: &Plan, meta: Meta, started: Instant) -> Result<()> {
-    let mut reports: Vec<ScenarioReport> = kinds.iter().map(|&k| ScenarioReport::new(k)).collect();
+    // One unit per scenario and mode, a scenario's modes side by side; direct once, as it has
+    // no proxy (its lab is the same in HTTP and mTLS modes), in every mode's report.
+    let units: Vec<(Kind, Mode)> = kinds
+        .iter()
+        .flat_map(|&k| {
+            let modes = if k == Kind::Direct {
+                &env.modes[..1]
+            } else {
+                &env.modes[..]
+            };
+            modes.iter().map(move |&m| (k, m))
+        })
+        .collect();
+    let mut reports: Vec<ScenarioReport> =
+        units.iter().map(|&(k, _)| ScenarioReport::new(k)).collect();
     let mut versions = BTreeMap::new();
     let muon = match &args_bin_dir(env) {
         Some(dir) => format!(
@@ -316,9 +391,9 @@ fn compare(env: &Env, kinds: &[Kind], plan: &Plan, meta: Meta, started: Instant)
     };
     versions.insert("muon".to_string(), muon);
 
-    // Peers first: an install that fails takes its scenario out, not the run.
+    // Peers first: an install that fails takes its scenarios out, not the run.
     let mut bins = BTreeMap::new();
-    for (i, &k) in kinds.iter().enumerate() {
+    for &k in kinds {
         if let Some(peer) = k.peer() {
             println!("== {}: finding or installing it", k.name());
             match peers::install(peer, &env.bench_bin) {
@@ -326,21 +401,26 @@ fn compare(env: &Env, kinds: &[Kind], plan: &Plan, meta: Meta, started: Instant)
                     versions.insert(k.name().to_string(), b.version.clone());
                     bins.insert(k, b);
                 }
-                Err(e) => reports[i].fail(format!("install: {e:#}")),
+                Err(e) => {
+                    for (i, _) in units.iter().enumerate().filter(|(_, u)| u.0 == k) {
+                        reports[i].fail(format!("install: {e:#}"));
+                    }
+                }
             }
         }
     }
 
     let mut running: Vec<(usize, Running)> = Vec::new();
-    for (i, &k) in kinds.iter().enumerate() {
+    for (i, &(k, mode)) in units.iter().enumerate() {
         if reports[i].error.is_some() {
             continue;
         }
-        println!("== {}: starting lab {}", k.name(), k.lab());
+        println!("== {}: starting lab {}", k.label(mode), k.lab(mode));
         let t = Instant::now();
-        match Running::start(env, k, bins.get(&k)) {
+        match Running::start(env, k, mode, bins.get(&k)) {
             Ok(r) => {
                 println!("   ready in {:.1}s", t.elapsed().as_secs_f64());
+                reports[i].mtls_check = r.mtls_check.clone();
                 running.push((i, r));
             }
             Err(e) => {
@@ -372,7 +452,7 @@ fn compare(env: &Env, kinds: &[Kind], plan: &Plan, meta: Meta, started: Instant)
             for (i, r) in &mut running {
                 let args = load_args(r.http_target().to_string(), Some(rate), conns, secs, w);
                 let step = measure(r, &args, secs + w + 30.0, Payload::Load);
-                print_step(r.kind, &format!("#{}", round + 1), &step);
+                print_step(&r.label(), &format!("#{}", round + 1), &step);
                 reports[*i].add_round(&key, step);
             }
         }
@@ -392,14 +472,14 @@ fn compare(env: &Env, kinds: &[Kind], plan: &Plan, meta: Meta, started: Instant)
                 w.min(1.0),
             );
             let step = measure(r, &args, secs + 30.0, Payload::Load);
-            print_step(r.kind, &format!("#{}", round + 1), &step);
+            print_step(&r.label(), &format!("#{}", round + 1), &step);
             reports[*i].add_round("closed", step);
         }
     }
     if plan.bulk_s > 0.0 {
         bulk_steps(plan, &mut running, &mut reports);
     } else {
-        println!("== bulk TCP streams: skipped in HTTP mode (the proxies carry HTTP, not raw TCP)");
+        println!("== bulk TCP streams: skipped in HTTP and mTLS modes (the proxies carry HTTP, not raw TCP)");
     }
     if !plan.grpc_rates.is_empty() {
         grpc_steps(plan, &mut running, &mut reports);
@@ -414,17 +494,29 @@ fn compare(env: &Env, kinds: &[Kind], plan: &Plan, meta: Meta, started: Instant)
     drop(running);
 
     reports.iter_mut().for_each(ScenarioReport::finish);
-    let report = RunReport::new(
-        meta,
-        versions,
-        plan.clone(),
-        reports,
-        started.elapsed().as_secs_f64(),
-    );
-    let md = report::markdown(&report);
+    let elapsed = started.elapsed().as_secs_f64();
+    // One report per mode (direct in each).
+    let runs: Vec<RunReport> = env
+        .modes
+        .iter()
+        .map(|&mode| {
+            let scenarios = units
+                .iter()
+                .zip(&reports)
+                .filter(|((k, m), _)| *m == mode || *k == Kind::Direct)
+                .map(|(_, r)| r.clone())
+                .collect();
+            let meta = Meta {
+                mode,
+                ..meta.clone()
+            };
+            RunReport::new(meta, versions.clone(), plan.clone(), scenarios, elapsed)
+        })
+        .collect();
+    let md = report::markdown_runs(&runs);
     std::fs::write(
         env.out.join("results.json"),
-        serde_json::to_vec_pretty(&report)?,
+        serde_json::to_vec_pretty(&report::Saved::from(runs))?,
     )?;
     std::fs::write(env.out.join("results.md"), &md)?;
     println!("\n{md}");
@@ -467,16 +559,16 @@ fn bulk_steps(plan: &Plan, running: &mut [(usize, Running)], reports: &mut [Scen
                 .chain([format!("{secs}s"), "--json".into()])
                 .collect();
                 let step = measure(r, &args, secs + 30.0, Payload::Bulk);
-                print_step(r.kind, &format!("#{} {dir}", round + 1), &step);
+                print_step(&r.label(), &format!("#{} {dir}", round + 1), &step);
                 reports[*i].add_round(key, step);
             }
         }
     }
 }
 
-/// gRPC unary calls (HTTP mode) to the gRPC port: configured-upstream peers are restarted on
-/// it and every scenario passes a gRPC smoke test first; one that does not is left out of
-/// these steps only.
+/// gRPC unary calls (HTTP and mTLS modes) to the gRPC port: configured-upstream peers are
+/// restarted on it and every scenario passes a gRPC smoke test first; one that does not is
+/// left out of these steps only.
 fn grpc_steps(plan: &Plan, running: &mut [(usize, Running)], reports: &mut [ScenarioReport]) {
     println!(
         "== gRPC unary calls to port {}: restarting configured-upstream peers on it, smoke test",
@@ -487,7 +579,7 @@ fn grpc_steps(plan: &Plan, running: &mut [(usize, Running)], reports: &mut [Scen
         match r.start_grpc() {
             Ok(()) => ready.push(*i),
             Err(e) => {
-                println!("   {:<8} FAILED: {e:#}", r.kind.name());
+                println!("   {:<12} FAILED: {e:#}", r.label());
                 reports[*i].grpc_error = Some(format!("{e:#}"));
             }
         }
@@ -505,7 +597,7 @@ fn grpc_steps(plan: &Plan, running: &mut [(usize, Running)], reports: &mut [Scen
             for (i, r) in running.iter_mut().filter(|(i, _)| ready.contains(i)) {
                 let args = grpc_args(r.grpc_target().to_string(), Some(rate), c, streams, secs, w);
                 let step = measure(r, &args, secs + w + 30.0, Payload::Load);
-                print_step(r.kind, &format!("#{}", round + 1), &step);
+                print_step(&r.label(), &format!("#{}", round + 1), &step);
                 reports[*i].add_round(&key, step);
             }
         }
@@ -527,7 +619,7 @@ fn grpc_steps(plan: &Plan, running: &mut [(usize, Running)], reports: &mut [Scen
                 w.min(1.0),
             );
             let step = measure(r, &args, secs + 30.0, Payload::Load);
-            print_step(r.kind, &format!("#{}", round + 1), &step);
+            print_step(&r.label(), &format!("#{}", round + 1), &step);
             reports[*i].add_round("grpc_closed", step);
         }
     }
@@ -646,17 +738,16 @@ fn rss_now(proxies: &BTreeMap<String, Vec<i32>>) -> BTreeMap<String, u64> {
         .collect()
 }
 
-fn print_step(kind: Kind, label: &str, s: &StepResult) {
+fn print_step(name: &str, label: &str, s: &StepResult) {
     let cpu = if s.cpu_ms.is_empty() {
         "-".to_string()
     } else {
         format!("{:.0} ms", s.cpu_ms.values().sum::<f64>())
     };
     match (&s.load, &s.bulk, &s.error) {
-        (_, _, Some(e)) => println!("   {:<8} {label:<5} error: {e}", kind.name()),
+        (_, _, Some(e)) => println!("   {name:<12} {label:<5} error: {e}"),
         (Some(l), _, _) => println!(
-            "   {:<8} {label:<5} {:>7.0}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  p99.9 {:>7.3} ms  errors {}  proxy CPU {}",
-            kind.name(),
+            "   {name:<12} {label:<5} {:>7.0}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  p99.9 {:>7.3} ms  errors {}  proxy CPU {}",
             l.achieved_rps,
             l.latency_us.p50 / 1000.0,
             l.latency_us.p99 / 1000.0,
@@ -664,7 +755,7 @@ fn print_step(kind: Kind, label: &str, s: &StepResult) {
             l.errors + l.unsent,
             cpu
         ),
-        (_, Some(b), _) => println!("   {:<8} {label:<5} {:>8.1} MB/s  proxy CPU {}", kind.name(), b.mb_per_s, cpu),
+        (_, Some(b), _) => println!("   {name:<12} {label:<5} {:>8.1} MB/s  proxy CPU {}", b.mb_per_s, cpu),
         _ => {}
     }
 }

@@ -23,7 +23,22 @@
 //!   same as for `http` (it tells the ports apart on the server side); HAProxy `proto h2` on
 //!   every hop; nginx `listen … http2` and `grpc_pass` (HTTP/2 upstream, one call per
 //!   upstream connection at a time: nginx does not multiplex upstream).
+//!
+//! `--mode mtls` is `http` and `grpc` with mutual TLS between the pair (`SideCtx::tls`: the
+//! side's certificate from the run's test CA, see `pki`), TLS 1.3 on both sides; the app's
+//! hops stay plaintext. What each side checks of the other:
+//! - Envoy: `UpstreamTlsContext` on the client side's cluster, ALPN h2, the server's URI SAN
+//!   (`match_typed_subject_alt_names`); `DownstreamTlsContext` with
+//!   `require_client_certificate` on the server side's filter chains, the client's URI SAN.
+//! - HAProxy: `ssl verify required ca-file … crt … verifyhost <server's DNS SAN> alpn h2` on
+//!   the client side's server line; `ssl crt … ca-file … verify required alpn h2` on the
+//!   server side's bind (the chain only: HAProxy cannot match a URI SAN).
+//! - nginx: `proxy_ssl`/`grpc_ssl` with `_verify on` and `_name <server's DNS SAN>` on the
+//!   client side (nginx checks DNS SANs and CN, never URIs); `ssl_verify_client on` with
+//!   `ssl_client_certificate` on the server side (the chain only). No ALPN towards
+//!   `proxy_pass` upstreams: HTTP/1.1 between the pair as in HTTP mode.
 
+use super::pki::{self, SideTls};
 use anyhow::{bail, Context, Result};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
@@ -70,6 +85,14 @@ impl Side {
         match self {
             Side::Client => 15001,
             Side::Server => 15006,
+        }
+    }
+
+    /// The other end of the pair.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Server,
+            Side::Server => Side::Client,
         }
     }
 }
@@ -346,6 +369,8 @@ pub struct SideCtx<'a> {
     pub proto: Proto,
     /// Envoy in HTTP mode: the app's gRPC port (HTTP/2 to the app on the server side).
     pub grpc_port: u16,
+    /// `--mode mtls`: this side's TLS files; mutual TLS between the pair.
+    pub tls: Option<SideTls>,
 }
 
 /// Writes the config for one side and returns the command line that runs it in the foreground.
@@ -353,10 +378,15 @@ pub fn prepare(bin: &PeerBin, ctx: &SideCtx<'_>) -> Result<(PathBuf, Vec<String>
     let cfg = ctx
         .dir
         .join(format!("{}.{}", bin.peer.name(), bin.peer.config_ext()));
+    if ctx.tls.is_some() && ctx.proto == Proto::Tcp {
+        bail!("the bench runs mTLS only around HTTP and gRPC, not opaque TCP");
+    }
     let text = match bin.peer {
         Peer::Envoy => match ctx.proto {
             Proto::Tcp => envoy_config(ctx.side),
-            Proto::Http | Proto::Grpc => envoy_http_config(ctx.side, ctx.grpc_port),
+            Proto::Http | Proto::Grpc => {
+                envoy_http_config(ctx.side, ctx.grpc_port, ctx.tls.as_ref())
+            }
         },
         Peer::Haproxy => haproxy_config(ctx),
         Peer::Nginx => nginx_config(ctx, bin.module.as_deref()),
@@ -466,15 +496,67 @@ fn envoy_passthrough_cluster(name: &str, http2: bool, bind: &str) -> String {
     )
 }
 
+/// Envoy's TLS transport socket for one side of the pair (`--mode mtls`), indented by
+/// `indent` spaces: TLS 1.3, ALPN h2, the side's certificate, and the other side's SPIFFE id
+/// required as the URI SAN of its certificate. The client side's (`UpstreamTlsContext`)
+/// goes on its cluster, the server side's (`DownstreamTlsContext`, a client certificate
+/// required) on every filter chain of its listener.
+fn envoy_tls_socket(side: Side, tls: &SideTls, indent: usize) -> String {
+    let (context, extra) = match side {
+        Side::Client => (
+            "UpstreamTlsContext",
+            format!("    sni: {}\n", pki::dns_name(Side::Server)),
+        ),
+        Side::Server => (
+            "DownstreamTlsContext",
+            "    require_client_certificate: true\n".to_string(),
+        ),
+    };
+    let text = format!(
+        r#"transport_socket:
+  name: envoy.transport_sockets.tls
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{context}
+{extra}    common_tls_context:
+      tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}
+      alpn_protocols: [h2]
+      tls_certificates:
+      - certificate_chain: {{filename: {cert}}}
+        private_key: {{filename: {key}}}
+      validation_context:
+        trusted_ca: {{filename: {ca}}}
+        match_typed_subject_alt_names:
+        - san_type: URI
+          matcher: {{exact: "{peer}"}}
+"#,
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+        ca = tls.ca.display(),
+        peer = pki::spiffe_id(side.other()),
+    );
+    let pad = " ".repeat(indent);
+    text.lines().map(|l| format!("{pad}{l}\n")).collect()
+}
+
 /// Envoy in HTTP mode. Client side: `original_dst` listener filter, HTTP connection manager,
 /// `ORIGINAL_DST` cluster with explicit HTTP/2, so the hop between the pair is one multiplexed
 /// HTTP/2 connection per server port. Server side: the same manager accepts that HTTP/2 (or
 /// HTTP/1.1) and forwards to the original destination from 127.0.0.6 (as in L4): HTTP/1.1 to
 /// the app, except on `grpc_port` (a filter chain of its own), where the app speaks HTTP/2.
-pub fn envoy_http_config(side: Side, grpc_port: u16) -> String {
+/// With `tls` (`--mode mtls`), the hop between the pair is mutual TLS (see `envoy_tls_socket`).
+pub fn envoy_http_config(side: Side, grpc_port: u16, tls: Option<&SideTls>) -> String {
+    let socket = |indent| {
+        tls.map(|t| envoy_tls_socket(side, t, indent))
+            .unwrap_or_default()
+    };
+    let mtls = if tls.is_some() {
+        ", mutual TLS between the pair"
+    } else {
+        ""
+    };
     match side {
         Side::Client => format!(
-            r#"# Envoy, client side of the pair: HTTP from port 15001 to each connection's original destination, HTTP/2 upstream.
+            r#"# Envoy, client side of the pair: HTTP from port 15001 to each connection's original destination, HTTP/2 upstream{mtls}.
 static_resources:
   listeners:
   - name: outbound
@@ -483,15 +565,16 @@ static_resources:
 {ENVOY_ORIGINAL_DST}    filter_chains:
     - filters:
 {hcm}  clusters:
-{cluster}"#,
+{cluster}{socket}"#,
             hcm = envoy_hcm("outbound", "outbound_passthrough"),
             cluster = envoy_passthrough_cluster("outbound_passthrough", true, ""),
+            socket = socket(4),
         ),
         Side::Server => {
             let bind =
                 "    upstream_bind_config:\n      source_address: {address: 127.0.0.6, port_value: 0}\n";
             format!(
-                r#"# Envoy, server side of the pair: HTTP/2 (or HTTP/1.1) from port 15006 to the app at the original destination, HTTP/1.1 (gRPC port {grpc_port}: HTTP/2).
+                r#"# Envoy, server side of the pair: HTTP/2 (or HTTP/1.1) from port 15006 to the app at the original destination, HTTP/1.1 (gRPC port {grpc_port}: HTTP/2){mtls}.
 static_resources:
   listeners:
   - name: inbound
@@ -500,11 +583,12 @@ static_resources:
 {ENVOY_ORIGINAL_DST}    filter_chains:
     - filter_chain_match: {{destination_port: {grpc_port}}}
       filters:
-{hcm_grpc}    - filters:
-{hcm_http}  clusters:
+{hcm_grpc}{socket}    - filters:
+{hcm_http}{socket}  clusters:
 {h1}{h2}"#,
                 hcm_grpc = envoy_hcm("inbound_grpc", "inbound_h2"),
                 hcm_http = envoy_hcm("inbound", "inbound_h1"),
+                socket = socket(6),
                 h1 = envoy_passthrough_cluster("inbound_h1", false, bind),
                 h2 = envoy_passthrough_cluster("inbound_h2", true, bind),
             )
@@ -544,6 +628,31 @@ pub fn haproxy_config(ctx: &SideCtx<'_>) -> String {
             "gRPC, HTTP/2 on both hops",
         ),
     };
+    // --mode mtls: TLS 1.3 between the pair, each side's certificate checked against the
+    // test CA; the client side also checks the server's DNS SAN (no URI SAN matching in
+    // HAProxy). `alpn h2` beside `proto h2`: what the other side negotiates.
+    let (bind_tls, server_tls, what_tls) = match (&ctx.tls, ctx.side) {
+        (None, _) => (String::new(), String::new(), ""),
+        (Some(t), Side::Server) => (
+            format!(
+                " ssl crt {} ca-file {} verify required alpn h2 ssl-min-ver TLSv1.3",
+                t.cert_and_key.display(),
+                t.ca.display()
+            ),
+            String::new(),
+            ", mutual TLS from the client side",
+        ),
+        (Some(t), Side::Client) => (
+            String::new(),
+            format!(
+                " ssl crt {} ca-file {} verify required verifyhost {} alpn h2 ssl-min-ver TLSv1.3",
+                t.cert_and_key.display(),
+                t.ca.display(),
+                pki::dns_name(Side::Server)
+            ),
+            ", mutual TLS to the server side",
+        ),
+    };
     // Idle upstream connections are shared by every client connection (HTTP modes).
     let reuse = if mode == "http" {
         "    http-reuse always\n"
@@ -551,7 +660,7 @@ pub fn haproxy_config(ctx: &SideCtx<'_>) -> String {
         ""
     };
     format!(
-        r#"# HAProxy, {side} side of the pair: {what}, from port {port} to {up}.
+        r#"# HAProxy, {side} side of the pair: {what}{what_tls}, from port {port} to {up}.
 global
     nbthread 1
     # HAProxy needs about two descriptors per connection; this fits the default 20k limit.
@@ -565,11 +674,11 @@ defaults
     timeout server 120s
 
 frontend capture
-    bind 0.0.0.0:{port}{bind}
+    bind 0.0.0.0:{port}{bind}{bind_tls}
     default_backend upstream
 
 backend upstream
-{reuse}    server app {up}{server}
+{reuse}    server app {up}{server}{server_tls}
 "#,
         side = ctx.side.as_str(),
         port = ctx.side.port(),
@@ -587,6 +696,49 @@ pub fn nginx_config(ctx: &SideCtx<'_>, module: Option<&Path>) -> String {
         .iter()
         .map(|t| format!("    {t}_temp_path {}/{t}_temp;\n", ctx.dir.display()))
         .collect();
+    // --mode mtls: the server side requires a client certificate from the test CA; the
+    // client side checks the server's chain and DNS SAN (nginx does not match URI SANs).
+    let (server_tls, client_tls) = match (&ctx.tls, ctx.side) {
+        (Some(t), Side::Server) => (Some(t), None),
+        (Some(t), Side::Client) => (None, Some(t)),
+        (None, _) => (None, None),
+    };
+    let listen_ssl = if server_tls.is_some() { " ssl" } else { "" };
+    let server_tls = server_tls
+        .map(|t| {
+            format!(
+                "        ssl_certificate {};\n        ssl_certificate_key {};\n        ssl_protocols TLSv1.3;\n        ssl_client_certificate {};\n        ssl_verify_client on;\n",
+                t.cert.display(),
+                t.key.display(),
+                t.ca.display()
+            )
+        })
+        .unwrap_or_default();
+    // The same directives for proxy_pass and grpc_pass, by prefix.
+    let upstream_tls = |p: &str| {
+        client_tls
+            .map(|t| {
+                format!(
+                    "            {p}_ssl_certificate {};\n            {p}_ssl_certificate_key {};\n            {p}_ssl_trusted_certificate {};\n            {p}_ssl_verify on;\n            {p}_ssl_name {};\n            {p}_ssl_server_name on;\n            {p}_ssl_protocols TLSv1.3;\n",
+                    t.cert.display(),
+                    t.key.display(),
+                    t.ca.display(),
+                    pki::dns_name(Side::Server)
+                )
+            })
+            .unwrap_or_default()
+    };
+    let (proxy_tls, grpc_tls) = (upstream_tls("proxy"), upstream_tls("grpc"));
+    let (proxy_scheme, grpc_scheme) = if client_tls.is_some() {
+        ("https", "grpcs")
+    } else {
+        ("http", "grpc")
+    };
+    let what_tls = match (&ctx.tls, ctx.side) {
+        (None, _) => "",
+        (Some(_), Side::Server) => ", mutual TLS from the client side",
+        (Some(_), Side::Client) => ", mutual TLS to the server side",
+    };
     let (load, what, body) = match ctx.proto {
         Proto::Tcp => (
             module
@@ -623,15 +775,15 @@ pub fn nginx_config(ctx: &SideCtx<'_>, module: Option<&Path>) -> String {
         keepalive_timeout 120s;
     }}
     server {{
-        listen 0.0.0.0:{port};
-        location / {{
-            proxy_pass http://app;
+        listen 0.0.0.0:{port}{listen_ssl};
+{server_tls}        location / {{
+            proxy_pass {proxy_scheme}://app;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $http_host;
             proxy_connect_timeout 5s;
             proxy_read_timeout 120s;
-        }}
+{proxy_tls}        }}
     }}
 }}
 "#
@@ -652,12 +804,12 @@ pub fn nginx_config(ctx: &SideCtx<'_>, module: Option<&Path>) -> String {
         keepalive_timeout 120s;
     }}
     server {{
-        listen 0.0.0.0:{port} http2;
-        location / {{
-            grpc_pass grpc://app;
+        listen 0.0.0.0:{port}{listen_ssl} http2;
+{server_tls}        location / {{
+            grpc_pass {grpc_scheme}://app;
             grpc_connect_timeout 5s;
             grpc_read_timeout 120s;
-        }}
+{grpc_tls}        }}
     }}
 }}
 "#
@@ -665,7 +817,7 @@ pub fn nginx_config(ctx: &SideCtx<'_>, module: Option<&Path>) -> String {
         ),
     };
     format!(
-        r#"# nginx, {side} side of the pair: {what}, from port {port} to {up}.
+        r#"# nginx, {side} side of the pair: {what}{what_tls}, from port {port} to {up}.
 {load}daemon off;
 worker_processes 1;
 pid {dir}/nginx.pid;
@@ -708,6 +860,7 @@ mod tests {
             port: 8080,
             proto: Proto::Tcp,
             grpc_port: 8081,
+            tls: None,
         };
         let server = SideCtx {
             side: Side::Server,
@@ -716,6 +869,7 @@ mod tests {
             port: 9000,
             proto: Proto::Tcp,
             grpc_port: 8081,
+            tls: None,
         };
         assert!(haproxy_config(&client).contains("bind 0.0.0.0:15001"));
         assert!(haproxy_config(&client).contains("server app 198.18.0.3:8080"));
@@ -736,12 +890,13 @@ mod tests {
             port,
             proto,
             grpc_port: 8081,
+            tls: None,
         }
     }
 
     #[test]
     fn envoy_in_http_mode_speaks_http2_between_the_pair_and_http1_to_the_app() {
-        let client = envoy_http_config(Side::Client, 8081);
+        let client = envoy_http_config(Side::Client, 8081, None);
         assert!(
             client.contains("envoy.filters.listener.original_dst"),
             "{client}"
@@ -751,7 +906,7 @@ mod tests {
         assert!(client.contains("type: ORIGINAL_DST"));
         assert!(client.contains("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"));
         assert!(client.contains("http2_protocol_options: {}"));
-        let server = envoy_http_config(Side::Server, 8081);
+        let server = envoy_http_config(Side::Server, 8081, None);
         assert!(server.contains("port_value: 15006"), "{server}");
         assert!(server.contains("filter_chain_match: {destination_port: 8081}"));
         assert_eq!(server.matches("address: 127.0.0.6").count(), 2);
@@ -801,6 +956,87 @@ mod tests {
         assert!(g.contains("listen 0.0.0.0:15006 http2;"), "{g}");
         assert!(g.contains("server 127.0.0.1:8081;"));
         assert!(g.contains("grpc_pass grpc://app;"));
+    }
+
+    fn mtls_ctx(side: Side, port: u16, proto: Proto) -> SideCtx<'static> {
+        SideCtx {
+            tls: Some(SideTls::in_dir(Path::new("/run/x"))),
+            ..ctx(side, port, proto)
+        }
+    }
+
+    #[test]
+    fn envoy_in_mtls_mode_checks_the_other_sides_uri_san_on_both_sides() {
+        let tls = SideTls::in_dir(Path::new("/run/x"));
+        let client = envoy_http_config(Side::Client, 8081, Some(&tls));
+        assert!(client.contains("v3.UpstreamTlsContext"), "{client}");
+        assert!(client.contains("sni: server.bench.svc.cluster.local"));
+        assert!(client.contains("matcher: {exact: \"spiffe://cluster.local/ns/bench/sa/server\"}"));
+        assert!(client.contains("alpn_protocols: [h2]"));
+        assert!(client.contains("tls_minimum_protocol_version: TLSv1_3"));
+        assert!(client.contains("certificate_chain: {filename: /run/x/cert.pem}"));
+        // On the cluster (four spaces in), not on the app-facing listener.
+        assert!(client.contains("\n    transport_socket:\n"), "{client}");
+        assert_eq!(client.matches("transport_socket:").count(), 1);
+        let server = envoy_http_config(Side::Server, 8081, Some(&tls));
+        assert!(server.contains("v3.DownstreamTlsContext"), "{server}");
+        assert!(server.contains("require_client_certificate: true"));
+        assert!(server.contains("matcher: {exact: \"spiffe://cluster.local/ns/bench/sa/client\"}"));
+        // Both filter chains (HTTP and gRPC) require it.
+        assert_eq!(
+            server.matches("\n      transport_socket:\n").count(),
+            2,
+            "{server}"
+        );
+        assert!(!envoy_http_config(Side::Server, 8081, None).contains("transport_socket"));
+    }
+
+    #[test]
+    fn haproxy_in_mtls_mode_requires_certificates_from_the_ca_both_ways() {
+        let c = haproxy_config(&mtls_ctx(Side::Client, 8080, Proto::Http));
+        assert!(
+            c.contains("server app 198.18.0.3:8080 proto h2 ssl crt /run/x/cert-and-key.pem ca-file /run/x/ca.pem verify required verifyhost server.bench.svc.cluster.local alpn h2 ssl-min-ver TLSv1.3\n"),
+            "{c}"
+        );
+        assert!(c.contains("bind 0.0.0.0:15001\n"), "{c}");
+        let s = haproxy_config(&mtls_ctx(Side::Server, 8081, Proto::Grpc));
+        assert!(
+            s.contains("bind 0.0.0.0:15006 proto h2 ssl crt /run/x/cert-and-key.pem ca-file /run/x/ca.pem verify required alpn h2 ssl-min-ver TLSv1.3\n"),
+            "{s}"
+        );
+        assert!(s.contains("server app 127.0.0.1:8081 proto h2\n"), "{s}");
+    }
+
+    #[test]
+    fn nginx_in_mtls_mode_verifies_upstream_and_requires_client_certificates() {
+        let c = nginx_config(&mtls_ctx(Side::Client, 8080, Proto::Http), None);
+        assert!(c.contains("listen 0.0.0.0:15001;"), "{c}");
+        assert!(c.contains("proxy_pass https://app;"));
+        assert!(c.contains("keepalive 64;"));
+        for d in [
+            "proxy_ssl_certificate /run/x/cert.pem;",
+            "proxy_ssl_certificate_key /run/x/key.pem;",
+            "proxy_ssl_trusted_certificate /run/x/ca.pem;",
+            "proxy_ssl_verify on;",
+            "proxy_ssl_name server.bench.svc.cluster.local;",
+            "proxy_ssl_protocols TLSv1.3;",
+        ] {
+            assert!(c.contains(d), "{d}: {c}");
+        }
+        assert!(!c.contains("ssl_verify_client"));
+        let g = nginx_config(&mtls_ctx(Side::Client, 8081, Proto::Grpc), None);
+        assert!(g.contains("grpc_pass grpcs://app;"), "{g}");
+        assert!(g.contains("grpc_ssl_verify on;") && !g.contains("proxy_ssl"));
+        let s = nginx_config(&mtls_ctx(Side::Server, 8080, Proto::Http), None);
+        assert!(s.contains("listen 0.0.0.0:15006 ssl;"), "{s}");
+        assert!(s.contains("ssl_verify_client on;"));
+        assert!(s.contains("ssl_client_certificate /run/x/ca.pem;"));
+        assert!(s.contains("proxy_pass http://app;"));
+        let sg = nginx_config(&mtls_ctx(Side::Server, 8081, Proto::Grpc), None);
+        assert!(sg.contains("listen 0.0.0.0:15006 ssl http2;"), "{sg}");
+        assert!(sg.contains("grpc_pass grpc://app;"));
+        let plain = nginx_config(&ctx(Side::Server, 8080, Proto::Http), None);
+        assert!(!plain.contains("ssl"), "{plain}");
     }
 
     #[test]

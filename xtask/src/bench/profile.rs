@@ -49,7 +49,7 @@ const EVENTS: &[&str] = &[
     "syscalls:sys_enter_clock_gettime",
 ];
 
-pub fn run(env: &Env, kinds: &[Kind], quick: bool) -> Result<()> {
+pub fn run(env: &Env, kinds: &[Kind], quick: bool, mode: super::Mode) -> Result<()> {
     if which_perf().is_none() {
         bail!("perf is not installed (Debian package linux-perf)");
     }
@@ -68,7 +68,7 @@ pub fn run(env: &Env, kinds: &[Kind], quick: bool) -> Result<()> {
             Some(p) => Some(peers::install(p, &env.bench_bin)?),
             None => None,
         };
-        let mut running = Running::start(env, kind, bin.as_ref())?;
+        let mut running = Running::start(env, kind, mode, bin.as_ref())?;
         let section = profile_one(env, &mut running, &events, window)
             .with_context(|| format!("profiling {}", kind.name()))?;
         drop(running);
@@ -182,7 +182,7 @@ fn profile_one(env: &Env, r: &mut Running, events: &[&str], window: f64) -> Resu
 
     let mut md = summarise(name, window, &stats, &self_report);
     // 3. (L4 only: an HTTP proxy carries no raw TCP stream.)
-    if env.mode == super::Mode::L4 {
+    if r.mode == super::Mode::L4 {
         md.push_str(&profile_bulk(env, r, events, window, load_for)?);
     }
     Ok(md)

@@ -4,13 +4,19 @@
 //! Each figure is printed beside its ratio to the best peer (Envoy, HAProxy, nginx) of the
 //! same run: `figure ÷ best peer's figure`. Lower is better for latency, CPU and memory (the
 //! best peer is the lowest), higher for throughput (the best peer is the highest).
+//!
+//! A run of `--mode http,mtls` is two reports, one per mode (`Saved::Runs`), and the
+//! Markdown adds "the cost of mTLS": per scenario, the mTLS figure beside the HTTP one and
+//! the difference (`mtls_cost`). Two results.json of separate runs, one of each mode, give
+//! the same section (`--report A --report B`).
 
 use super::load::{BulkReport, LoadReport, Percentiles};
 use super::scenarios::Kind;
-use super::{Env, Plan};
+use super::{Mode, Plan};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::Path;
 use std::process::Command;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -79,6 +85,10 @@ pub struct ScenarioReport {
     /// Why the gRPC steps did not run (HTTP mode), when they did not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc_error: Option<String>,
+    /// mTLS mode: what the check of the pair's mutual TLS saw (the peers' probes, Muon's
+    /// TLS counters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls_check: Option<String>,
 }
 
 impl ScenarioReport {
@@ -90,6 +100,7 @@ impl ScenarioReport {
             rss_end_kib: BTreeMap::new(),
             steps: BTreeMap::new(),
             grpc_error: None,
+            mtls_check: None,
         }
     }
 
@@ -184,7 +195,7 @@ pub struct Meta {
 }
 
 impl Meta {
-    pub fn collect(env: &Env, quick: bool) -> Meta {
+    pub fn collect(mode: Mode, quick: bool) -> Meta {
         let args: Vec<String> = std::env::args().skip(1).collect();
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
@@ -212,7 +223,7 @@ impl Meta {
             date_utc: stamp("%Y-%m-%d %H:%M UTC"),
             command: format!("cargo xtask {}", args.join(" ")),
             quick,
-            mode: env.mode,
+            mode,
             machine: Machine {
                 cores: std::thread::available_parallelism()
                     .map(|n| n.get())
@@ -258,6 +269,36 @@ impl RunReport {
             elapsed_s,
         }
     }
+}
+
+/// What a results.json holds: one run (one mode), or the runs of `--mode http,mtls`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Saved {
+    Runs { runs: Vec<RunReport> },
+    One(Box<RunReport>),
+}
+
+impl From<Vec<RunReport>> for Saved {
+    fn from(mut runs: Vec<RunReport>) -> Saved {
+        if runs.len() == 1 {
+            Saved::One(Box::new(runs.remove(0)))
+        } else {
+            Saved::Runs { runs }
+        }
+    }
+}
+
+/// The runs in a results.json.
+pub fn read(path: &Path) -> anyhow::Result<Vec<RunReport>> {
+    use anyhow::Context;
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let saved: Saved = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a results.json", path.display()))?;
+    Ok(match saved {
+        Saved::One(r) => vec![*r],
+        Saved::Runs { runs } => runs,
+    })
 }
 
 /// `date -u` in a format (no clock crate for one timestamp).
@@ -375,7 +416,7 @@ fn cell(v: Option<f64>, best: Option<f64>, fmt: &dyn Fn(f64) -> String) -> Strin
 pub fn markdown(r: &RunReport) -> String {
     let mut md = String::new();
     let m = &r.meta;
-    let http = m.mode == super::Mode::Http;
+    let http = m.mode != Mode::L4;
     let _ = writeln!(
         md,
         "### {} — {}{}",
@@ -414,11 +455,35 @@ pub fn markdown(r: &RunReport) -> String {
             "- gRPC: unary calls (64-byte request, 1 KiB answer, `grpc-status: 0` in trailers) to `demo-shop echo-grpc`, HTTP/2 from the app to the app over {} connections (port `protocol: grpc` for Muon); same durations",
             p.grpc_connections
         );
+        if m.mode == Mode::Mtls {
+            let _ = writeln!(
+                md,
+                "- mTLS: TLS 1.3 between the two proxies of each pair, the app's hops plaintext; the peers with ECDSA P-256 certificates from one test CA, URI SAN `spiffe://cluster.local/ns/bench/sa/<client|server>`: Envoy checks the other side's URI SAN on both sides; HAProxy and nginx check the chain on both sides and the server's DNS SAN on the client side (neither can match a URI SAN); Muon uses its own mesh certificates from its control plane"
+            );
+            let checks: Vec<String> = r
+                .scenarios
+                .iter()
+                .filter_map(|s| Some(format!("{}: {}", s.name.name(), s.mtls_check.as_ref()?)))
+                .collect();
+            if !checks.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "- mTLS checks at start (GETs to the server side from the client pod as the proxy's user): {}",
+                    checks.join("; ")
+                );
+            }
+        }
     } else {
         let _ = writeln!(
             md,
             "- workload: HTTP/1.1 keep-alive GET, 1 KiB answers, client pod → server pod through two proxies (one per pod, each on one thread); open loop {}s per rate after {}s warm-up, latency from the intended send time (coordinated omission corrected); closed loop {}s over {} connections; bulk: one TCP stream for {}s each way",
             p.latency_s, p.warmup_s, p.saturation_s, p.saturation_connections, p.bulk_s
+        );
+    }
+    if m.mode != Mode::Mtls {
+        let _ = writeln!(
+            md,
+            "- plaintext between the two proxies of every pair: Muon's lab has no control plane in this mode (`controlPlane: false`, the sidecars read the lab's static table), so its sidecars have no mesh certificates"
         );
     }
     let _ = writeln!(
@@ -563,7 +628,7 @@ pub fn markdown(r: &RunReport) -> String {
                 md,
                 "- **{} did not run the gRPC steps**: {}",
                 s.name.name(),
-                short(s.grpc_error.as_deref().unwrap_or(""))
+                short(s.grpc_error.as_deref().unwrap_or(""), 80)
             );
         }
         for &(rate, streams) in &p.grpc_rates {
@@ -659,7 +724,7 @@ fn latency_table(md: &mut String, r: &RunReport, key: &str, title: &str, grpc: b
                 .and_then(|x| x.error.clone())
                 .or_else(|| s.grpc_error.clone().filter(|_| grpc))
                 .unwrap_or_else(|| "not run".into());
-            let _ = writeln!(md, "{row}| {} | | | | | |", short(&why));
+            let _ = writeln!(md, "{row}| {} | | | | | |", short(&why, 80));
             continue;
         };
         for pick in picks {
@@ -710,21 +775,181 @@ fn mib(kib: u64) -> Option<f64> {
     (kib > 0).then(|| kib as f64 / 1024.0)
 }
 
-fn short(s: &str) -> String {
+/// One line of at most `max` characters (and no `|`, for tables).
+pub fn short(s: &str, max: usize) -> String {
     let one_line = s.replace('\n', " ").replace('|', "/");
-    if one_line.chars().count() > 80 {
-        format!("{}…", one_line.chars().take(80).collect::<String>())
+    if one_line.chars().count() > max {
+        format!("{}…", one_line.chars().take(max).collect::<String>())
     } else {
         one_line
     }
 }
 
-fn mode_title(mode: super::Mode) -> &'static str {
+fn mode_title(mode: Mode) -> &'static str {
     match mode {
-        super::Mode::L4 => "L4 (TCP forwarding)",
-        super::Mode::Http => "HTTP",
-        super::Mode::Mtls => "mTLS",
+        Mode::L4 => "L4 (TCP forwarding)",
+        Mode::Http => "HTTP",
+        Mode::Mtls => "mTLS",
     }
+}
+
+/// Every run's tables, one after the other; with an HTTP and an mTLS run among them, the
+/// cost of mTLS between the two (the last of each).
+pub fn markdown_runs(runs: &[RunReport]) -> String {
+    let mut md = String::new();
+    for (i, r) in runs.iter().enumerate() {
+        if i > 0 {
+            md.push('\n');
+        }
+        md.push_str(&markdown(r));
+    }
+    let last = |mode| runs.iter().rev().find(|r| r.meta.mode == mode);
+    if let (Some(http), Some(mtls)) = (last(Mode::Http), last(Mode::Mtls)) {
+        md.push('\n');
+        md.push_str(&mtls_cost(http, mtls));
+    }
+    md
+}
+
+/// A scenario's added latency (its percentile minus direct's in the same run), in ms.
+fn added_ms(r: &RunReport, s: &ScenarioReport, key: &str, pick: Pick) -> Option<f64> {
+    let direct = r
+        .scenarios
+        .iter()
+        .find(|s| s.name == Kind::Direct && s.error.is_none())?;
+    let own = s.step(key)?.percentile(pick)?;
+    let base = direct.step(key)?.percentile(pick)?;
+    Some((own - base) / 1000.0)
+}
+
+type Pick = fn(&Percentiles) -> f64;
+
+/// One column of the cost table: (header, the figure in one run, decimals, relative).
+type CostColumn = (
+    String,
+    Box<dyn Fn(&RunReport, &ScenarioReport) -> Option<f64>>,
+    usize,
+    bool,
+);
+
+/// "The cost of mTLS": per scenario, the mTLS run's figure beside the HTTP run's and the
+/// difference: added latency (each against its own run's direct), CPU per request, and
+/// throughput (relative).
+pub fn mtls_cost(http: &RunReport, mtls: &RunReport) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "### The cost of mTLS");
+    let _ = writeln!(md);
+    let same_run =
+        http.meta.date_utc == mtls.meta.date_utc && http.meta.command == mtls.meta.command;
+    let when = if same_run {
+        format!(
+            "the same run (`{}`, {}): both modes' labs were up at once and every step visited them in turn",
+            mtls.meta.command, mtls.meta.date_utc
+        )
+    } else {
+        format!(
+            "two runs: HTTP mode on {}, mTLS mode on {} (whatever else changed on the machine between them is in the difference)",
+            http.meta.date_utc, mtls.meta.date_utc
+        )
+    };
+    let _ = writeln!(
+        md,
+        "What mutual TLS between the two proxies adds to the same pair in HTTP mode, from {when}. Each cell: HTTP → mTLS (difference); latency is added latency (against each mode's direct path), CPU is both proxies' ms per 1,000 requests."
+    );
+    let tables = [
+        ("HTTP/1.1 from the app", "open_", "closed", &mtls.plan.rates),
+        (
+            "gRPC unary",
+            "grpc_open_",
+            "grpc_closed",
+            &mtls.plan.grpc_rates,
+        ),
+    ];
+    for (title, open, closed, rates) in tables {
+        if rates.is_empty() {
+            continue;
+        }
+        let unit = if open.starts_with("grpc") {
+            "calls"
+        } else {
+            "req"
+        };
+        let mut columns: Vec<CostColumn> = Vec::new();
+        for &(rate, _) in rates {
+            let picks: [(&str, Pick); 2] = [("p50", |l| l.p50), ("p99", |l| l.p99)];
+            for (name, pick) in picks {
+                let key = format!("{open}{rate}");
+                columns.push((
+                    format!("added {name} at {rate}/s, ms"),
+                    Box::new(move |r, s| added_ms(r, s, &key, pick)),
+                    3,
+                    false,
+                ));
+            }
+        }
+        for &(rate, _) in rates {
+            let key = format!("{open}{rate}");
+            columns.push((
+                format!("CPU ms / 1k {unit} at {rate}/s"),
+                Box::new(move |_, s| s.step(&key)?.cpu_per_1k()),
+                1,
+                false,
+            ));
+        }
+        let closed = closed.to_string();
+        columns.push((
+            format!("max {unit}/s"),
+            Box::new(move |_, s| Some(s.latency(&closed)?.achieved_rps)),
+            0,
+            true,
+        ));
+        let _ = writeln!(md);
+        let _ = writeln!(md, "#### {title}: HTTP → mTLS");
+        let _ = writeln!(md);
+        let names: Vec<&str> = columns.iter().map(|c| c.0.as_str()).collect();
+        let _ = writeln!(md, "| scenario | {} |", names.join(" | "));
+        let _ = writeln!(md, "| --- |{}", " --- |".repeat(columns.len()));
+        for s in mtls.scenarios.iter().filter(|s| s.name != Kind::Direct) {
+            let name = s.name.name();
+            let Some(h) = http.scenarios.iter().find(|h| h.name == s.name) else {
+                let _ = writeln!(
+                    md,
+                    "| {name} | not in the HTTP run |{}",
+                    " |".repeat(columns.len() - 1)
+                );
+                continue;
+            };
+            if s.steps.is_empty() || h.steps.is_empty() {
+                let why = match (&s.error, &h.error) {
+                    (Some(e), _) if s.steps.is_empty() => format!("mTLS: {}", short(e, 100)),
+                    (_, Some(e)) => format!("HTTP: {}", short(e, 100)),
+                    _ => "not run".into(),
+                };
+                let _ = writeln!(md, "| {name} | {why} |{}", " |".repeat(columns.len() - 1));
+                continue;
+            }
+            let mut row = format!("| {name} ");
+            for (_, fig, decimals, relative) in &columns {
+                let text = match (fig(http, h), fig(mtls, s)) {
+                    (Some(a), Some(b)) if *relative && a > 0.0 => {
+                        format!(
+                            "{a:.decimals$} → {b:.decimals$} ({:+.0}%)",
+                            (b / a - 1.0) * 100.0
+                        )
+                    }
+                    (Some(a), Some(b)) => {
+                        format!("{a:.decimals$} → {b:.decimals$} ({:+.decimals$})", b - a)
+                    }
+                    (Some(a), None) => format!("{a:.decimals$} → —"),
+                    (None, Some(b)) => format!("— → {b:.decimals$}"),
+                    (None, None) => "—".into(),
+                };
+                let _ = write!(row, "| {text} ");
+            }
+            let _ = writeln!(md, "{row}|");
+        }
+    }
+    md
 }
 
 #[cfg(test)]
@@ -848,6 +1073,70 @@ mod tests {
         assert!(md.contains("| nginx | nginx exited | | | | | |"), "{md}");
         assert!(
             md.contains("gRPC at 50 streams over 2 connections: muon 1"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn a_run_of_both_modes_reports_the_cost_of_mtls_per_scenario() {
+        let mode_run = |mode: Mode, envoy_p99: f64, envoy_cpu: f64, muon: Option<&str>| {
+            let mut m = scenario(Kind::Muon, 150.0, 6000.0, 100.0);
+            if let Some(why) = muon {
+                m = ScenarioReport::new(Kind::Muon);
+                m.fail(why.into());
+            }
+            let mut envoy = scenario(Kind::Envoy, envoy_p99, 4000.0, envoy_cpu);
+            if mode == Mode::Mtls {
+                envoy.mtls_check = Some("without a certificate: refused".into());
+                envoy
+                    .steps
+                    .get_mut("closed")
+                    .unwrap()
+                    .load
+                    .as_mut()
+                    .unwrap()
+                    .achieved_rps = 3000.0;
+            }
+            let mut r = run(vec![scenario(Kind::Direct, 100.0, 9000.0, 0.0), m, envoy]);
+            r.meta.mode = mode;
+            r.plan = Plan::new(false, mode);
+            r
+        };
+        let http = mode_run(Mode::Http, 300.0, 300.0, None);
+        let mtls = mode_run(
+            Mode::Mtls,
+            500.0,
+            400.0,
+            Some("start: Muon's sidecars did not use mTLS"),
+        );
+        let saved = serde_json::to_string(&Saved::from(vec![http.clone(), mtls.clone()])).unwrap();
+        let back: Saved = serde_json::from_str(&saved).unwrap();
+        assert!(matches!(&back, Saved::Runs { runs } if runs.len() == 2));
+        // One run is saved as before: a plain RunReport.
+        let one = serde_json::to_string(&Saved::from(vec![http.clone()])).unwrap();
+        assert!(serde_json::from_str::<RunReport>(&one).is_ok());
+
+        let md = markdown_runs(&[http, mtls]);
+        assert!(
+            md.contains("### HTTP — ") && md.contains("### mTLS — "),
+            "{md}"
+        );
+        assert!(md.contains("- mTLS checks at start (GETs to the server side from the client pod as the proxy's user): envoy: without a certificate: refused"), "{md}");
+        assert!(md.contains("### The cost of mTLS"), "{md}");
+        assert!(md.contains("from the same run"), "{md}");
+        assert!(
+            md.contains("#### HTTP/1.1 from the app: HTTP → mTLS"),
+            "{md}"
+        );
+        // Envoy: p99 added 0.200 → 0.400 ms; CPU 300 → 400 ms per 1k; max rps 4000 → 3000.
+        assert!(
+            md.contains("| envoy | 0.100 → 0.200 (+0.100) | 0.200 → 0.400 (+0.200) |"),
+            "{md}"
+        );
+        assert!(md.contains("| 300.0 → 400.0 (+100.0) |"), "{md}");
+        assert!(md.contains("| 4000 → 3000 (-25%) |"), "{md}");
+        assert!(
+            md.contains("| muon | mTLS: start: Muon's sidecars did not use mTLS |"),
             "{md}"
         );
     }

@@ -5,15 +5,26 @@
 //! - `direct`: `sidecar: false`, no capture, no proxy: the baseline.
 //! - `muon`: `sidecar: true`: the lab's own muon-init and muon-proxy in each pod. The client
 //!   calls the service's virtual IP, as an app in the mesh would. The service declares 8080
-//!   `tcp` in L4 mode and `http` in HTTP mode (and 8081 `grpc`).
+//!   `tcp` in L4 mode and `http` in HTTP mode (and 8081 `grpc`). In L4 and HTTP modes the
+//!   lab has no control plane (`controlPlane: false`: the sidecars read the lab's static
+//!   table), so the sidecars have no mesh certificates and are plaintext between them, as
+//!   the peers are; the smoke test checks that they counted no mTLS connection.
 //! - `envoy`, `haproxy`, `nginx`: `sidecar: false` pods in which the harness runs muon-init
 //!   itself (as root) and starts the peer as UID 1337 on each side (see `peers`).
+//!
+//! `--mode mtls` runs the labs of `--mode http` (labs `bench-<name>-mtls`, so both modes can
+//! be up at once). The peers get the run's test certificates (see `pki`) and must pass
+//! `check_peer_mtls` once at start; Muon's lab keeps its control plane, from which the
+//! sidecars take their own mesh certificates, and the smoke test fails the scenario unless
+//! their metrics show mTLS connections between them.
 //!
 //! A `Running` scenario owns its lab and its peer processes: dropping it stops the peers (by
 //! process group) and runs `muonctl lab down`, on success, on error and on panic alike.
 
 use super::peers::{self, Peer, PeerBin, Proto, Side, SideCtx};
+use super::pki::{self, TestPki};
 use super::procs::{self, Background};
+use super::tlsprobe::ProbeReport;
 use super::{Env, Mode};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -30,6 +41,7 @@ pub const BULK_PORT: u16 = 9000;
 pub const GRPC_PORT: u16 = 8081;
 /// The proxy user every sidecar runs as (muon-init's default exclusion).
 const PROXY_UID: &str = "1337";
+const PROXY_UID_NUM: u32 = 1337;
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize, Deserialize,
@@ -75,8 +87,17 @@ impl Kind {
         self.peer().is_some()
     }
 
-    pub fn lab(self) -> String {
-        format!("bench-{}", self.name())
+    /// The scenario in a mode, as the run names its lab and directories: `envoy`, or
+    /// `envoy-mtls` in mTLS mode (so that `--mode http,mtls` has both up at once).
+    pub fn label(self, mode: Mode) -> String {
+        match mode {
+            Mode::Mtls => format!("{}-mtls", self.name()),
+            Mode::L4 | Mode::Http => self.name().to_string(),
+        }
+    }
+
+    pub fn lab(self, mode: Mode) -> String {
+        format!("bench-{}", self.label(mode))
     }
 }
 
@@ -85,18 +106,28 @@ pub fn topology(kind: Kind, bin: &Path, mode: Mode) -> String {
     let sidecar = kind == Kind::Muon;
     let bench = bin.join("muon-bench").display().to_string();
     let shop = bin.join("demo-shop").display().to_string();
+    // mTLS mode runs HTTP mode's labs: TLS is between the proxies, not in the topology.
     let (protocol, grpc_app, grpc_port) = match mode {
-        Mode::L4 | Mode::Mtls => ("tcp", String::new(), String::new()),
-        Mode::Http => (
+        Mode::L4 => ("tcp", String::new(), String::new()),
+        Mode::Http | Mode::Mtls => (
             "http",
             format!("{shop} echo-grpc --port {GRPC_PORT} --size 1024 & "),
             format!("      - {{port: {GRPC_PORT}, protocol: grpc}}\n"),
         ),
     };
+    // The lab's control plane certifies every sidecar, and certified sidecars do mTLS with
+    // each other. In L4 and HTTP modes Muon's sidecars must be plaintext between them, as
+    // the peers are: no control plane, the lab's static table (the same services, ports and
+    // meshed endpoints), no certificates. mTLS mode keeps the control plane.
+    let control_plane = if sidecar && mode != Mode::Mtls {
+        "# Plaintext between the sidecars: no control plane, so no mesh certificates.\ncontrolPlane: false\n"
+    } else {
+        ""
+    };
     format!(
         r#"# cargo xtask bench: scenario {name}
 ipv6: false
-pods:
+{control_plane}pods:
   - name: client
     labels: {{app: client}}
     sidecar: {sidecar}
@@ -118,10 +149,10 @@ services:
 /// What a pair carries on a port in a mode.
 pub fn proto_for(mode: Mode, port: u16) -> Proto {
     match mode {
-        Mode::L4 | Mode::Mtls => Proto::Tcp,
-        Mode::Http if port == GRPC_PORT => Proto::Grpc,
-        Mode::Http if port == BULK_PORT => Proto::Tcp,
-        Mode::Http => Proto::Http,
+        Mode::L4 => Proto::Tcp,
+        Mode::Http | Mode::Mtls if port == GRPC_PORT => Proto::Grpc,
+        Mode::Http | Mode::Mtls if port == BULK_PORT => Proto::Tcp,
+        Mode::Http | Mode::Mtls => Proto::Http,
     }
 }
 
@@ -137,7 +168,7 @@ struct PeerPair {
 pub struct Running {
     pub kind: Kind,
     pub lab: String,
-    mode: Mode,
+    pub mode: Mode,
     muonctl: PathBuf,
     bench_bin: PathBuf,
     dir: PathBuf,
@@ -147,25 +178,35 @@ pub struct Running {
     /// The proxies' pids by side ("client", "server"); empty for direct.
     pub proxies: BTreeMap<String, Vec<i32>>,
     peer: Option<PeerPair>,
+    /// mTLS mode: the certificates the peers' sides get.
+    pki: Option<TestPki>,
+    /// mTLS mode: what `check_peer_mtls` (peers) or the smoke test (Muon) saw.
+    pub mtls_check: Option<String>,
 }
 
 impl Running {
-    /// Brings the scenario up: lab, capture, peers; then checks traffic flows through them.
-    pub fn start(env: &Env, kind: Kind, peer_bin: Option<&PeerBin>) -> Result<Running> {
-        let lab = kind.lab();
-        let dir = env.out.join("scenarios").join(kind.name());
+    /// Brings the scenario up in a mode: lab, capture, peers; then checks traffic flows
+    /// through them (and, in mTLS mode, that the pair does mutual TLS).
+    pub fn start(env: &Env, kind: Kind, mode: Mode, peer_bin: Option<&PeerBin>) -> Result<Running> {
+        let lab = kind.lab(mode);
+        let label = kind.label(mode);
+        let dir = env.out.join("scenarios").join(&label);
+        let pki = match mode {
+            Mode::Mtls => Some(env.pki.clone().context("mTLS mode without a test PKI")?),
+            Mode::L4 | Mode::Http => None,
+        };
         std::fs::create_dir_all(&dir)?;
         // Leftovers of an interrupted run hold the name.
         if Path::new("/run/muon/lab").join(&lab).exists() {
             procs::lab_down(&env.muonctl, &lab);
         }
         let topo = dir.join("topology.yaml");
-        std::fs::write(&topo, topology(kind, &env.bench_bin, env.mode))?;
+        std::fs::write(&topo, topology(kind, &env.bench_bin, mode))?;
         procs::register_lab(&env.muonctl, &lab);
         let mut running = Running {
             kind,
             lab: lab.clone(),
-            mode: env.mode,
+            mode,
             muonctl: env.muonctl.clone(),
             bench_bin: env.bench_bin.clone(),
             run_dir: env
@@ -173,12 +214,14 @@ impl Running {
                 .parent()
                 .unwrap_or(Path::new("/run/muon/bench"))
                 .join("run")
-                .join(kind.name()),
+                .join(&label),
             dir,
             server_ip: Ipv4Addr::UNSPECIFIED,
             vip: Ipv4Addr::UNSPECIFIED,
             proxies: BTreeMap::new(),
             peer: None,
+            pki,
+            mtls_check: None,
         };
         let (ok, out, err) = procs::run_bounded(
             Command::new(&env.muonctl)
@@ -197,7 +240,23 @@ impl Running {
             running.start_peer(bin.clone())?;
         }
         running.smoke()?;
+        if running.pki.is_some() && running.peer.is_some() {
+            running.mtls_check = Some(running.check_peer_mtls()?);
+        }
+        if running.pki.is_some() && kind == Kind::Muon {
+            // The smoke test has checked them; what they say, for the report.
+            let c = running.muon_http_counters()?;
+            running.mtls_check = Some(format!(
+                "muon_tls_connections_total{{result=\"ok\"}}: client sidecar outbound {}, server sidecar inbound {}",
+                c.client_tls_ok, c.server_tls_ok
+            ));
+        }
         Ok(running)
+    }
+
+    /// The run's name for this scenario in its mode (`envoy`, `envoy-mtls`).
+    pub fn label(&self) -> String {
+        self.kind.label(self.mode)
     }
 
     fn read_status(&mut self) -> Result<()> {
@@ -318,6 +377,10 @@ impl Running {
         ] {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
         }
+        let tls = match &self.pki {
+            Some(pki) => Some(pki.install(side, &dir, PROXY_UID_NUM)?),
+            None => None,
+        };
         let ctx = SideCtx {
             side,
             dir: &dir,
@@ -325,14 +388,16 @@ impl Running {
             port,
             proto: proto_for(self.mode, port),
             grpc_port: GRPC_PORT,
+            tls,
         };
         let (cfg, argv) = peers::prepare(bin, &ctx)?;
         // Kept with the run's results.
         let keep = self.dir.join(format!(
-            "{}-{}-port{port}-{}.{}",
+            "{}-{}-port{port}-{}{}.{}",
             bin.peer.name(),
             side.as_str(),
             ctx.proto.as_str(),
+            if ctx.tls.is_some() { "-mtls" } else { "" },
             ext(&cfg)
         ));
         std::fs::copy(&cfg, keep)?;
@@ -377,8 +442,8 @@ impl Running {
     }
 
     /// A few requests must get through, and through the capture rules when there are any;
-    /// in HTTP mode, Muon must have carried them as HTTP requests over HTTP/2 between the
-    /// sidecars.
+    /// in HTTP and mTLS modes, Muon must have carried them as HTTP requests over HTTP/2
+    /// between the sidecars, and in mTLS mode over mutual TLS.
     fn smoke(&self) -> Result<()> {
         let args = [
             "load".to_string(),
@@ -434,7 +499,7 @@ impl Running {
                 s.captured("server", "MUON_IN_REDIRECT")?,
             ))
         };
-        let http_mode = self.kind == Kind::Muon && self.mode == Mode::Http;
+        let http_mode = self.kind == Kind::Muon && matches!(self.mode, Mode::Http | Mode::Mtls);
         let counters_before = if http_mode {
             Some(self.muon_http_counters()?)
         } else {
@@ -459,6 +524,16 @@ impl Running {
                 bail!("{what}: no connection went through MUON_IN_REDIRECT in pod server: traffic bypassed the proxies");
             }
         }
+        if self.kind == Kind::Muon && self.mode != Mode::Mtls {
+            let c = self.muon_http_counters()?;
+            if c.client_tls_ok > 0.0 || c.server_tls_ok > 0.0 {
+                bail!(
+                    "{what}: Muon's sidecars did mTLS in a plaintext mode (muon_tls_connections_total{{result=\"ok\"}}: client sidecar outbound {}, server sidecar inbound {}): the comparison with the plaintext peers would not hold",
+                    c.client_tls_ok,
+                    c.server_tls_ok
+                );
+            }
+        }
         if let Some(before) = counters_before {
             let after = self.muon_http_counters()?;
             let delta = |f: fn(&MuonHttpCounters) -> f64| f(&after) - f(&before);
@@ -480,8 +555,107 @@ impl Running {
             if after.client_h2_upstreams < 1.0 {
                 bail!("{what}: the client sidecar opened no HTTP/2 connection to the server sidecar (muon_http_upstream_connections_total{{direction=\"outbound\",protocol=\"http2\"}} is 0)");
             }
+            if self.mode == Mode::Mtls {
+                self.check_muon_mtls(&after)?;
+            }
         }
         Ok(())
+    }
+
+    /// mTLS mode, Muon: both sidecars must count mTLS connections between them (the client's
+    /// outbound, the server's inbound handshakes that succeeded). Until this build's sidecars
+    /// do mTLS, the scenario fails here and the peers still run.
+    fn check_muon_mtls(&self, c: &MuonHttpCounters) -> Result<()> {
+        if c.client_tls_ok < 1.0 || c.server_tls_ok < 1.0 {
+            bail!(
+                "Muon's sidecars did not use mTLS (no muon_tls_connections_total{{result=\"ok\"}}): is this build's mTLS on? (client sidecar outbound: {}, server sidecar inbound: {})",
+                c.client_tls_ok,
+                c.server_tls_ok
+            );
+        }
+        Ok(())
+    }
+
+    /// mTLS mode, peers (once, at start, on the HTTP port): from the client pod, as the proxy
+    /// user (so the connection takes the client-side proxy's path to the server side), GETs
+    /// through the server-side proxy (1) with the client side's certificate: answered, TLS
+    /// 1.3, the server presenting its SPIFFE id; (2) without a certificate and (3) in
+    /// plaintext: not answered. Since the server side listens only for TLS and the smoke
+    /// test went through its capture, the pair's own connections were mutual TLS.
+    fn check_peer_mtls(&self) -> Result<String> {
+        let peer = self.kind.name();
+        let files = pki::SideTls::in_dir(&self.run_dir.join(Side::Client.as_str()));
+        let p = |f: &Path| f.display().to_string();
+        let base: Vec<String> = [
+            "tls-probe",
+            "--addr",
+            &SocketAddr::from((self.server_ip, HTTP_PORT)).to_string(),
+            "--server-name",
+            &pki::dns_name(Side::Server),
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let probe = |extra: &[String]| -> Result<ProbeReport> {
+            let mut args = base.clone();
+            args.extend_from_slice(extra);
+            self.run_tool_as(Some(PROXY_UID), &args, Duration::from_secs(30))
+                .context("running the TLS probe")
+        };
+        let ca = ["--ca".to_string(), p(&files.ca)];
+        let with_cert = [
+            ca.to_vec(),
+            vec![
+                "--cert".into(),
+                p(&files.cert),
+                "--key".into(),
+                p(&files.key),
+            ],
+        ]
+        .concat();
+        let with = probe(&with_cert)?;
+        let server_id = pki::spiffe_id(Side::Server);
+        if !with.answered() {
+            bail!(
+                "mTLS check: {peer}'s server side did not answer a client with the client side's certificate: {}",
+                with.refusal()
+            );
+        }
+        if with.version.as_deref() != Some("TLSv1_3") {
+            bail!(
+                "mTLS check: {peer}'s server side negotiated {:?}, not TLS 1.3",
+                with.version
+            );
+        }
+        if !with.peer_uris.contains(&server_id) {
+            bail!(
+                "mTLS check: {peer}'s server side presented {:?}, not {server_id}",
+                with.peer_uris
+            );
+        }
+        let without = probe(&ca)?;
+        if without.answered() {
+            bail!("mTLS check: {peer}'s server side answered a client that offered no certificate (status {:?}): it does not require mutual TLS", without.status);
+        }
+        let plain = probe(&["--plaintext".to_string()])?;
+        if plain.answered() {
+            bail!(
+                "mTLS check: {peer}'s server side answered a plaintext request (status {:?})",
+                plain.status
+            );
+        }
+        let summary = format!(
+            "with the client side's certificate: {} over {} ({}, ALPN {}), server certificate {server_id}; without a certificate: refused ({}); plaintext: refused ({})",
+            with.status.unwrap_or(0),
+            with.version.as_deref().unwrap_or("?"),
+            with.cipher.as_deref().unwrap_or("?"),
+            with.alpn.as_deref().unwrap_or("none"),
+            super::report::short(&without.refusal(), 60),
+            super::report::short(&plain.refusal(), 60),
+        );
+        println!("   {}: mTLS check: {summary}", self.label());
+        Ok(summary)
     }
 
     /// Muon's HTTP counters on both sidecars (their health port, from inside each pod).
@@ -503,6 +677,16 @@ impl Running {
                 &client,
                 "muon_http_upstream_connections_total",
                 &[("direction", "outbound"), ("protocol", "http2")],
+            ),
+            client_tls_ok: metric_sum(
+                &client,
+                "muon_tls_connections_total",
+                &[("direction", "outbound"), ("result", "ok")],
+            ),
+            server_tls_ok: metric_sum(
+                &server,
+                "muon_tls_connections_total",
+                &[("direction", "inbound"), ("result", "ok")],
             ),
         })
     }
@@ -567,9 +751,24 @@ impl Running {
         args: &[String],
         limit: Duration,
     ) -> Result<T> {
+        self.run_tool_as(None, args, limit)
+    }
+
+    /// `run_tool` as another user of the client pod (the proxy's, whose connections the
+    /// pod does not capture).
+    fn run_tool_as<T: serde::de::DeserializeOwned>(
+        &self,
+        user: Option<&str>,
+        args: &[String],
+        limit: Duration,
+    ) -> Result<T> {
+        let mut cmd = Command::new(&self.muonctl);
+        cmd.args(["lab", "exec", &self.lab, "client"]);
+        if let Some(u) = user {
+            cmd.args(["--user", u]);
+        }
         let (ok, out, err) = procs::run_bounded(
-            Command::new(&self.muonctl)
-                .args(["lab", "exec", &self.lab, "client", "--"])
+            cmd.arg("--")
                 .arg(self.bench_bin.join("muon-bench"))
                 .arg("bench")
                 .args(args),
@@ -647,6 +846,10 @@ struct MuonHttpCounters {
     client_requests_2xx: f64,
     server_requests_2xx: f64,
     client_h2_upstreams: f64,
+    /// mTLS mode: handshakes that succeeded, the client sidecar's outbound and the server
+    /// sidecar's inbound (`muon_tls_connections_total{direction, result="ok"}`).
+    client_tls_ok: f64,
+    server_tls_ok: f64,
 }
 
 /// The sum of a metric's samples whose labels include all of `labels` (Prometheus text).
@@ -742,6 +945,30 @@ mod tests {
         assert_eq!(proto_for(Mode::Http, 8080), Proto::Http);
         assert_eq!(proto_for(Mode::Http, 8081), Proto::Grpc);
         assert_eq!(proto_for(Mode::L4, 8081), Proto::Tcp);
+        // mTLS mode runs HTTP mode's labs (TLS is between the proxies), except that Muon's
+        // keeps the control plane that certifies its sidecars; in L4 and HTTP modes Muon's
+        // sidecars have no control plane and so no certificates: plaintext, as the peers.
+        let mtls = topology(Kind::Muon, bin, Mode::Mtls);
+        assert!(http.contains("\ncontrolPlane: false\n"), "{http}");
+        assert!(l4.contains("\ncontrolPlane: false\n"), "{l4}");
+        assert!(!mtls.contains("controlPlane"), "{mtls}");
+        assert_eq!(
+            mtls,
+            http.replace(
+                "# Plaintext between the sidecars: no control plane, so no mesh certificates.\ncontrolPlane: false\n",
+                ""
+            )
+        );
+        for kind in [Kind::Direct, Kind::Envoy, Kind::Haproxy, Kind::Nginx] {
+            assert_eq!(
+                topology(kind, bin, Mode::Mtls),
+                topology(kind, bin, Mode::Http)
+            );
+        }
+        assert_eq!(proto_for(Mode::Mtls, 8080), Proto::Http);
+        assert_eq!(proto_for(Mode::Mtls, 8081), Proto::Grpc);
+        assert_eq!(Kind::Envoy.lab(Mode::Mtls), "bench-envoy-mtls");
+        assert_eq!(Kind::Envoy.lab(Mode::Http), "bench-envoy");
     }
 
     #[test]
@@ -792,7 +1019,9 @@ mod tests {
             assert!(t.contains("echo --port 8080 --size 1024"));
             assert!(t.contains("bulk-server --port 9000"));
             assert!(t.contains("ipv6: false"));
-            assert!(kind.lab().len() <= 20);
+            for mode in [Mode::L4, Mode::Http, Mode::Mtls] {
+                assert!(kind.lab(mode).len() <= 20, "{}", kind.lab(mode));
+            }
         }
     }
 }
