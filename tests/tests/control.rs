@@ -265,7 +265,8 @@ fn a_generic_grpc_client_lists_the_services_through_reflection() {
         std::path::Path::new(&python).exists(),
         "{python} is missing: .ci/run creates it (python3 -m venv + pip install grpcio grpcio-reflection)"
     );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/grpc_reflect.py");
+    let script = muon_tests::clients().join("grpc_reflect.py");
+    let script = script.to_str().unwrap();
     let cp = lab.pod("muon-control")["ip"].as_str().unwrap().to_string();
     let addr = format!("{cp}:15010");
     // The control plane speaks TLS; the client trusts the mesh's root (no client

@@ -304,7 +304,9 @@ services: []
 "#,
     );
     let py = python();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/grpc_reflect.py");
+    // The copy the app's user can read (a checkout may be private to root).
+    let script = muon_tests::clients().join("grpc_reflect.py");
+    let script = script.to_str().unwrap();
     let cp = lab.pod("muon-control")["ip"].as_str().unwrap().to_string();
     let addr = format!("{cp}:15010");
     let bundle = format!("/run/muon/lab/{}/control/ca/trust-bundle.pem", lab.name);
