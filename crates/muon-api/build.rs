@@ -2,7 +2,9 @@
 //! code, plus a file descriptor set for gRPC reflection.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not with env!(): a build script compiled for one clone may be reused
+    // from a shared target dir by another clone at another path.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [
         "muon/v1/resources.proto",
         "muon/v1/discovery.proto",

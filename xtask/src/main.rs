@@ -52,11 +52,13 @@ fn test(extra: &[String]) -> Result<()> {
     util::require_root("the end-to-end tests create network namespaces")?;
     setup::ensure_packages()?;
     let python = setup::ensure_test_python()?;
+    let k8s_tools = setup::ensure_k8s_tools(&python)?;
     let bins = util::build_bins()?;
     let mut cmd = util::cargo();
     cmd.args(["test", "--workspace", "--all-targets"]);
     cmd.env("MUON_BIN_DIR", &bins);
     cmd.env("MUON_TEST_PYTHON", &python);
+    cmd.env("MUON_K8S_TOOLS", &k8s_tools);
     cmd.arg("--").args(extra);
     util::status(&mut cmd)
 }
