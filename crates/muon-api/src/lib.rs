@@ -4,6 +4,7 @@
 
 pub mod connect;
 pub mod json;
+pub mod traffic;
 
 /// The control plane's gRPC port, when a URL names none.
 pub const DEFAULT_PORT: u16 = 15010;

@@ -6,10 +6,10 @@ use muon_api::json::{json_from_struct, struct_from_json};
 use muon_api::v1;
 use muon_core::resource::policy::{self, Action, MtlsMode};
 use muon_core::resource::{
-    selector_matches, AuthorizationPolicySpec, BackendRef, Filter, GrpcRouteSpec, HeaderMatch,
-    HeaderModifier, HeaderValue, HttpRouteSpec, Invalid, Kind, Metadata, Object, ParentRef,
-    PathModifier, PeerAuthenticationSpec, Problem, ServiceSpec, WorkloadSelector, WorkloadSpec,
-    DEFAULT_NAMESPACE,
+    selector_matches, AuthorizationPolicySpec, BackendRef, BackendTrafficPolicySpec, Filter,
+    GrpcRouteSpec, HeaderMatch, HeaderModifier, HeaderValue, HttpRouteSpec, Invalid, Kind,
+    Metadata, Object, ParentRef, PathModifier, PeerAuthenticationSpec, Problem, Retry, ServiceSpec,
+    Traffic, TrafficPolicySpec, WorkloadSelector, WorkloadSpec, DEFAULT_NAMESPACE,
 };
 use std::net::IpAddr;
 
@@ -68,8 +68,55 @@ fn canonical_ip(s: &str) -> String {
         .unwrap_or_else(|_| s.to_string())
 }
 
-pub fn service_resource(meta: &Metadata, s: &ServiceSpec) -> v1::Service {
+/// The policies that target one service: every TrafficPolicy (a field set by an earlier one,
+/// in namespace/name order, wins) and the first XBackendTrafficPolicy.
+#[derive(Default)]
+pub struct TrafficPolicies<'a> {
+    pub traffic: Vec<&'a TrafficPolicySpec>,
+    pub backend: Option<&'a BackendTrafficPolicySpec>,
+}
+
+impl TrafficPolicies<'_> {
+    /// What the data plane gets; `None` when no policy targets the service (the defaults).
+    fn resource(&self, namespace: &str) -> Option<v1::Traffic> {
+        if self.traffic.is_empty() && self.backend.is_none() {
+            return None;
+        }
+        let mut merged = Traffic::default();
+        for t in &self.traffic {
+            let t = t.traffic();
+            merged.load_balancer = merged.load_balancer.or(t.load_balancer);
+            merged.locality = merged.locality.or(t.locality);
+            merged.outlier_detection = merged.outlier_detection.or(t.outlier_detection);
+            merged.circuit_breaker = merged.circuit_breaker.or(t.circuit_breaker);
+            merged.faults = merged.faults.or(t.faults);
+        }
+        let retry = self.backend.and_then(|b| b.retry_constraint.as_ref());
+        let mut res = muon_api::traffic::to_proto(&merged, retry);
+        // Faults name routes as users do; the data plane knows them by resource name.
+        if let Some(f) = &mut res.faults {
+            f.routes = f
+                .routes
+                .iter()
+                .flat_map(|r| {
+                    [
+                        route_name(Kind::HttpRoute, r, namespace),
+                        route_name(Kind::GrpcRoute, r, namespace),
+                    ]
+                })
+                .collect();
+        }
+        Some(res)
+    }
+}
+
+pub fn service_resource(
+    meta: &Metadata,
+    s: &ServiceSpec,
+    policies: Option<&TrafficPolicies<'_>>,
+) -> v1::Service {
     v1::Service {
+        traffic: policies.and_then(|p| p.resource(&meta.namespace)),
         name: meta.name.clone(),
         namespace: meta.namespace.clone(),
         vips: s.vips.iter().map(|v| canonical_ip(v)).collect(),
@@ -256,8 +303,17 @@ pub fn route_resource(meta: &Metadata, r: &HttpRouteSpec) -> v1::Route {
                     rule.timeouts.as_ref().and_then(|t| t.backend_request()),
                 ),
                 filters: filters(ns, &rule.filters),
+                retry: rule.retry.as_ref().map(retry),
             })
             .collect(),
+    }
+}
+
+fn retry(r: &Retry) -> v1::RetryPolicy {
+    v1::RetryPolicy {
+        codes: r.codes.iter().map(|&c| c.clamp(0, 599) as u32).collect(),
+        attempts: r.attempts(),
+        backoff_ms: millis(Some(r.backoff())),
     }
 }
 
@@ -299,6 +355,7 @@ pub fn grpc_route_resource(meta: &Metadata, r: &GrpcRouteSpec) -> v1::Route {
                     .collect(),
                 backends: rule.backend_refs.iter().map(|b| backend(ns, b)).collect(),
                 filters: filters(ns, &rule.filters),
+                retry: rule.retry.as_ref().map(retry),
                 ..Default::default()
             })
             .collect(),

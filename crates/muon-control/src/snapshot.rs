@@ -119,6 +119,27 @@ pub fn compute(
             }
         }
     }
+    // The traffic policies of each service, by (namespace, service name).
+    let mut traffic: HashMap<(&str, &str), convert::TrafficPolicies<'_>> = HashMap::new();
+    for (k, s) in merged {
+        let targets = match &s.object.spec {
+            Spec::TrafficPolicy(p) => &p.target_refs,
+            Spec::BackendTrafficPolicy(p) => &p.target_refs,
+            _ => continue,
+        };
+        for t in targets {
+            let entry = traffic
+                .entry((k.namespace.as_str(), t.name.as_str()))
+                .or_default();
+            match &s.object.spec {
+                Spec::TrafficPolicy(p) => entry.traffic.push(p),
+                Spec::BackendTrafficPolicy(p) => {
+                    entry.backend = entry.backend.or(Some(p));
+                }
+                _ => {}
+            }
+        }
+    }
     for kind in Kind::ALL {
         metrics.set_objects(kind.as_str(), counts.get(&kind).copied().unwrap_or(0));
     }
@@ -151,7 +172,11 @@ pub fn compute(
             Spec::Service(svc) => {
                 put(
                     name.clone(),
-                    v1::resource::Kind::Service(convert::service_resource(meta, svc)),
+                    v1::resource::Kind::Service(convert::service_resource(
+                        meta,
+                        svc,
+                        traffic.get(&(k.namespace.as_str(), k.name.as_str())),
+                    )),
                 );
                 // An empty selector selects nothing; otherwise every selected workload
                 // carries its first label.
@@ -196,7 +221,11 @@ pub fn compute(
                     )),
                 );
             }
-            Spec::Workload(_) | Spec::Gateway(_) => {}
+            // Carried by the services they target.
+            Spec::Workload(_)
+            | Spec::Gateway(_)
+            | Spec::TrafficPolicy(_)
+            | Spec::BackendTrafficPolicy(_) => {}
         }
     }
     for (of, now) in snap.kinds.iter() {

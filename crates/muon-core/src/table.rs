@@ -24,6 +24,13 @@ pub struct ServiceEntry {
     pub ports: Vec<ServicePort>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Balancing, locality, outlier detection, circuit breaking and faults: the fields of
+    /// a TrafficPolicy's spec (without `targetRefs`), and `retryConstraint` as in an
+    /// XBackendTrafficPolicy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<crate::resource::Traffic>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_constraint: Option<crate::resource::traffic::RetryConstraint>,
 }
 
 /// A service port and the port on the endpoint it maps to.
@@ -46,6 +53,13 @@ pub struct Endpoint {
     pub pod: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<String>,
+    /// Its share relative to the others (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
     /// Runs a Muon sidecar.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub meshed: bool,
@@ -126,6 +140,10 @@ impl ServiceTable {
             if svc.name.is_empty() {
                 return Err(invalid("name is empty".into()));
             }
+            if let Some(t) = &svc.traffic {
+                t.check(&format!("service {}.{}", svc.name, svc.namespace))
+                    .map_err(|e| invalid(e.to_string()))?;
+            }
             for p in &svc.ports {
                 if p.port == 0 || p.target_port == 0 {
                     return Err(invalid(format!("port {} maps to 0", p.port)));
@@ -159,8 +177,13 @@ mod tests {
                 ip: "198.18.0.2".parse().unwrap(),
                 pod: "a".into(),
                 zone: None,
+                region: None,
+                cloud: None,
+                weight: None,
                 meshed: true,
             }],
+            traffic: None,
+            retry_constraint: None,
         }
     }
 

@@ -37,6 +37,8 @@ pub fn plan_pod(lab: &str, ipv6: bool) -> Result<PodState> {
         ip: addr::pod_v4(0)?,
         ipv6: ipv6.then(|| addr::pod_v6(0)),
         zone: None,
+        region: None,
+        cloud: None,
         labels: BTreeMap::from([("app".into(), CONTROL_PLANE_POD.into())]),
         app_uid: ports::CONTROL_UID,
         sidecar: false,
@@ -228,6 +230,17 @@ pub fn objects(lab: &LabState, topo: &Topology) -> Vec<Object> {
             BTreeMap::new(),
             json!({"vips": vips, "ports": ports, "selector": spec.selector}),
         ));
+        if let Some(traffic) = &spec.traffic {
+            let mut policy = serde_json::to_value(traffic).unwrap_or_default();
+            policy["targetRefs"] = json!([{"kind": "Service", "name": spec.name}]);
+            out.push(object(
+                "TrafficPolicy",
+                &spec.name,
+                &spec.namespace,
+                BTreeMap::new(),
+                policy,
+            ));
+        }
     }
     if let Some(g) = &topo.gateway {
         let protocol = if g.tls.is_some() { "HTTPS" } else { "HTTP" };
@@ -251,16 +264,14 @@ pub fn objects(lab: &LabState, topo: &Topology) -> Vec<Object> {
         .filter(|p| lab.control_plane.as_deref() != Some(p.name.as_str()) && p.gateway.is_none())
     {
         let mut locality = serde_json::Map::new();
-        if let Some(z) = &pod.zone {
-            locality.insert("zone".into(), json!(z));
-        }
-        if let Some(r) = topo
-            .pods
-            .iter()
-            .find(|s| s.name == pod.template)
-            .and_then(|s| s.region.clone())
-        {
-            locality.insert("region".into(), json!(r));
+        for (key, value) in [
+            ("zone", &pod.zone),
+            ("region", &pod.region),
+            ("cloud", &pod.cloud),
+        ] {
+            if let Some(v) = value {
+                locality.insert(key.into(), json!(v));
+            }
         }
         out.push(object(
             "Workload",

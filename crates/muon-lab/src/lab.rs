@@ -228,6 +228,8 @@ fn plan(name: &str, topo: &Topology, ipv6: bool, opts: &UpOptions) -> Result<Lab
                 ip: addr::pod_v4(i)?,
                 ipv6: ipv6.then(|| addr::pod_v6(i)),
                 zone: spec.zone.clone(),
+                region: spec.region.clone(),
+                cloud: spec.cloud.clone(),
                 labels: spec.labels.clone(),
                 app_uid: spec.run_as_user,
                 sidecar: spec.sidecar,
@@ -332,6 +334,8 @@ fn gateway_pod(
         ip: addr::pod_v4(i)?,
         ipv6: ipv6.then(|| addr::pod_v6(i)),
         zone: None,
+        region: None,
+        cloud: None,
         labels: BTreeMap::from([("muon.io/gateway".to_string(), g.name.clone())]),
         app_uid: ports::PROXY_UID,
         sidecar: false,
@@ -402,9 +406,14 @@ pub fn service_table(lab: &LabState, topo: &Topology) -> ServiceTable {
                     ip: IpAddr::V4(p.ip),
                     pod: p.name.clone(),
                     zone: p.zone.clone(),
+                    region: p.region.clone(),
+                    cloud: p.cloud.clone(),
+                    weight: None,
                     meshed: p.sidecar,
                 })
                 .collect(),
+            traffic: spec.traffic.clone(),
+            retry_constraint: None,
         })
         .collect();
     ServiceTable { services }
@@ -643,8 +652,14 @@ fn pod_env(pod: &PodState) -> BTreeMap<String, String> {
     env.insert("POD_SERVICE_ACCOUNT".into(), pod.service_account.clone());
     // gRPC's default resolver (c-ares) ignores the pod's hosts file; getaddrinfo reads it.
     env.insert("GRPC_DNS_RESOLVER".into(), "native".into());
-    if let Some(z) = &pod.zone {
-        env.insert("POD_ZONE".into(), z.clone());
+    for (var, value) in [
+        ("POD_ZONE", &pod.zone),
+        ("POD_REGION", &pod.region),
+        ("POD_CLOUD", &pod.cloud),
+    ] {
+        if let Some(v) = value {
+            env.insert(var.into(), v.clone());
+        }
     }
     env
 }

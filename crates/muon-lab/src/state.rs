@@ -62,6 +62,10 @@ pub struct PodState {
     pub ipv6: Option<Ipv6Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub app_uid: u32,
     pub sidecar: bool,

@@ -86,6 +86,8 @@ pub struct PodSpec {
     pub zone: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<String>,
     #[serde(default = "one")]
     pub replicas: u32,
     /// The app's command line. Default: a process that sleeps, for client-only pods.
@@ -117,6 +119,11 @@ pub struct ServiceSpec {
     pub namespace: String,
     pub selector: BTreeMap<String, String>,
     pub ports: Vec<PortSpec>,
+    /// Balancing, locality, outlier detection, circuit breaking and faults for clients of
+    /// this service: the fields of a TrafficPolicy's spec (registered as a TrafficPolicy
+    /// named after the service; in the service table without a control plane).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<muon_core::resource::Traffic>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

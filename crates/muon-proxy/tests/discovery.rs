@@ -241,6 +241,7 @@ fn service(name: &str, vip: &str, port: u32, target_port: u32) -> Resource {
         name: format!("{name}.shop"),
         version: "1".into(),
         kind: Some(Kind::Service(v1::Service {
+            traffic: None,
             name: name.into(),
             namespace: "shop".into(),
             vips: vec![vip.into()],

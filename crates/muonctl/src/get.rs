@@ -48,8 +48,14 @@ pub fn kind_for(what: &str) -> Result<&'static str> {
             "AuthorizationPolicy"
         }
         "peerauthentication" | "peerauthentications" | "peerauthn" | "pa" => "PeerAuthentication",
+        "trafficpolicy" | "trafficpolicies" | "tp" => "TrafficPolicy",
+        "xbackendtrafficpolicy"
+        | "xbackendtrafficpolicies"
+        | "backendtrafficpolicy"
+        | "backendtrafficpolicies"
+        | "btp" => "XBackendTrafficPolicy",
         other => bail!(
-            "unknown kind {other:?}: use services, workloads, endpoints, routes, grpcroutes, gateways, authorizationpolicies, peerauthentications or proxies"
+            "unknown kind {other:?}: use services, workloads, endpoints, routes, grpcroutes, gateways, authorizationpolicies, peerauthentications, trafficpolicies, xbackendtrafficpolicies or proxies"
         ),
     })
 }

@@ -16,10 +16,14 @@
 mod gateway;
 pub mod policy;
 mod route;
+pub mod traffic;
 
 pub use gateway::*;
 pub use policy::{AuthorizationPolicySpec, PeerAuthenticationSpec, WorkloadSelector};
 pub use route::*;
+pub use traffic::{
+    BackendTrafficPolicySpec, Retry, Traffic, TrafficPolicySpec, GATEWAY_X_API_VERSION,
+};
 
 use crate::table::Protocol;
 use serde::{Deserialize, Serialize};
@@ -51,10 +55,13 @@ pub enum Kind {
     Gateway,
     AuthorizationPolicy,
     PeerAuthentication,
+    TrafficPolicy,
+    #[serde(rename = "XBackendTrafficPolicy")]
+    BackendTrafficPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Service,
         Kind::Workload,
         Kind::HttpRoute,
@@ -62,6 +69,8 @@ impl Kind {
         Kind::Gateway,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
+        Kind::TrafficPolicy,
+        Kind::BackendTrafficPolicy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +82,8 @@ impl Kind {
             Kind::Gateway => "Gateway",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::TrafficPolicy => "TrafficPolicy",
+            Kind::BackendTrafficPolicy => "XBackendTrafficPolicy",
         }
     }
 
@@ -82,8 +93,10 @@ impl Kind {
             Kind::Service
             | Kind::Workload
             | Kind::AuthorizationPolicy
-            | Kind::PeerAuthentication => MUON_API_VERSION,
+            | Kind::PeerAuthentication
+            | Kind::TrafficPolicy => MUON_API_VERSION,
             Kind::HttpRoute | Kind::GrpcRoute | Kind::Gateway => GATEWAY_API_VERSION,
+            Kind::BackendTrafficPolicy => GATEWAY_X_API_VERSION,
         }
     }
 
@@ -104,6 +117,15 @@ impl Kind {
                 Some(Kind::AuthorizationPolicy)
             }
             ("peerauthn" | "pa", _) | (_, "peerauthentication") => Some(Kind::PeerAuthentication),
+            ("trafficpolicy" | "trafficpolicies" | "tp", _) => Some(Kind::TrafficPolicy),
+            (
+                "xbackendtrafficpolicy"
+                | "xbackendtrafficpolicies"
+                | "backendtrafficpolicy"
+                | "backendtrafficpolicies"
+                | "btp",
+                _,
+            ) => Some(Kind::BackendTrafficPolicy),
             (_, "service") | ("svc", _) => Some(Kind::Service),
             (_, "workload") => Some(Kind::Workload),
             (_, "httproute") => Some(Kind::HttpRoute),
@@ -165,6 +187,8 @@ pub enum Spec {
     Gateway(GatewaySpec),
     AuthorizationPolicy(AuthorizationPolicySpec),
     PeerAuthentication(PeerAuthenticationSpec),
+    TrafficPolicy(TrafficPolicySpec),
+    BackendTrafficPolicy(BackendTrafficPolicySpec),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -585,6 +609,16 @@ impl Object {
                     Spec::PeerAuthentication(s)
                 })
             }
+            Kind::TrafficPolicy => parse_spec(&mut check, spec).map(|s: TrafficPolicySpec| {
+                traffic::validate_traffic_policy(&mut check, &s);
+                Spec::TrafficPolicy(s)
+            }),
+            Kind::BackendTrafficPolicy => {
+                parse_spec(&mut check, spec).map(|s: BackendTrafficPolicySpec| {
+                    traffic::validate_backend_traffic(&mut check, &s);
+                    Spec::BackendTrafficPolicy(s)
+                })
+            }
         };
         match spec {
             Some(spec) if check.problems.is_empty() => Ok(Object { metadata, spec }),
@@ -601,6 +635,8 @@ impl Object {
             Spec::Gateway(_) => Kind::Gateway,
             Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Spec::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Spec::TrafficPolicy(_) => Kind::TrafficPolicy,
+            Spec::BackendTrafficPolicy(_) => Kind::BackendTrafficPolicy,
         }
     }
 
@@ -622,6 +658,8 @@ impl Object {
             Spec::Gateway(s) => serde_json::to_value(s),
             Spec::AuthorizationPolicy(s) => serde_json::to_value(s),
             Spec::PeerAuthentication(s) => serde_json::to_value(s),
+            Spec::TrafficPolicy(s) => serde_json::to_value(s),
+            Spec::BackendTrafficPolicy(s) => serde_json::to_value(s),
         };
         // Serialising plain data with string keys cannot fail.
         v.unwrap_or(Json::Null)

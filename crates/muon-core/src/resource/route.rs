@@ -377,6 +377,9 @@ pub struct RouteRule {
     pub timeouts: Option<Timeouts>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filters: Vec<Filter>,
+    /// The Gateway API's `HTTPRouteRetry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<super::Retry>,
 }
 
 /// Every condition set must hold.
@@ -617,6 +620,9 @@ fn validate_http_rule(check: &mut Check<'_>, field: &str, rule: &RouteRule) {
         }
     }
     validate_filters(check, field, rule, &HTTP_FILTERS);
+    if let Some(r) = &rule.retry {
+        super::traffic::validate_retry(check, &format!("{field}.retry"), r);
+    }
 }
 
 fn validate_query_matches(check: &mut Check<'_>, field: &str, params: &[HeaderMatch]) {
@@ -863,6 +869,10 @@ pub struct GrpcRouteRule {
     pub filters: Vec<Filter>,
     #[serde(default)]
     pub backend_refs: Vec<BackendRef>,
+    /// As an HTTPRoute rule's `retry` (a Muon extension: GRPCRoute has none yet); 503 also
+    /// retries `UNAVAILABLE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<super::Retry>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -922,6 +932,9 @@ pub(super) fn validate_grpc_route(check: &mut Check<'_>, r: &GrpcRouteSpec) {
             ..Default::default()
         };
         validate_filters(check, &field, &as_http, &GRPC_FILTERS);
+        if let Some(r) = &rule.retry {
+            super::traffic::validate_retry(check, &format!("{field}.retry"), r);
+        }
     }
 }
 

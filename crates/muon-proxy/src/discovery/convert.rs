@@ -201,6 +201,7 @@ mod tests {
 
     fn svc(vip: &str, port: u32, protocol: &str) -> v1::Service {
         v1::Service {
+            traffic: None,
             name: "web".into(),
             namespace: "shop".into(),
             vips: vec![vip.into()],

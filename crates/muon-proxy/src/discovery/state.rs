@@ -267,6 +267,7 @@ pub(crate) mod tests {
             name: format!("{name}.shop"),
             version: "1".into(),
             kind: Some(Kind::Service(v1::Service {
+                traffic: None,
                 name: name.into(),
                 namespace: "shop".into(),
                 vips: vec![vip.into()],
