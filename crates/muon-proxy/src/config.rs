@@ -126,6 +126,14 @@ pub struct Args {
     /// This pod's region, sent to the control plane.
     #[arg(long, env = "POD_REGION", default_value = "")]
     pub region: String,
+    /// This pod's cloud (or network), sent to the control plane; endpoints in another
+    /// cloud are used only when nothing nearer is healthy.
+    #[arg(long, env = "POD_CLOUD", default_value = "")]
+    pub cloud: String,
+    /// Request bodies up to this size are kept so that a failed try can be retried; a larger
+    /// body is sent once.
+    #[arg(long, env = "MUON_RETRY_BUFFER_BYTES", default_value_t = 64 * 1024)]
+    pub retry_buffer_bytes: usize,
     /// This pod's IP addresses (comma-separated), sent to the control plane.
     #[arg(long, env = "POD_IP", default_value = "")]
     pub pod_ip: String,
@@ -243,6 +251,8 @@ pub struct Config {
     pub service_account: String,
     pub zone: String,
     pub region: String,
+    pub cloud: String,
+    pub retry_buffer_bytes: usize,
     pub pod_ips: Vec<std::net::IpAddr>,
     /// Roots of the control plane's TLS (`--ca-bundle`).
     pub ca_bundle: Option<PathBuf>,
@@ -288,6 +298,16 @@ pub struct ConfigError {
 const MAX_WORKERS: usize = 256;
 
 impl Config {
+    /// Where this pod runs (empty flags: unknown).
+    pub fn locality(&self) -> crate::balance::Locality {
+        let known = |s: &str| (!s.is_empty()).then(|| s.into());
+        crate::balance::Locality {
+            zone: known(&self.zone),
+            region: known(&self.region),
+            cloud: known(&self.cloud),
+        }
+    }
+
     /// Validates the raw flags. Never stops at the first problem.
     pub fn from_args(args: Args) -> Result<Config, ConfigError> {
         let mut p = Problems::default();
@@ -493,6 +513,8 @@ impl Config {
                 service_account: args.service_account,
                 zone: args.zone,
                 region: args.region,
+                cloud: args.cloud,
+                retry_buffer_bytes: args.retry_buffer_bytes,
                 pod_ips: pod_ips?,
                 ca_bundle: ca_bundle?,
                 join_token: join_token?,

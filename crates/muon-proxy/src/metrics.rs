@@ -117,6 +117,35 @@ struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResilienceLabels {
+    /// `name.namespace` of the service the requests went to.
+    service: String,
+    /// What happened: see [`ResilienceStats`].
+    event: &'static str,
+}
+
+/// The resilience events of one service, resolved when compiling (per request: one atomic
+/// add, no lookup). `muon_resilience_events_total{service, event}` with `event`:
+/// `retry` (a retry sent), `retry-success` (a request that succeeded after retries),
+/// `retry-failure` (one that still failed), `budget-exhausted` (a retry the budget refused),
+/// `ejection` (an endpoint ejected), `overloaded` (a circuit-breaker limit answered 503),
+/// `fault-delay` and `fault-abort` (injected faults), and `locality-zone`, `locality-region`,
+/// `locality-cloud`, `locality-other-cloud` (requests by where the endpoint was).
+#[derive(Debug)]
+pub struct ResilienceStats {
+    pub retry: Counter,
+    pub retry_success: Counter,
+    pub retry_failure: Counter,
+    pub budget_exhausted: Counter,
+    pub ejection: Counter,
+    pub overloaded: Counter,
+    pub fault_delay: Counter,
+    pub fault_abort: Counter,
+    /// By locality level (see `balance::LEVELS`).
+    pub locality: [Counter; 4],
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AuthzLabels {
     direction: Direction,
     /// `allow` or `deny`.
@@ -231,6 +260,7 @@ pub struct Metrics {
     latency: Family<LatencyLabels, LatencyHistogram>,
     upstream_connections: Family<UpstreamLabels, Counter>,
     authz_decisions: Family<AuthzLabels, Counter>,
+    resilience: Family<ResilienceLabels, Counter>,
     tls_connections: Family<TlsLabels, Counter>,
     certificates: Family<CertLabels, Counter>,
     identities: Family<IdentityLabels, Counter>,
@@ -362,6 +392,14 @@ impl Metrics {
             authz_decisions.clone(),
         );
 
+        let resilience = Family::<ResilienceLabels, Counter>::default();
+        registry.register(
+            "muon_resilience_events",
+            "Retries and their outcome, retry-budget refusals, outlier ejections, \
+             circuit-breaker trips, injected faults and requests by locality, per service",
+            resilience.clone(),
+        );
+
         // One statement per lookup: `get_or_create` returns a read guard, and a second
         // lookup in the same statement would wait for the write lock forever.
         let direction = |direction: Direction| {
@@ -409,6 +447,7 @@ impl Metrics {
             latency,
             upstream_connections,
             authz_decisions,
+            resilience,
             tls_connections,
             certificates,
             identities,
@@ -491,6 +530,35 @@ impl Metrics {
                 .clone()
         });
         Arc::new(RequestStats { classes, latency })
+    }
+
+    /// The resilience counters of one service. Takes the family's lock: call it when
+    /// compiling.
+    pub fn resilience_stats(&self, service: &str) -> Arc<ResilienceStats> {
+        let c = |event: &'static str| {
+            self.resilience
+                .get_or_create(&ResilienceLabels {
+                    service: service.to_owned(),
+                    event,
+                })
+                .clone()
+        };
+        Arc::new(ResilienceStats {
+            retry: c("retry"),
+            retry_success: c("retry-success"),
+            retry_failure: c("retry-failure"),
+            budget_exhausted: c("budget-exhausted"),
+            ejection: c("ejection"),
+            overloaded: c("overloaded"),
+            fault_delay: c("fault-delay"),
+            fault_abort: c("fault-abort"),
+            locality: [
+                c("locality-zone"),
+                c("locality-region"),
+                c("locality-cloud"),
+                c("locality-other-cloud"),
+            ],
+        })
     }
 
     /// The counter of upstream connections of one protocol (`http1`, `http2`).

@@ -255,13 +255,30 @@ async fn connect_any<'b>(
     backends: &'b Backends,
     rec: &mut Record,
 ) -> Result<(TcpStream, &'b crate::table::Endpoint), Outcome> {
-    let order = backends.balancer.rr.order(backends.endpoints.len());
+    let mut tried = balance::Tried::default();
+    let order = std::iter::from_fn(|| {
+        let i = backends.pick(&tried)?;
+        tried.add(i);
+        Some(i)
+    })
+    .take(backends.endpoints.len());
     let attempt = |i: usize| {
         let addr = backends.endpoints[i].addr;
         async move {
-            tcp::connect(addr, None, shared.connect_timeout)
+            let started = crate::endpoint::now_ns();
+            let r = tcp::connect(addr, None, shared.connect_timeout)
                 .await
-                .inspect_err(|e: &ConnectError| debug!(error = %e, "endpoint connect failed"))
+                .inspect_err(|e: &ConnectError| debug!(error = %e, "endpoint connect failed"));
+            let ep = &backends.endpoints[i];
+            match &r {
+                Ok(_) => {
+                    ep.state
+                        .observe(crate::endpoint::now_ns() - started, &backends.balancer);
+                    backends.record(i, crate::endpoint::Outcome::Status(200));
+                }
+                Err(_) => backends.record(i, crate::endpoint::Outcome::ConnectFailed),
+            }
+            r
         }
     };
     match balance::first_success(order, attempt).await {
@@ -292,6 +309,7 @@ mod tests {
             metrics: &crate::metrics::Metrics::new(),
             pod_name: "",
             pod_namespace: "",
+            locality: &Default::default(),
         };
         Table::compile(&m, &cx, &mut Registry::default())
     }
@@ -376,6 +394,7 @@ mod tests {
                 metrics: &crate::metrics::Metrics::new(),
                 pod_name: "",
                 pod_namespace: "",
+                locality: &Default::default(),
             };
             let t = Table::compile(&m, &cx, &mut Registry::default());
             plan(

@@ -82,7 +82,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let drain = shared.drain.clone();
     let publisher = Publisher::new(table.clone(), metrics.clone())
         .with_on_demand(shared.on_demand.clone())
-        .with_authz_changes(shared.authz_changes.clone());
+        .with_authz_changes(shared.authz_changes.clone())
+        .with_locality(config.locality());
     let (source, discovering) =
         discovery::start(&config, hup, publisher, identity.clone()).map_err(Error::Discovery)?;
     let state = Arc::new(

@@ -12,9 +12,10 @@
 //! Endpoint and balancer state is not in here: it lives in [`endpoint::Registry`] and is
 //! carried into every new table, so a republish resets nothing.
 
-use crate::endpoint::{self, BalancerState, EndpointKey, EndpointState};
-use crate::metrics::{Metrics, RequestStats};
-use crate::model::{EndpointDef, Mesh, PortDef};
+use crate::balance::{self, Candidates, LevelPolicy, Locality, Tried, LEVELS};
+use crate::endpoint::{self, BalancerState, EndpointKey, EndpointState, Outcome};
+use crate::metrics::{Metrics, RequestStats, ResilienceStats};
+use crate::model::{EndpointDef, Mesh, PortDef, TrafficDef};
 use crate::policy::Authz;
 use crate::route::{Filter, RouteDef, Router, RouterBuilder};
 use crate::Direction;
@@ -48,6 +49,8 @@ pub struct Endpoint {
     pub identity: Arc<str>,
     pub weight: u32,
     pub zone: Option<Arc<str>>,
+    /// Its locality level seen from this pod (0: same zone; see `balance::LEVELS`).
+    pub level: u8,
     pub meshed: bool,
     pub state: Arc<EndpointState>,
 }
@@ -61,11 +64,93 @@ pub struct Backends {
     pub port: u16,
     pub protocol: Option<Protocol>,
     pub target_port: u16,
+    /// Sorted by locality level, nearest first (stable: the source's order within a level).
     pub endpoints: Vec<Endpoint>,
+    /// `cumulative[i]`: the sum of the weights of `endpoints[..=i]`.
+    cumulative: Vec<u64>,
+    /// `ends[l]`: one past the last endpoint of level `l`.
+    ends: [usize; LEVELS],
     /// `endpoints` is what the source says (possibly none). False only on demand for a
     /// service whose endpoints were never subscribed: `outbound` subscribes first.
     pub known: bool,
     pub balancer: Arc<BalancerState>,
+    pub traffic: Arc<TrafficDef>,
+    pub stats: Arc<ResilienceStats>,
+}
+
+impl Candidates for Backends {
+    fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+    fn state(&self, i: usize) -> &EndpointState {
+        &self.endpoints[i].state
+    }
+    fn cumulative(&self, i: usize) -> u64 {
+        self.cumulative[i]
+    }
+    fn ends(&self) -> &[usize; LEVELS] {
+        &self.ends
+    }
+}
+
+impl Backends {
+    /// The endpoint for the next request (or connection), skipping those in `tried`.
+    pub fn pick(&self, tried: &Tried) -> Option<usize> {
+        let l = &self.traffic.locality;
+        let i = balance::pick(
+            self,
+            &self.balancer,
+            self.traffic.algorithm,
+            LevelPolicy {
+                enabled: l.enabled,
+                failover_below: l.failover_below,
+                spill_across_clouds: l.spill_across_clouds,
+            },
+            tried,
+        )?;
+        if let Some(c) = self
+            .stats
+            .locality
+            .get(usize::from(self.endpoints[i].level))
+        {
+            c.inc();
+        }
+        Some(i)
+    }
+
+    /// Counts what endpoint `i` did, for outlier detection; ejects it when it crossed a
+    /// threshold and fewer than `maxEjectionPercent` of the endpoints are ejected.
+    pub fn record(&self, i: usize, outcome: Outcome) {
+        let Some(o) = &self.traffic.outliers else {
+            return;
+        };
+        let Some(ep) = self.endpoints.get(i) else {
+            return;
+        };
+        let Some(length) = ep.state.record(outcome, o) else {
+            return;
+        };
+        let now = endpoint::now_ns();
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|e| e.state.ejected(now))
+            .count();
+        if (ejected + 1) * 100 > self.endpoints.len() * o.max_ejection_percent as usize {
+            return;
+        }
+        ep.state.eject(length);
+        self.balancer.refresh_depth();
+        self.stats.ejection.inc();
+        tracing::info!(
+            service = %self.service,
+            endpoint = %ep.addr,
+            pod = %ep.pod,
+            seconds = length.as_secs_f64(),
+            ?outcome,
+            "endpoint ejected by outlier detection"
+        );
+    }
 }
 
 /// Where a matched rule sends requests.
@@ -183,6 +268,8 @@ pub struct Context<'a> {
     /// This pod's name and namespace: which policies apply to it.
     pub pod_name: &'a str,
     pub pod_namespace: &'a str,
+    /// Where this pod runs: endpoints are ranked by distance from it.
+    pub locality: &'a Locality,
 }
 
 /// Resolves a backendRef to the backends it names; port 0 means `default_port`.
@@ -219,8 +306,9 @@ impl Table {
             let qualified: Arc<str> = name.as_str().into();
             let defs: &[EndpointDef] = mesh.endpoints.get(name).map_or(&[], Vec::as_slice);
             let known = mesh.endpoints_known(name);
+            let stats = cx.metrics.resilience_stats(name);
             for port in &svc.ports {
-                let endpoints = defs
+                let mut endpoints: Vec<Endpoint> = defs
                     .iter()
                     .map(|e| {
                         let addr = SocketAddr::new(e.ip, port.target_port);
@@ -229,15 +317,35 @@ impl Table {
                             addr,
                             identity: e.identity.clone(),
                         });
+                        let at = Locality {
+                            zone: e.zone.clone(),
+                            region: e.region.clone(),
+                            cloud: e.cloud.clone(),
+                        };
                         Endpoint {
                             addr,
                             pod: e.pod.clone(),
                             identity: e.identity.clone(),
                             weight: e.weight,
                             zone: e.zone.clone(),
+                            level: cx.locality.level(&at) as u8,
                             meshed: e.meshed,
                             state,
                         }
+                    })
+                    .collect();
+                endpoints.sort_by_key(|e| e.level);
+                let mut ends = [0; LEVELS];
+                for (i, e) in endpoints.iter().enumerate() {
+                    for end in ends.iter_mut().skip(usize::from(e.level)) {
+                        *end = i + 1;
+                    }
+                }
+                let cumulative = endpoints
+                    .iter()
+                    .scan(0u64, |sum, e| {
+                        *sum += u64::from(e.weight.max(1));
+                        Some(*sum)
                     })
                     .collect();
                 backends.insert(
@@ -248,8 +356,12 @@ impl Table {
                         protocol: port.protocol,
                         target_port: port.target_port,
                         endpoints,
+                        cumulative,
+                        ends,
                         known,
                         balancer: carry.balancer(&qualified, port.target_port),
+                        traffic: svc.traffic.clone(),
+                        stats: stats.clone(),
                     }),
                 );
                 for e in defs.iter().filter(|e| cx.local_ips.contains(&e.ip)) {
@@ -421,6 +533,7 @@ impl Table {
             metrics: &Metrics::new(),
             pod_name: "",
             pod_namespace: "",
+            locality: &Locality::default(),
         };
         Table::compile(
             &crate::discovery::file::mesh(table),
@@ -451,6 +564,7 @@ impl Table {
     /// `/config_dump`'s `table`: every service with its ports and endpoints, as the data path
     /// uses them (endpoints as of its first port: every port has the same endpoints).
     pub fn dump(&self) -> Value {
+        let now = endpoint::now_ns();
         let services: Vec<Value> = self
             .services
             .iter()
@@ -462,13 +576,23 @@ impl Table {
                     .unwrap_or_default()
                     .iter()
                     .map(|e| {
+                        let ejected_for = e
+                            .state
+                            .ejected_until(now)
+                            .map(|until| (until - now) as f64 / 1e9);
                         json!({
                             "ip": e.addr.ip(),
                             "pod": &*e.pod,
                             "identity": &*e.identity,
                             "weight": e.weight,
                             "zone": e.zone.as_deref(),
+                            "locality": level_name(usize::from(e.level)),
                             "meshed": e.meshed,
+                            "ewmaMs": e.state.latency() / 1e6,
+                            "inFlight": e.state.load(),
+                            "ejected": ejected_for.is_some(),
+                            "ejectedForSeconds": ejected_for,
+                            "ejections": e.state.ejections(),
                         })
                     })
                     .collect();
@@ -483,6 +607,7 @@ impl Table {
                         "name": p.name,
                     })).collect::<Vec<_>>(),
                     "endpointsKnown": s.targets.first().is_none_or(|t| t.backends.known),
+                    "traffic": s.targets.first().map(|t| dump_traffic(&t.backends)),
                     "endpoints": endpoints,
                 })
             })
@@ -503,6 +628,54 @@ impl Table {
         };
         json!({ "services": services, "inbound": inbound, "authorization": self.authz.dump() })
     }
+}
+
+fn level_name(level: usize) -> &'static str {
+    ["zone", "region", "cloud", "other-cloud"][level.min(LEVELS - 1)]
+}
+
+/// `/config_dump`'s view of a service's resilience settings and balancer state.
+fn dump_traffic(b: &Backends) -> Value {
+    let t = &b.traffic;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    json!({
+        "algorithm": t.algorithm.as_str(),
+        "locality": {
+            "enabled": t.locality.enabled,
+            "failoverBelow": t.locality.failover_below,
+            "spillAcrossClouds": t.locality.spill_across_clouds,
+            "levelInUse": level_name(b.balancer.depth().0),
+        },
+        "outlierDetection": t.outliers.map(|o| json!({
+            "consecutive5xx": o.consecutive_5xx,
+            "consecutiveGatewayErrors": o.consecutive_gateway_errors,
+            "consecutiveConnectFailures": o.consecutive_connect_failures,
+            "baseEjectionMs": ms(o.base_ejection_time),
+            "maxEjectionMs": ms(o.max_ejection_time),
+            "maxEjectionPercent": o.max_ejection_percent,
+        })),
+        "circuitBreaker": {
+            "maxConnections": t.limits.max_connections,
+            "maxPendingRequests": t.limits.max_pending_requests,
+            "maxRequests": t.limits.max_requests,
+            "connections": b.balancer.connections.load(std::sync::atomic::Ordering::Relaxed),
+            "pending": b.balancer.pending.load(std::sync::atomic::Ordering::Relaxed),
+            "requests": b.balancer.requests.load(std::sync::atomic::Ordering::Relaxed),
+        },
+        "faults": t.faults.as_ref().map(|f| json!({
+            "delayPercent": f.delay_percent,
+            "delayMs": ms(f.delay),
+            "abortPercent": f.abort_percent,
+            "abortStatus": f.abort_status.as_u16(),
+            "routes": f.routes,
+        })),
+        "retryBudget": {
+            "percent": t.budget.percent,
+            "intervalMs": ms(t.budget.interval),
+            "minRetryCount": t.budget.min_count,
+            "minRetryIntervalMs": ms(t.budget.min_interval),
+        },
+    })
 }
 
 /// The targets of a route's rules for one parent: each rule's backends and mirrors
@@ -568,6 +741,7 @@ pub(crate) mod tests {
             weight: 1,
             zone: None,
             region: None,
+            cloud: None,
             meshed: true,
         }
     }
@@ -597,6 +771,7 @@ pub(crate) mod tests {
                         name: String::new(),
                     },
                 ],
+                traffic: Default::default(),
             },
         );
         mesh.endpoints.insert(
@@ -609,6 +784,12 @@ pub(crate) mod tests {
         mesh
     }
 
+    static LOCAL: Locality = Locality {
+        zone: None,
+        region: None,
+        cloud: None,
+    };
+
     fn cx<'a>(version: u64, local: &'a [IpAddr], metrics: &'a Metrics) -> Context<'a> {
         Context {
             version,
@@ -617,6 +798,7 @@ pub(crate) mod tests {
             metrics,
             pod_name: "web-1",
             pod_namespace: "shop",
+            locality: &LOCAL,
         }
     }
 

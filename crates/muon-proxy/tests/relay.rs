@@ -35,7 +35,8 @@ fn table(target_port: u16, endpoints: &[(&str, &str)]) -> ServiceTable {
         .collect();
     let json = format!(
         r#"{{"services":[{{"name":"web","namespace":"shop","vips":["198.19.0.1"],
-            "ports":[{{"port":80,"targetPort":{target_port}}}],"endpoints":[{}]}}]}}"#,
+            "ports":[{{"port":80,"targetPort":{target_port}}}],"endpoints":[{}],
+            "traffic":{{"loadBalancer":{{"algorithm":"RoundRobin"}}}}}}]}}"#,
         endpoints.join(",")
     );
     ServiceTable::from_json(json.as_bytes()).unwrap()

@@ -72,7 +72,7 @@ impl Settings {
                 locality: Some(Locality {
                     zone: config.zone.clone(),
                     region: config.region.clone(),
-                    cloud: String::new(),
+                    cloud: config.cloud.clone(),
                 }),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 ips: config.pod_ips.iter().map(|ip| ip.to_string()).collect(),

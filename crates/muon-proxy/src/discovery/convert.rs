@@ -30,11 +30,13 @@ pub fn service(s: &v1::Service) -> Result<ServiceDef, String> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let ports = s.ports.iter().map(port).collect::<Result<Vec<_>, _>>()?;
+    let traffic = crate::model::TrafficDef::from_proto(s.traffic.as_ref())?;
     Ok(ServiceDef {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
         vips,
         ports,
+        traffic: Arc::new(traffic),
     })
 }
 
@@ -94,6 +96,7 @@ pub fn endpoints(e: &v1::Endpoints) -> Result<Vec<EndpointDef>, String> {
             weight: ep.weight.max(1),
             zone: locality(|l| &l.zone),
             region: locality(|l| &l.region),
+            cloud: locality(|l| &l.cloud),
             meshed: ep.meshed,
         });
     }
@@ -110,6 +113,7 @@ pub fn dump(kind: &Kind) -> Value {
             "ports": s.ports.iter().map(|p| json!({
                 "port": p.port, "targetPort": p.target_port, "protocol": p.protocol, "name": p.name,
             })).collect::<Vec<_>>(),
+            "traffic": s.traffic.as_ref().map(|t| format!("{t:?}")),
         }),
         Kind::Endpoints(e) => json!({
             "service": e.service,
@@ -120,6 +124,7 @@ pub fn dump(kind: &Kind) -> Value {
                 "weight": ep.weight,
                 "zone": ep.locality.as_ref().map(|l| l.zone.as_str()).unwrap_or_default(),
                 "region": ep.locality.as_ref().map(|l| l.region.as_str()).unwrap_or_default(),
+                "cloud": ep.locality.as_ref().map(|l| l.cloud.as_str()).unwrap_or_default(),
                 "identity": ep.identity,
                 "ready": ep.ready,
                 "meshed": ep.meshed,

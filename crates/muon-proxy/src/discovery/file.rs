@@ -6,10 +6,11 @@
 //! responses; the runtime only keeps the time.
 
 use super::{Publisher, Worker};
-use crate::model::{EndpointDef, Mesh, PortDef, ServiceDef};
+use crate::model::{EndpointDef, Mesh, PortDef, ServiceDef, TrafficDef};
 use crate::table::Source;
 use muon_core::{ServiceTable, TableError};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::signal::unix::Signal;
 use tracing::{info, warn};
@@ -115,6 +116,14 @@ pub fn mesh(table: &ServiceTable) -> Mesh {
                         name: String::new(),
                     })
                     .collect(),
+                // Validated with the table.
+                traffic: Arc::new(
+                    TrafficDef::from_proto(Some(&muon_api::traffic::to_proto(
+                        &svc.traffic.clone().unwrap_or_default(),
+                        svc.retry_constraint.as_ref(),
+                    )))
+                    .unwrap_or_default(),
+                ),
             },
         );
         let endpoints = svc
@@ -124,9 +133,10 @@ pub fn mesh(table: &ServiceTable) -> Mesh {
                 ip: e.ip,
                 pod: e.pod.as_str().into(),
                 identity: "".into(),
-                weight: 1,
+                weight: e.weight.unwrap_or(1).max(1),
                 zone: e.zone.as_deref().map(Into::into),
-                region: None,
+                region: e.region.as_deref().map(Into::into),
+                cloud: e.cloud.as_deref().map(Into::into),
                 meshed: e.meshed,
             })
             .collect();

@@ -59,6 +59,8 @@ pub struct Publisher {
     /// This pod's name and namespace (which policies apply to it).
     pod_name: String,
     pod_namespace: String,
+    /// Where this pod runs (endpoints are ranked by distance from it).
+    locality: crate::balance::Locality,
     /// Bumped when a table changes this pod's policies, so open inbound connections are
     /// checked again (the same as [`crate::Shared::authz_changes`]).
     authz_changes: Option<Arc<tokio::sync::watch::Sender<u64>>>,
@@ -75,6 +77,7 @@ impl Publisher {
             on_demand: None,
             pod_name: String::new(),
             pod_namespace: String::new(),
+            locality: Default::default(),
             authz_changes: None,
         }
     }
@@ -98,6 +101,12 @@ impl Publisher {
         self
     }
 
+    /// Where this pod runs: `--zone`, `--region`, `--cloud`.
+    pub fn with_locality(mut self, locality: crate::balance::Locality) -> Self {
+        self.locality = locality;
+        self
+    }
+
     /// This pod's addresses, so that the inbound table knows which service ports are its own.
     pub fn with_local_ips(mut self, ips: Vec<IpAddr>) -> Self {
         self.local_ips = ips;
@@ -114,6 +123,7 @@ impl Publisher {
             metrics: &self.metrics,
             pod_name: &self.pod_name,
             pod_namespace: &self.pod_namespace,
+            locality: &self.locality,
         };
         let table = Table::compile(mesh, &cx, &mut self.registry);
         let services = table.services();

@@ -12,6 +12,7 @@ use super::headers::{self, ORIG_PROTO};
 use super::log::RequestLog;
 use super::upstream::{self, Hop, Proto};
 use super::ConnCx;
+use crate::endpoint::{now_ns, Outcome};
 use crate::route::filter::{self, Origin};
 use crate::route::{Filter, HeaderModifier, Request as RouteRequest, RuleDef};
 use crate::table::{Backends, Endpoint, RuleTarget, Target};
@@ -513,8 +514,21 @@ fn hop_to<'a>(shared: &'a crate::Shared, ep: &'a Endpoint, direction: crate::Dir
 }
 
 fn pick_endpoint(b: &Backends) -> Option<&Endpoint> {
-    let i = b.balancer.rr.order(b.endpoints.len()).next()?;
+    let i = b.pick(&crate::balance::Tried::default())?;
     b.endpoints.get(i)
+}
+
+/// What an answer says about the endpoint that gave it: a meshed endpoint's sidecar that
+/// could not reach its app answered for it, and that is a connect failure.
+fn outcome_of(resp: &Response<Incoming>) -> Outcome {
+    let connect_failed = resp
+        .headers()
+        .get(errors::ERROR_HEADER)
+        .is_some_and(|v| v.as_bytes() == ProxyError::ConnectFailed.reason().as_bytes());
+    match connect_failed {
+        true => Outcome::ConnectFailed,
+        false => Outcome::Status(resp.status().as_u16()),
+    }
 }
 
 /// The protocol of the hop to an endpoint: a meshed endpoint gets the mesh's HTTP/2; one
@@ -557,8 +571,12 @@ async fn send(
     if backends.endpoints.is_empty() {
         return Err(ProxyError::NoEndpoints);
     }
-    let order = backends.balancer.rr.order(backends.endpoints.len());
-    for i in order.take(MAX_CONNECT_TRIES) {
+    let mut tried = crate::balance::Tried::default();
+    while tried.len() < MAX_CONNECT_TRIES.min(backends.endpoints.len()) {
+        let Some(i) = backends.pick(&tried) else {
+            break;
+        };
+        tried.add(i);
         let ep = &backends.endpoints[i];
         let hop = hop_to(&cx.shared, ep, cx.direction);
         log.endpoint = Some(ep.addr);
@@ -590,9 +608,11 @@ async fn send(
             };
         }
         let proto = hop_proto(ep.meshed, backends.protocol, cx.version);
+        let started = now_ns();
         let conn = match hop.conn(proto).await {
             Ok(c) => c,
             Err(e) => {
+                backends.record(i, Outcome::ConnectFailed);
                 debug!(endpoint = %ep.addr, error = %e, "connect failed; trying the next endpoint");
                 continue;
             }
@@ -611,14 +631,19 @@ async fn send(
         mark_orig_proto(&mut req, ep.meshed, cx.version);
         let in_flight = ep.state.begin();
         return match hop.send(conn, req).await {
-            Ok((resp, stream)) => Ok((
-                resp,
-                Held {
-                    stream,
-                    in_flight: Some(in_flight),
-                },
-            )),
+            Ok((resp, stream)) => {
+                ep.state.observe(now_ns() - started, &backends.balancer);
+                backends.record(i, outcome_of(&resp));
+                Ok((
+                    resp,
+                    Held {
+                        stream,
+                        in_flight: Some(in_flight),
+                    },
+                ))
+            }
             Err(e) => {
+                backends.record(i, Outcome::Failed);
                 debug!(endpoint = %ep.addr, error = %e, "upstream request failed");
                 Err(ProxyError::UpstreamFailed)
             }

@@ -63,6 +63,23 @@ pub struct RuleDef {
     pub backends: Vec<BackendRefDef>,
     pub timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
+    pub retry: Option<RetryDef>,
+}
+
+/// A rule's `retry`: which answers are retried, how many times, how long to wait first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryDef {
+    pub codes: Vec<u16>,
+    pub attempts: u32,
+    pub backoff: Duration,
+}
+
+impl RetryDef {
+    /// Whether an answer with `status` (and `grpc_status`, for a trailers-only gRPC answer)
+    /// is retried: a listed status; gRPC `UNAVAILABLE` (14) when 503 is listed.
+    pub fn retries(&self, status: u16, grpc_status: Option<u32>) -> bool {
+        self.codes.contains(&status) || (grpc_status == Some(14) && self.codes.contains(&503))
+    }
 }
 
 /// One match: every condition set must hold.
@@ -454,6 +471,17 @@ fn rule_def(index: usize, r: &v1::RouteRule) -> Result<RuleDef, String> {
         backends,
         timeout: ms(r.timeout_ms),
         backend_timeout: ms(r.backend_timeout_ms),
+        retry: r.retry.as_ref().map(|rt| RetryDef {
+            codes: rt
+                .codes
+                .iter()
+                .filter_map(|&c| u16::try_from(c).ok())
+                .collect(),
+            attempts: rt
+                .attempts
+                .min(muon_core::resource::traffic::MAX_RETRY_ATTEMPTS as u32),
+            backoff: Duration::from_millis(rt.backoff_ms),
+        }),
     })
 }
 
