@@ -111,6 +111,27 @@ pub struct Args {
     /// Discovery responses with more bytes of resources than this are sent in parts.
     #[arg(long, hide = true, default_value_t = muon_api::DISCOVERY_SPLIT_BYTES)]
     pub discovery_split_bytes: usize,
+
+    // The admission webhook (sidecar injection); off unless --webhook-addr is given.
+    /// HTTPS address of the admission webhook (`POST /inject`), e.g. 0.0.0.0:15017.
+    #[arg(long, env = "MUON_CONTROL_WEBHOOK_ADDR", requires_all = ["webhook_cert", "webhook_key"])]
+    pub webhook_addr: Option<SocketAddr>,
+    /// The webhook's serving certificate chain (PEM), signed by the webhook configuration's
+    /// caBundle.
+    #[arg(long, env = "MUON_CONTROL_WEBHOOK_CERT", requires = "webhook_addr")]
+    pub webhook_cert: Option<PathBuf>,
+    /// The webhook certificate's private key (PEM).
+    #[arg(long, env = "MUON_CONTROL_WEBHOOK_KEY", requires = "webhook_addr")]
+    pub webhook_key: Option<PathBuf>,
+    /// The image injected sidecars run (it holds muon-proxy and muon-init).
+    #[arg(long, env = "MUON_CONTROL_PROXY_IMAGE", default_value_t = muon_inject::Template::default().proxy_image)]
+    pub proxy_image: String,
+    /// Where injected sidecars reach this control plane (host:port, over TLS).
+    #[arg(long, env = "MUON_CONTROL_SIDECAR_CONTROL_PLANE", default_value = muon_inject::template::DEFAULT_CONTROL_PLANE)]
+    pub sidecar_control_plane: String,
+    /// The sidecar mode unless a pod's muon.io/sidecar-mode says otherwise: native or classic.
+    #[arg(long, env = "MUON_CONTROL_SIDECAR_MODE", default_value = "native")]
+    pub sidecar_mode: String,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -141,6 +162,8 @@ pub struct Config {
     pub extra_roots: Option<PathBuf>,
     pub cert_ttl: Duration,
     pub tls_sans: Vec<String>,
+    /// The admission webhook, when `--webhook-addr` is given.
+    pub webhook: Option<crate::webhook::WebhookConfig>,
 }
 
 impl Config {
@@ -192,6 +215,7 @@ impl Config {
         if a.handshake_timeout.is_zero() || a.call_timeout.is_zero() {
             problems.push("--handshake-timeout and --call-timeout must be above zero".into());
         }
+        let webhook = webhook_config(&a, &mut problems);
         if !problems.is_empty() {
             anyhow::bail!("invalid flags:\n  {}", problems.join("\n  "));
         }
@@ -221,6 +245,7 @@ impl Config {
             extra_roots: a.extra_roots,
             cert_ttl: a.cert_ttl,
             tls_sans: a.tls_san,
+            webhook,
         })
     }
 
@@ -253,7 +278,32 @@ impl Config {
             extra_roots: None,
             cert_ttl: Duration::from_secs(24 * 3600),
             tls_sans: Vec::new(),
+            webhook: None,
         }
+    }
+}
+
+/// The webhook's flags, checked together (the template as the library checks it).
+fn webhook_config(a: &Args, problems: &mut Vec<String>) -> Option<crate::webhook::WebhookConfig> {
+    let mode = muon_inject::SidecarMode::parse(&a.sidecar_mode)
+        .map_err(|e| problems.push(format!("--sidecar-mode: {e}")))
+        .ok()?;
+    let template = muon_inject::Template {
+        proxy_image: a.proxy_image.trim().to_string(),
+        control_plane: a.sidecar_control_plane.trim().to_string(),
+        mode,
+    };
+    if let Err(e) = template.check() {
+        problems.push(format!("--proxy-image / --sidecar-control-plane: {e}"));
+    }
+    match (a.webhook_addr, &a.webhook_cert, &a.webhook_key) {
+        (Some(addr), Some(cert), Some(key)) => Some(crate::webhook::WebhookConfig {
+            addr,
+            cert: cert.clone(),
+            key: key.clone(),
+            template,
+        }),
+        _ => None,
     }
 }
 
@@ -268,6 +318,43 @@ mod tests {
         assert_eq!(c.metrics_addr.port(), 15014);
         assert_eq!(c.debounce, Duration::from_millis(100));
         assert_eq!(c.debounce_max, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_webhook_is_off_by_default_and_needs_its_certificate() {
+        let c = Config::from_args(Args::parse_from(["muon-control"])).unwrap();
+        assert!(c.webhook.is_none());
+        let c = Config::from_args(Args::parse_from([
+            "muon-control",
+            "--webhook-addr",
+            "0.0.0.0:15017",
+            "--webhook-cert",
+            "/etc/muon/webhook/tls.crt",
+            "--webhook-key",
+            "/etc/muon/webhook/tls.key",
+            "--proxy-image",
+            "registry.example/muon-proxy:dev",
+        ]))
+        .unwrap();
+        let w = c.webhook.unwrap();
+        assert_eq!(w.addr.port(), 15017);
+        assert_eq!(w.template.proxy_image, "registry.example/muon-proxy:dev");
+        assert_eq!(
+            w.template.control_plane,
+            "muon-control.muon-system.svc:15010"
+        );
+        assert!(Args::try_parse_from(["muon-control", "--webhook-addr", "0.0.0.0:15017"]).is_err());
+        let err = Config::from_args(Args::parse_from([
+            "muon-control",
+            "--sidecar-mode",
+            "sometimes",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--sidecar-mode: \"sometimes\" is not native or classic"),
+            "{err}"
+        );
     }
 
     #[test]

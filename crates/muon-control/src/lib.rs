@@ -5,7 +5,8 @@
 //! checks what spans objects (`rules`), and debounces changes into the data-plane view
 //! (`snapshot`); `discovery` pushes it to each sidecar over one stream, coalesced, and
 //! `wire` sends it with each resource encoded once. `convert` is the one place objects meet
-//! the proto. `gate` admits connections to the gRPC port. `server` wires it together.
+//! the proto. `gate` admits connections to the gRPC port. `webhook` injects sidecars into
+//! Kubernetes pods (admission, with `muon-inject`). `server` wires it together.
 #![forbid(unsafe_code)]
 
 pub mod alloc;
@@ -26,6 +27,7 @@ pub mod server;
 pub mod snapshot;
 pub mod sources;
 pub mod store;
+pub mod webhook;
 pub mod wire;
 
 pub use config::Config;

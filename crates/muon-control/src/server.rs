@@ -30,6 +30,8 @@ const MAX_MESSAGE: usize = muon_api::MAX_MESSAGE_BYTES;
 pub struct Server {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The admission webhook's address, when it serves.
+    pub webhook_addr: Option<SocketAddr>,
     pub registry: Arc<Registry>,
     pub proxies: Arc<Proxies>,
     pub metrics: Arc<Metrics>,
@@ -78,8 +80,22 @@ impl Server {
         let http = TcpListener::bind(config.metrics_addr)
             .await
             .with_context(|| format!("binding --metrics-addr {}", config.metrics_addr))?;
+        let webhook = match &config.webhook {
+            Some(w) => {
+                let tls = crate::webhook::tls_config(w)?;
+                let listener = TcpListener::bind(w.addr)
+                    .await
+                    .with_context(|| format!("binding --webhook-addr {}", w.addr))?;
+                Some((listener, tls, Arc::new(w.template.clone())))
+            }
+            None => None,
+        };
         let grpc_addr = grpc.local_addr()?;
         let metrics_addr = http.local_addr()?;
+        let webhook_addr = match &webhook {
+            Some((listener, _, _)) => Some(listener.local_addr()?),
+            None => None,
+        };
 
         let (shutdown, stop) = watch::channel(false);
         let proxies = Arc::new(Proxies::default());
@@ -100,6 +116,9 @@ impl Server {
             ));
         }
         tasks.spawn(crate::http::serve(http, metrics.clone(), stop.clone()));
+        if let Some((listener, tls, template)) = webhook {
+            tasks.spawn(crate::webhook::serve(listener, tls, template, stop.clone()));
+        }
 
         let discovery = DiscoveryServer::new(
             DiscoveryService::new(
@@ -168,6 +187,7 @@ impl Server {
         Ok(Server {
             grpc_addr,
             metrics_addr,
+            webhook_addr,
             registry,
             proxies,
             metrics,

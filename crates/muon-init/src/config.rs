@@ -82,6 +82,23 @@ pub struct Args {
     /// Remove Muon's jumps from PREROUTING/OUTPUT and flush and delete the MUON_* chains.
     #[arg(long, env = "MUON_INIT_CLEANUP", value_parser = clap::builder::BoolishValueParser::new())]
     pub cleanup: bool,
+
+    /// Touch no rules: wait until `GET /ready` at this address (the proxy's health port, e.g.
+    /// 127.0.0.1:15020) answers 200, then exit 0 (a classic sidecar's postStart hook, which
+    /// holds the app until the proxy is ready). Needs neither root nor iptables.
+    #[arg(long, env = "MUON_INIT_WAIT_READY")]
+    pub wait_ready: Option<String>,
+
+    /// With --wait-ready: give up (exit 1) after this long.
+    #[arg(long, env = "MUON_INIT_WAIT_TIMEOUT", default_value = "2m")]
+    pub wait_timeout: String,
+}
+
+/// `--wait-ready`: what to wait for, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitReady {
+    pub addr: std::net::SocketAddr,
+    pub timeout: std::time::Duration,
 }
 
 /// Which destinations or ports a direction captures.
@@ -191,6 +208,8 @@ pub struct Config {
     pub iptables: Backend,
     pub dry_run: bool,
     pub cleanup: bool,
+    /// Set: wait for the proxy instead of programming rules.
+    pub wait_ready: Option<WaitReady>,
 }
 
 impl Default for Config {
@@ -211,6 +230,7 @@ impl Default for Config {
             iptables: Backend::Auto,
             dry_run: false,
             cleanup: false,
+            wait_ready: None,
         }
     }
 }
@@ -293,6 +313,31 @@ impl Config {
                 Backend::Auto
             }
         };
+        let wait_timeout = match muon_core::duration::parse_flag_positive(&args.wait_timeout) {
+            Ok(d) => d,
+            Err(e) => {
+                p.push(format!("--wait-timeout: {e}"));
+                std::time::Duration::ZERO
+            }
+        };
+        let wait_ready = match args.wait_ready.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(addr) => match addr.parse() {
+                Ok(addr) => Some(WaitReady {
+                    addr,
+                    timeout: wait_timeout,
+                }),
+                Err(_) => {
+                    p.push(format!(
+                        "--wait-ready: {addr:?} is not an address like 127.0.0.1:15020"
+                    ));
+                    None
+                }
+            },
+        };
+        if wait_ready.is_some() && (args.cleanup || args.dry_run) {
+            p.push("--wait-ready cannot be combined with --cleanup or --dry-run".into());
+        }
         if !p.is_empty() {
             return Err(ConfigError { problems: p });
         }
@@ -312,6 +357,7 @@ impl Config {
             iptables,
             dry_run: args.dry_run,
             cleanup: args.cleanup,
+            wait_ready,
         })
     }
 
@@ -366,6 +412,13 @@ impl Config {
         }
         if self.cleanup {
             a.push("--cleanup".to_string());
+        }
+        if let Some(w) = &self.wait_ready {
+            a.push(format!("--wait-ready={}", w.addr));
+            a.push(format!(
+                "--wait-timeout={}",
+                muon_core::duration::format(w.timeout)
+            ));
         }
         a
     }
@@ -582,6 +635,26 @@ mod tests {
         let argv = none.to_cli_args();
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         assert_eq!(parse(&argv), Ok(none));
+    }
+
+    #[test]
+    fn wait_ready_is_checked_and_round_trips() {
+        let c = parse(&["--wait-ready", "127.0.0.1:15020", "--wait-timeout", "30s"]).unwrap();
+        let w = c.wait_ready.unwrap();
+        assert_eq!(w.addr, "127.0.0.1:15020".parse().unwrap());
+        assert_eq!(w.timeout, std::time::Duration::from_secs(30));
+        let argv = c.to_cli_args();
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        assert_eq!(parse(&argv), Ok(c));
+        let err = parse(&["--wait-ready", "localhost", "--wait-timeout", "0s"]).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(err.problems[0].starts_with("--wait-timeout"), "{err}");
+        assert!(
+            err.problems[1].starts_with("--wait-ready: \"localhost\""),
+            "{err}"
+        );
+        let err = parse(&["--wait-ready", "127.0.0.1:15020", "--cleanup"]).unwrap_err();
+        assert!(err.problems[0].contains("cannot be combined"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! - [`state`]: `iptables-save -t nat` output → what Muon already has there (pure);
 //! - [`payload`]: desired + existing → one atomic `iptables-restore --noflush` payload (pure);
 //! - [`apply`]: the only module with I/O: checks, reads, restores, rolls back.
+//!
+//! Beside the pipeline, [`wait`] (`--wait-ready`) programs nothing: it waits for the proxy to be
+//! ready (a classic sidecar's postStart hook in Kubernetes).
 #![forbid(unsafe_code)]
 
 pub mod apply;
@@ -18,6 +21,7 @@ pub mod config;
 pub mod payload;
 pub mod rules;
 pub mod state;
+pub mod wait;
 
 pub use apply::{plan, ApplyError, Plan};
 pub use config::{Args, Backend, Capture, Cidr, Config, ConfigError, Family, Ipv6Mode};

@@ -25,6 +25,11 @@ fn main() -> ExitCode {
 }
 
 fn run(config: &Config) -> anyhow::Result<()> {
+    if let Some(w) = &config.wait_ready {
+        muon_init::wait::wait_ready(w)?;
+        println!("muon-init: the proxy at {} is ready", w.addr);
+        return Ok(());
+    }
     // Every check happens while planning, so a failure here means nothing was touched.
     let plan = apply::plan(config).map_err(|e| anyhow::anyhow!("{e}\n(nothing was changed)"))?;
     for note in &plan.notes {
