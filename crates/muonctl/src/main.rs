@@ -1,10 +1,12 @@
 //! `muonctl`: the command line for Muon: the lab (`muonctl lab …`) and the control plane's
-//! management API (`apply`, `delete`, `get`, `proxy-status`, `config-dump`, `token`).
+//! management API (`apply`, `delete`, `get`, `proxy-status`, `config-dump`, `token`), and the
+//! Kubernetes install (`install`).
 #![forbid(unsafe_code)]
 
 mod apply;
 mod control;
 mod get;
+mod install;
 mod manifest;
 mod proxy_status;
 mod token;
@@ -71,6 +73,8 @@ enum Command {
     /// Join tokens: how a sidecar outside Kubernetes proves its identity.
     #[command(subcommand)]
     Token(token::TokenCmd),
+    /// Print the manifests that install Muon on Kubernetes (`muonctl install | kubectl apply -f -`).
+    Install(install::InstallArgs),
 }
 
 #[derive(Subcommand)]
@@ -185,6 +189,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::ProxyStatus(args) => via_lab(cli.lab, target, args, proxy_status::run),
         Command::Token(cmd) => via_lab(cli.lab, target, cmd, token::run),
         Command::ConfigDump(args) => proxy_status::config_dump(cli.lab.as_deref(), args),
+        Command::Install(args) => install::run(args),
     }
 }
 
