@@ -1,5 +1,6 @@
 //! The small HTTP/1.1 server on `--metrics-addr` (see `muon-http`): `/metrics` (Prometheus
-//! text) and `/ready`.
+//! text), `/ready` (not while shutting down) and `/live` (the process serves: Kubernetes'
+//! liveness probe).
 
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -33,7 +34,10 @@ fn route<B>(req: &Request<B>, metrics: &Metrics, ready: bool) -> Response<Full<B
         (true, "/metrics") => respond(StatusCode::OK, OPENMETRICS, metrics.encode()),
         (true, "/ready") if ready => text(StatusCode::OK, "ready\n"),
         (true, "/ready") => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        (false, "/metrics" | "/ready") => text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n"),
+        (true, "/live") => text(StatusCode::OK, "live\n"),
+        (false, "/metrics" | "/ready" | "/live") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -934,7 +934,7 @@ async fn reflection_lists_management_and_discovery() {
 }
 
 #[tokio::test]
-async fn metrics_and_ready_are_served_over_http() {
+async fn metrics_ready_and_live_are_served_over_http() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path()).await;
@@ -942,6 +942,7 @@ async fn metrics_and_ready_are_served_over_http() {
     for (path, want) in [
         ("/metrics", "muon_control_objects{kind=\"Workload\"} 3"),
         ("/ready", "ready"),
+        ("/live", "live"),
     ] {
         let mut s = tokio::net::TcpStream::connect(server.metrics_addr)
             .await

@@ -9,6 +9,8 @@ pub mod identity;
 pub mod net;
 pub mod ports;
 pub mod resource;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod table;
 
 pub use table::{Endpoint, Protocol, ServiceEntry, ServicePort, ServiceTable, TableError};

@@ -1,12 +1,13 @@
 //! `muonctl`: the command line for Muon: the lab (`muonctl lab …`) and the control plane's
 //! management API (`apply`, `delete`, `get`, `proxy-status`, `config-dump`, `token`), and
-//! Kubernetes manifests (`inject`).
+//! Kubernetes manifests (`inject`, `install`).
 #![forbid(unsafe_code)]
 
 mod apply;
 mod control;
 mod get;
 mod inject;
+mod install;
 mod manifest;
 mod proxy_status;
 mod token;
@@ -76,6 +77,8 @@ enum Command {
     /// Add Muon's init container and sidecar to the workloads of Kubernetes manifests
     /// (what the control plane's admission webhook does), printing them to stdout.
     Inject(inject::InjectArgs),
+    /// Print the manifests that install Muon on Kubernetes (`muonctl install | kubectl apply -f -`).
+    Install(install::InstallArgs),
 }
 
 #[derive(Subcommand)]
@@ -191,6 +194,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Token(cmd) => via_lab(cli.lab, target, cmd, token::run),
         Command::ConfigDump(args) => proxy_status::config_dump(cli.lab.as_deref(), args),
         Command::Inject(args) => inject::run(args),
+        Command::Install(args) => install::run(args),
     }
 }
 

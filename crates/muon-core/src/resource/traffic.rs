@@ -20,6 +20,7 @@ pub const GATEWAY_X_API_VERSION: &str = "gateway.networking.x-k8s.io/v1alpha1";
 
 /// What a policy applies to: a Service of its own namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetRef {
     /// `""` (core) or `muon.io`; either names the same Service.
@@ -90,6 +91,7 @@ fn non_negative(check: &mut Check<'_>, field: &str, value: i64) {
 /// `backoff` (with jitter, doubling) between tries. Connect failures are always retried,
 /// whatever the route says.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Retry {
     /// HTTP statuses to retry (400–599). 503 also retries gRPC `UNAVAILABLE`.
@@ -151,6 +153,7 @@ pub(super) fn validate_retry(check: &mut Check<'_>, field: &str, r: &Retry) {
 /// services. Other fields of the upstream type (session persistence) are not supported and
 /// are refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendTrafficPolicySpec {
     pub target_refs: Vec<TargetRef>,
@@ -161,6 +164,7 @@ pub struct BackendTrafficPolicySpec {
 /// Retries may add at most `budget.percent` of the requests of the last `budget.interval`,
 /// but `minRetryRate` retries are always allowed.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryConstraint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,6 +174,7 @@ pub struct RetryConstraint {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Budget {
     /// Default 20.
@@ -181,6 +186,7 @@ pub struct Budget {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetryRate {
     /// Default 3.
@@ -268,6 +274,7 @@ pub(super) fn validate_backend_traffic(check: &mut Check<'_>, s: &BackendTraffic
 
 /// `muon.io/v1alpha1` `TrafficPolicy` spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
     pub target_refs: Vec<TargetRef>,
@@ -300,6 +307,7 @@ impl TrafficPolicySpec {
 /// Everything a TrafficPolicy sets for a service (also the `traffic` of a `--table-file`
 /// service entry).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Traffic {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -347,6 +355,7 @@ impl Algorithm {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancer {
     /// `PeakEWMA` (default), `RoundRobin` or `LeastRequest`.
@@ -366,6 +375,7 @@ impl LoadBalancer {
 /// Locality-aware routing: endpoints in the client's zone first, then its region, then its
 /// cloud, then other clouds.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Locality {
     /// Below this percentage of healthy endpoints in the nearest level, the next level is
@@ -394,6 +404,7 @@ impl Locality {
 /// a while. A threshold of 0 (or absent) turns that check off; no `outlierDetection`, no
 /// ejections.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetection {
     /// Answers 500–599 in a row (default 5).
@@ -449,6 +460,7 @@ impl OutlierDetection {
 /// Limits past which the sidecar answers 503 (`x-muon-error: overloaded`) at once instead
 /// of queueing. Absent: 1024 each, as Envoy's defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreaker {
     /// Connections open to the service's endpoints (TCP connections; HTTP connections of
@@ -500,6 +512,7 @@ impl CircuitBreaker {
 
 /// Faults injected into requests to the service (chaos testing), HTTP only.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Faults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -513,6 +526,7 @@ pub struct Faults {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DelayFault {
     pub percent: i64,
@@ -520,6 +534,7 @@ pub struct DelayFault {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AbortFault {
     pub percent: i64,
