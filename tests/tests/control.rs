@@ -41,6 +41,17 @@ spec:
       protocol: http
   selector:
     app: backend
+---
+# Round robin, so that a handful of requests is sure to reach both endpoints (peak-EWMA,
+# the default, may rightly keep them all on the faster one).
+apiVersion: muon.io/v1alpha1
+kind: TrafficPolicy
+metadata:
+  name: backend
+  namespace: default
+spec:
+  targetRefs: [{kind: Service, name: backend}]
+  loadBalancer: {algorithm: RoundRobin}
 "#;
 
 /// Which pods answered `n` requests to the backend service; None if a request failed (e.g.
