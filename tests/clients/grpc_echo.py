@@ -11,13 +11,15 @@ tell which backend answered:
   Fail          anything            -> status FAILED_PRECONDITION, details "fail requested"
   Headers       anything            -> b"<pod>|" + JSON object of the request metadata
 
+With --fail-rate F, that share of Unary calls ends in UNAVAILABLE (for the retry tests).
+
 Unary and Headers first sleep for the request metadata x-echo-delay-ms (at most 60 s), so
 a test can make a backend slow (route timeouts, DEADLINE_EXCEEDED).
 
 Both ends accept and send messages of up to 64 MiB.
 
 usage:
-  grpc_echo.py serve --port 9090 [--host ::]
+  grpc_echo.py serve --port 9090 [--host ::] [--fail-rate F]
       serves on [::]:PORT (0.0.0.0:PORT without IPv6), prints "ready" once serving,
       runs until SIGTERM or SIGINT
   grpc_echo.py call --target HOST:PORT [--timeout S] [--deadline S] [--metadata k=v]...
@@ -52,6 +54,7 @@ import base64
 import json
 import os
 import queue
+import random
 import signal
 import socket
 import sys
@@ -84,7 +87,7 @@ def method(name: str) -> str:
 # ---------------------------------------------------------------------------- server
 
 
-def make_handler(pod: str) -> grpc.GenericRpcHandler:
+def make_handler(pod: str, fail_rate: float = 0.0) -> grpc.GenericRpcHandler:
     prefix = pod.encode() + b"|"
 
     def delay(context: grpc.ServicerContext) -> None:
@@ -100,6 +103,8 @@ def make_handler(pod: str) -> grpc.GenericRpcHandler:
 
     def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
         delay(context)
+        if fail_rate and random.random() < fail_rate:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "failing as told (--fail-rate)")
         context.set_trailing_metadata((("x-echo-pod", pod),))
         return prefix + request
 
@@ -166,7 +171,7 @@ def serve(args: argparse.Namespace) -> int:
     pod = pod_name()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=64),
-        handlers=[make_handler(pod)],
+        handlers=[make_handler(pod, args.fail_rate)],
         # No SO_REUSEPORT: a port already taken must fail here, not share the traffic.
         options=OPTIONS + [("grpc.so_reuseport", 0)],
     )
@@ -417,6 +422,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the echo server until SIGTERM")
     s.add_argument("--port", type=int, default=9090)
     s.add_argument("--host", default="::", help="default :: (falls back to 0.0.0.0)")
+    s.add_argument(
+        "--fail-rate", type=float, default=0.0, help="share of Unary calls answered UNAVAILABLE"
+    )
 
     c = sub.add_parser("call", help="call an echo server")
     c.add_argument("--target", required=True, help="HOST:PORT")

@@ -9,12 +9,18 @@
 //!   body size) as JSON; `/delay/<ms>` answers after a pause, `/status/<code>` with that
 //!   status (for the tests).
 //!
-//! Every app serves HTTP/1.1 and HTTP/2 (prior knowledge) on the same port.
+//! Every app serves HTTP/1.1 and HTTP/2 (prior knowledge) on the same port, and takes the
+//! fault flags `--fail-rate F` (that share of requests gets 503; gRPC: `UNAVAILABLE`),
+//! `--delay-ms N` and `--delay-rate F` (that share, 1 by default, waits N ms first). They
+//! change at run time with `/admin/faults?fail-rate=..&delay-ms=..&delay-rate=..`;
+//! `/admin/stats` counts the requests served, failed and delayed.
 //!
 //! The apps know nothing of the mesh: they call `http://inventory:8080` by name, and the
 //! sidecars do the rest. Every answer names the pod (from `POD_NAME`) so that a caller can see
 //! where the mesh sent it.
 #![forbid(unsafe_code)]
+
+mod faults;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -53,7 +59,7 @@ type GrpcBody = WithTrailers<Full<Bytes>, Ready<Option<Result<HeaderMap, Infalli
 
 fn usage() -> ! {
     eprintln!(
-        "usage: demo-shop inventory [--port P]\n       demo-shop orders [--port P] [--inventory HOST:PORT] [--version V]\n       demo-shop echo [--port P] [--size BYTES]\n       demo-shop echo-grpc [--port P] [--size BYTES]\n       demo-shop reflect [--port P]"
+        "usage: demo-shop inventory [--port P]\n       demo-shop orders [--port P] [--inventory HOST:PORT] [--version V]\n       demo-shop echo [--port P] [--size BYTES]\n       demo-shop echo-grpc [--port P] [--size BYTES]\n       demo-shop reflect [--port P]\nevery role: [--fail-rate F] [--delay-ms N] [--delay-rate F]"
     );
     std::process::exit(2)
 }
@@ -66,6 +72,8 @@ async fn main() -> Result<()> {
     let mut inventory = String::from("inventory:8080");
     let mut size = 1024usize;
     let mut version = String::from("v1");
+    let faults = Arc::new(faults::Faults::new());
+    let mut delay_rate_set = false;
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
         match flag.as_str() {
@@ -73,8 +81,19 @@ async fn main() -> Result<()> {
             "--inventory" => inventory = value,
             "--size" => size = value.parse().context("--size")?,
             "--version" => version = value,
+            "--fail-rate" | "--delay-ms" | "--delay-rate" => {
+                delay_rate_set |= flag == "--delay-rate";
+                faults
+                    .set(&flag[2..], &value)
+                    .map_err(|e| anyhow::anyhow!(e))?
+            }
             _ => usage(),
         }
+    }
+    if !delay_rate_set {
+        faults
+            .set("delay-rate", "1")
+            .map_err(|e| anyhow::anyhow!(e))?;
     }
     let app = match role.as_str() {
         "inventory" => App::Inventory,
@@ -105,10 +124,23 @@ async fn main() -> Result<()> {
             let _ = stream.set_nodelay(true);
         }
         let app = app.clone();
+        let faults = faults.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let app = app.clone();
+                let faults = faults.clone();
                 async move {
+                    if let Some(resp) = admin(&faults, &req) {
+                        return Ok(resp.map(Either::Left));
+                    }
+                    let decision = faults.decide();
+                    if let Some(d) = decision.delay {
+                        tokio::time::sleep(d).await;
+                    }
+                    let grpc = matches!(app, App::EchoGrpc { .. });
+                    if decision.fail {
+                        return Ok(failed(grpc).map(Either::Left));
+                    }
                     Ok::<_, hyper::Error>(match &app {
                         App::EchoGrpc { frame } => echo_grpc(frame, req).await.map(Either::Right),
                         _ => handle(&app, req).await.map(Either::Left),
@@ -120,6 +152,40 @@ async fn main() -> Result<()> {
                 .await;
         });
     }
+}
+
+/// `/admin/faults` (set with a query, answer the settings) and `/admin/stats`.
+fn admin(faults: &faults::Faults, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    match req.uri().path() {
+        "/admin/faults" => Some(match faults.set_query(req.uri().query().unwrap_or("")) {
+            Ok(()) => reply(StatusCode::OK, faults.settings()),
+            Err(e) => reply(StatusCode::BAD_REQUEST, json!({"error": e})),
+        }),
+        "/admin/stats" => Some(reply(StatusCode::OK, faults.stats())),
+        _ => None,
+    }
+}
+
+/// The answer of an injected failure: 503, or a trailers-only gRPC `UNAVAILABLE`.
+fn failed(grpc: bool) -> Response<Full<Bytes>> {
+    if !grpc {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "injected failure", "pod": pod()}),
+        );
+    }
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    let h = resp.headers_mut();
+    h.insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", hyper::header::HeaderValue::from_static("14"));
+    h.insert(
+        "grpc-message",
+        hyper::header::HeaderValue::from_static("injected failure"),
+    );
+    resp
 }
 
 fn pod() -> String {

@@ -156,6 +156,8 @@ pub struct Shared {
     pub limit: Arc<Semaphore>,
     /// HTTP limits.
     pub http: config::HttpConfig,
+    /// Request bodies up to this size are kept for a retry (`--retry-buffer-bytes`).
+    pub retry_buffer_bytes: usize,
     /// Gateway mode: `name.namespace` of the Gateway whose routes are served.
     pub gateway: Option<Arc<str>>,
     /// Mirrored requests in flight (at most [`http::forward::MAX_MIRRORS`]; more are not
@@ -197,6 +199,7 @@ impl Shared {
             },
             limit: Arc::new(Semaphore::new(config.max_connections)),
             http: config.http.clone(),
+            retry_buffer_bytes: config.retry_buffer_bytes,
             gateway: config.gateway.as_ref().map(|g| g.gateway.as_str().into()),
             mirrors: Default::default(),
             inbound_stats,

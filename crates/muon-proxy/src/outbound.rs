@@ -197,10 +197,23 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     rec.service = Some(target.service.clone());
-    let (mut upstream, ep) = match connect_any(shared, &target.backends, rec).await {
+    let backends = &target.backends;
+    // The connection's place under the service's `maxConnections`, held while it is open.
+    let Some(_slot) = crate::endpoint::Slot::take(
+        &backends.balancer,
+        |b| &b.connections,
+        backends.traffic.limits.max_connections,
+    ) else {
+        backends.stats.overloaded.inc();
+        debug!(service = %target.service, "maxConnections reached; connection closed");
+        return Outcome::Overloaded;
+    };
+    let (mut upstream, ep) = match connect_any(shared, backends, rec).await {
         Ok(connected) => connected,
         Err(outcome) => return outcome,
     };
+    // An open connection is load on its endpoint, for LeastRequest and PeakEWMA.
+    let _in_flight = ep.state.begin();
     // A meshed endpoint gets mutual TLS when this sidecar has a certificate: the bytes
     // inside are the app's, as they were.
     match (&shared.mesh, ep.meshed && !ep.identity.is_empty()) {

@@ -42,6 +42,8 @@ enum ReqInner {
     Full(Option<Bytes>),
     /// A mirror's copy, fed by the original request's body.
     Copy(mpsc::Receiver<Bytes>, Arc<AtomicBool>),
+    /// One try of a request that may be retried (see [`Replay`]).
+    Replay(Replay, usize),
 }
 
 impl RequestBody {
@@ -92,6 +94,138 @@ impl RequestBody {
     pub fn is_empty(&self) -> bool {
         self.is_end_stream()
     }
+
+    /// This body, kept (up to `cap` bytes) as it is read so that it can be sent again:
+    /// the first try's body, and the [`Replay`] that makes the next ones.
+    pub fn replayable(self, cap: usize) -> (RequestBody, Replay) {
+        let ended = self.is_end_stream();
+        let replay = Replay(Arc::new(std::sync::Mutex::new(ReplayState {
+            body: self,
+            frames: Vec::new(),
+            bytes: 0,
+            cap,
+            over: false,
+            ended,
+        })));
+        (replay.body(), replay)
+    }
+}
+
+/// A request body shared by the tries of one request: the client's body is read once, by
+/// whichever try reads furthest, and every frame read is kept (up to a cap) so that a later
+/// try gets the whole body again. Past the cap nothing is kept and no further try can be
+/// made. One try at a time reads in practice (a retry starts after the try before it got
+/// its answer), so the lock is never contended.
+#[derive(Debug, Clone)]
+pub struct Replay(Arc<std::sync::Mutex<ReplayState>>);
+
+#[derive(Debug)]
+struct ReplayState {
+    body: RequestBody,
+    frames: Vec<Frame<Bytes>>,
+    bytes: usize,
+    cap: usize,
+    /// More than `cap` was read: the kept frames were dropped.
+    over: bool,
+    /// The client's body ended (every frame is in `frames`, unless `over`).
+    ended: bool,
+}
+
+impl Replay {
+    /// A body for one more try, from the first frame.
+    pub fn body(&self) -> RequestBody {
+        RequestBody {
+            inner: ReqInner::Replay(self.clone(), 0),
+            sent: None,
+            mirrors: Vec::new(),
+        }
+    }
+
+    /// Whether another try can have the whole body: what was read so far is kept.
+    pub fn can_replay(&self) -> bool {
+        !self.0.lock().is_ok_and(|s| s.over)
+    }
+
+    fn poll_frame(
+        &self,
+        at: &mut usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Ok(mut s) = self.0.lock() else {
+            return Poll::Ready(Some(Err("request body lost".into())));
+        };
+        if let Some(f) = s.frames.get(*at) {
+            *at += 1;
+            return Poll::Ready(Some(Ok(copy_frame(f))));
+        }
+        // Past the cap only the try that crossed it reads on (the others lack the start).
+        if s.over && *at != LIVE {
+            return Poll::Ready(Some(Err("request body too large to send again".into())));
+        }
+        if s.ended {
+            return Poll::Ready(None);
+        }
+        let frame = match Pin::new(&mut s.body).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(f) => f,
+        };
+        match &frame {
+            None => s.ended = true,
+            Some(Ok(f)) if !s.over => {
+                s.bytes += f.data_ref().map_or(0, Bytes::len);
+                if s.bytes > s.cap {
+                    s.over = true;
+                    s.frames = Vec::new();
+                    *at = LIVE;
+                } else {
+                    s.frames.push(copy_frame(f));
+                    *at += 1;
+                }
+            }
+            _ => {}
+        }
+        if s.body.is_end_stream() {
+            s.ended = true;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self, at: usize) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|s| s.ended && (at == LIVE || at >= s.frames.len()))
+    }
+
+    fn size_hint(&self, at: usize) -> SizeHint {
+        let Ok(s) = self.0.lock() else {
+            return SizeHint::default();
+        };
+        match (s.ended, at) {
+            (true, LIVE) => SizeHint::with_exact(0),
+            (true, _) => {
+                let rest = s.frames.get(at..).unwrap_or_default();
+                let n: usize = rest
+                    .iter()
+                    .map(|f| f.data_ref().map_or(0, Bytes::len))
+                    .sum();
+                SizeHint::with_exact(n as u64)
+            }
+            (false, 0) if s.frames.is_empty() => s.body.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// The position of the try that read past the cap: it reads the client's body live.
+const LIVE: usize = usize::MAX;
+
+/// A frame's copy (data is reference-counted; trailers are copied).
+fn copy_frame(f: &Frame<Bytes>) -> Frame<Bytes> {
+    match (f.data_ref(), f.trailers_ref()) {
+        (Some(d), _) => Frame::data(d.clone()),
+        (None, Some(t)) => Frame::trailers(t.clone()),
+        (None, None) => Frame::data(Bytes::new()),
+    }
 }
 
 impl Body for RequestBody {
@@ -117,6 +251,7 @@ impl Body for RequestBody {
                 Poll::Ready(None) => Some(Err("the mirror fell behind; its copy was cut".into())),
                 Poll::Pending => return Poll::Pending,
             },
+            ReqInner::Replay(r, at) => return r.poll_frame(at, cx),
         };
         match &frame {
             Some(Ok(f)) => {
@@ -144,6 +279,7 @@ impl Body for RequestBody {
             ReqInner::Incoming(b) => b.is_end_stream(),
             ReqInner::Full(b) => b.is_none(),
             ReqInner::Copy(..) => false,
+            ReqInner::Replay(r, at) => r.is_end_stream(*at),
         }
     }
 
@@ -152,6 +288,7 @@ impl Body for RequestBody {
             ReqInner::Incoming(b) => b.size_hint(),
             ReqInner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ReqInner::Copy(..) => SizeHint::default(),
+            ReqInner::Replay(r, at) => r.size_hint(*at),
         }
     }
 }
@@ -167,11 +304,13 @@ pub struct ResponseBody {
 }
 
 /// What a response holds until it ends: its HTTP/2 stream's place on a pooled connection,
-/// and its count in the endpoint's in-flight requests.
+/// its count in the endpoint's in-flight requests, and in its service's.
 #[derive(Debug, Default)]
 pub struct Held {
     pub stream: Option<StreamGuard>,
     pub in_flight: Option<InFlight>,
+    /// The request's place under its service's `maxRequests`.
+    pub request: Option<crate::endpoint::Slot>,
 }
 
 #[derive(Debug)]
@@ -266,5 +405,42 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // Never read to the end: the client went away, or hyper needed no body (HEAD, 204).
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn read(b: RequestBody) -> Result<Bytes, BoxError> {
+        Ok(b.collect().await?.to_bytes())
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_kept_body_is_sent_whole_again_and_a_larger_one_is_not() {
+        let (first, replay) = RequestBody::full(Bytes::from_static(b"hello")).replayable(16);
+        assert_eq!(read(first).await.unwrap(), "hello");
+        assert!(replay.can_replay());
+        let again = replay.body();
+        assert_eq!(again.size_hint().exact(), Some(5));
+        assert_eq!(read(again).await.unwrap(), "hello");
+        assert_eq!(read(replay.body()).await.unwrap(), "hello");
+
+        // A try that stopped reading early: the next one gets what was read, then the rest.
+        let (first, replay) = RequestBody::full(Bytes::from_static(b"hi")).replayable(16);
+        drop(first);
+        assert_eq!(read(replay.body()).await.unwrap(), "hi");
+
+        // Past the cap the first try still gets the whole body; no other try can.
+        let (first, replay) = RequestBody::full(Bytes::from(vec![b'x'; 64])).replayable(16);
+        assert_eq!(read(first).await.unwrap().len(), 64);
+        assert!(!replay.can_replay());
+        assert!(read(replay.body()).await.is_err());
+
+        // An empty body ends at once, on every try (HTTP/1.1 sends no chunked encoding).
+        let (first, replay) = RequestBody::empty().replayable(16);
+        assert!(first.is_end_stream());
+        assert!(replay.body().is_end_stream());
     }
 }

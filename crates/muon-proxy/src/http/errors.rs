@@ -32,6 +32,11 @@ pub enum ProxyError {
     Draining,
     /// An authorization policy denied the request (403; see [`respond_denied`]).
     Denied,
+    /// A circuit breaker's limit is reached (`maxRequests`, `maxPendingRequests`): 503 at
+    /// once rather than a queue.
+    Overloaded,
+    /// An abort fault of the service's TrafficPolicy, with its status.
+    FaultAbort(u16),
 }
 
 impl ProxyError {
@@ -47,6 +52,8 @@ impl ProxyError {
             ProxyError::Timeout => "timeout",
             ProxyError::Draining => "draining",
             ProxyError::Denied => "rbac-denied",
+            ProxyError::Overloaded => "overloaded",
+            ProxyError::FaultAbort(_) => "fault-abort",
         }
     }
 
@@ -60,6 +67,10 @@ impl ProxyError {
             ProxyError::ConnectFailed | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Denied => StatusCode::FORBIDDEN,
+            ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::FaultAbort(s) => {
+                StatusCode::from_u16(s).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
         }
     }
 
@@ -71,12 +82,26 @@ impl ProxyError {
             ProxyError::NoRoute => 12,        // UNIMPLEMENTED
             ProxyError::Timeout => 4,         // DEADLINE_EXCEEDED
             ProxyError::Denied => 7,          // PERMISSION_DENIED
+            ProxyError::FaultAbort(s) => grpc_status_for(s),
             ProxyError::NoBackend
             | ProxyError::NoEndpoints
             | ProxyError::ConnectFailed
             | ProxyError::UpstreamFailed
-            | ProxyError::Draining => 14, // UNAVAILABLE
+            | ProxyError::Draining
+            | ProxyError::Overloaded => 14, // UNAVAILABLE
         }
+    }
+}
+
+/// The gRPC status for an HTTP status (grpc/doc/http-grpc-status-mapping.md).
+pub fn grpc_status_for(status: u16) -> u32 {
+    match status {
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
     }
 }
 
@@ -111,6 +136,10 @@ pub fn respond(err: ProxyError, grpc: bool) -> Response<ResponseBody> {
     };
     resp.headers_mut()
         .insert(ERROR_HEADER, HeaderValue::from_static(reason));
+    if let ProxyError::FaultAbort(_) = err {
+        resp.headers_mut()
+            .insert("x-muon-fault", HeaderValue::from_static("abort"));
+    }
     resp
 }
 
@@ -161,6 +190,21 @@ mod tests {
             HeaderValue::from_static("application/grpc+proto"),
         );
         assert!(is_grpc(&h));
+    }
+
+    #[test]
+    fn overload_and_aborts_have_their_status_and_grpc_code() {
+        let r = respond(ProxyError::Overloaded, false);
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[ERROR_HEADER], "overloaded");
+        let g = respond(ProxyError::Overloaded, true);
+        assert_eq!(g.headers()["grpc-status"], "14");
+        let a = respond(ProxyError::FaultAbort(418), false);
+        assert_eq!(a.status(), 418);
+        assert_eq!(a.headers()[ERROR_HEADER], "fault-abort");
+        assert_eq!(a.headers()["x-muon-fault"], "abort");
+        assert_eq!(ProxyError::FaultAbort(503).grpc_status(), 14);
+        assert_eq!(ProxyError::FaultAbort(500).grpc_status(), 2);
     }
 
     #[test]

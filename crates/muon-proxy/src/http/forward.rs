@@ -1,20 +1,21 @@
 //! One request from the mesh (outbound) or from outside it (gateway) to a service: find the
-//! rule, apply its filters, pick a backend by weight and an endpoint by round robin, send
-//! it there, and give the answer back.
+//! rule, apply its filters, pick a backend by weight, apply the service's faults and
+//! circuit-breaker limits, pick an endpoint by the service's balancer, send it there (again,
+//! where that is safe and the route or the mesh says so), and give the answer back.
 //!
 //! Routing per request, not per connection: every request looks the destination up in the
 //! current table, so one long-lived HTTP/2 or gRPC connection from an app is spread over
 //! every replica and follows route and endpoint changes as they come.
 
-use super::body::{BoxError, Held, RequestBody, ResponseBody};
+use super::body::{BoxError, Held, Replay, RequestBody, ResponseBody};
 use super::errors::{self, ProxyError};
 use super::headers::{self, ORIG_PROTO};
 use super::log::RequestLog;
 use super::upstream::{self, Hop, Proto};
 use super::ConnCx;
-use crate::endpoint::{now_ns, Outcome};
+use crate::endpoint::{now_ns, BalancerState, Outcome, Slot};
 use crate::route::filter::{self, Origin};
-use crate::route::{Filter, HeaderModifier, Request as RouteRequest, RuleDef};
+use crate::route::{Filter, HeaderModifier, Request as RouteRequest, RetryDef, RuleDef};
 use crate::table::{Backends, Endpoint, RuleTarget, Target};
 use http::header::{HeaderValue, HOST, LOCATION};
 use http::{Request, Response, StatusCode, Version};
@@ -22,7 +23,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use muon_core::Protocol;
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -330,10 +331,23 @@ async fn forward(
     };
     let upgrade = (cx.version != Version::HTTP_2 && headers::is_upgrade(req.headers()))
         .then(|| hyper::upgrade::on(&mut req));
+    let retry = rule.and_then(|r| r.retry.as_ref());
+    let route = &target.route;
     let sent = async {
         let backends = known(&cx.shared, picked).await;
         log.service = Some(backends.service.clone());
-        send(cx, &backends, req, &mut log, upgrade.is_some()).await
+        inject_faults(&backends, route).await?;
+        let limits = &backends.traffic.limits;
+        let Some(slot) = Slot::take(&backends.balancer, requests, limits.max_requests) else {
+            backends.stats.overloaded.inc();
+            return Err(ProxyError::Overloaded);
+        };
+        let (resp, mut held) = match upgrade.is_some() {
+            true => send_upgrade(cx, &backends, req, &mut log).await?,
+            false => send(cx, &backends, req, &mut log, retry).await?,
+        };
+        held.request = Some(slot);
+        Ok((resp, held))
     };
     let result = match deadline {
         Some(d) => tokio::time::timeout(d, sent)
@@ -559,20 +573,44 @@ fn mark_orig_proto<B>(req: &mut Request<B>, meshed: bool, client: Version) {
     }
 }
 
-/// Picks an endpoint (round robin; the next one when connecting fails, up to
-/// [`MAX_CONNECT_TRIES`]) and sends.
-async fn send(
+fn requests(b: &BalancerState) -> &AtomicU32 {
+    &b.requests
+}
+
+fn pending(b: &BalancerState) -> &AtomicU32 {
+    &b.pending
+}
+
+/// The service's faults, where they apply to this request's route: a delay, then maybe an
+/// abort (the proxy's answer, with the fault's status).
+async fn inject_faults(backends: &Backends, route: &str) -> Result<(), ProxyError> {
+    let Some(f) = &backends.traffic.faults else {
+        return Ok(());
+    };
+    if !f.routes.is_empty() && !f.routes.iter().any(|r| r == route) {
+        return Ok(());
+    }
+    if f.delay_percent > 0 && headers::random() % 100 < u64::from(f.delay_percent) {
+        backends.stats.fault_delay.inc();
+        tokio::time::sleep(f.delay).await;
+    }
+    if f.abort_percent > 0 && headers::random() % 100 < u64::from(f.abort_percent) {
+        backends.stats.fault_abort.inc();
+        return Err(ProxyError::FaultAbort(f.abort_status.as_u16()));
+    }
+    Ok(())
+}
+
+/// An upgrade (WebSocket and the like): HTTP/1.1 on a connection of its own, meshed or
+/// not; the next endpoint when connecting fails, never retried once sent.
+async fn send_upgrade(
     cx: &ConnCx,
     backends: &Backends,
     mut req: Request<RequestBody>,
     log: &mut RequestLog,
-    upgrade: bool,
 ) -> Result<(Response<Incoming>, Held), ProxyError> {
-    if backends.endpoints.is_empty() {
-        return Err(ProxyError::NoEndpoints);
-    }
     let mut tried = crate::balance::Tried::default();
-    while tried.len() < MAX_CONNECT_TRIES.min(backends.endpoints.len()) {
+    for _ in 0..MAX_CONNECT_TRIES.min(backends.endpoints.len()) {
         let Some(i) = backends.pick(&tried) else {
             break;
         };
@@ -581,39 +619,131 @@ async fn send(
         let hop = hop_to(&cx.shared, ep, cx.direction);
         log.endpoint = Some(ep.addr);
         log.pod = Some(ep.pod.clone());
-        if upgrade {
-            // Upgrades travel as HTTP/1.1 on a connection of their own, meshed or not.
-            let conn = match hop.upgrade_conn().await {
-                Ok(c) => c,
-                Err(e) => {
-                    debug!(endpoint = %ep.addr, error = %e, "connect failed; trying the next endpoint");
-                    continue;
-                }
+        let conn = match hop.upgrade_conn().await {
+            Ok(c) => c,
+            Err(e) => {
+                backends.record(i, Outcome::ConnectFailed);
+                debug!(endpoint = %ep.addr, error = %e, "connect failed; trying the next endpoint");
+                continue;
+            }
+        };
+        upstream::prepare(&mut req, Proto::Http1, &cx.authority);
+        req.headers_mut().remove(ORIG_PROTO);
+        let in_flight = ep.state.begin();
+        return match hop.upgrade(conn, req).await {
+            Ok(resp) => Ok((
+                resp,
+                Held {
+                    in_flight: Some(in_flight),
+                    ..Held::default()
+                },
+            )),
+            Err(e) => {
+                debug!(endpoint = %ep.addr, error = %e, "upgrade request failed");
+                Err(ProxyError::UpstreamFailed)
+            }
+        };
+    }
+    match backends.endpoints.is_empty() {
+        true => Err(ProxyError::NoEndpoints),
+        false => Err(ProxyError::ConnectFailed),
+    }
+}
+
+/// What a request keeps to be sent again: its head and a replayable body.
+struct Again {
+    method: http::Method,
+    uri: http::Uri,
+    version: Version,
+    headers: http::HeaderMap,
+    body: Replay,
+}
+
+impl Again {
+    fn request(&self) -> Request<RequestBody> {
+        let mut req = Request::new(self.body.body());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// Sends the request to an endpoint picked by the service's balancer, and tries again
+/// where that is safe:
+///
+/// - connecting failed (nothing was sent): the next endpoint, up to [`MAX_CONNECT_TRIES`];
+/// - a meshed endpoint's sidecar could not reach its app (the app never saw the request):
+///   the next endpoint, as for a failed connect, when the body can be sent again;
+/// - the answer's status is one the route's `retry` lists (gRPC `UNAVAILABLE` when it lists
+///   503): up to `attempts` more tries, after a jittered, doubling backoff, while the
+///   service's retry budget allows, when the body can be sent again (bodies are kept up to
+///   `--retry-buffer-bytes`).
+///
+/// Each try goes to an endpoint this request has not tried, while one is left. The last
+/// answer is the client's.
+async fn send(
+    cx: &ConnCx,
+    backends: &Backends,
+    req: Request<RequestBody>,
+    log: &mut RequestLog,
+    retry: Option<&RetryDef>,
+) -> Result<(Response<Incoming>, Held), ProxyError> {
+    if backends.endpoints.is_empty() {
+        return Err(ProxyError::NoEndpoints);
+    }
+    let budget = &backends.traffic.budget;
+    backends.balancer.budget.request(budget);
+    // Only a request that may be sent again is kept: a retry route, or more than one
+    // endpoint to go to when a sidecar answers for its unreachable app.
+    let keep = retry.is_some_and(|r| r.attempts > 0) || backends.endpoints.len() > 1;
+    let (mut req, again) = match keep {
+        false => (req, None),
+        true => {
+            let (parts, body) = req.into_parts();
+            let (body, replay) = body.replayable(cx.shared.retry_buffer_bytes);
+            let again = Again {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                version: parts.version,
+                headers: parts.headers.clone(),
+                body: replay,
             };
-            upstream::prepare(&mut req, Proto::Http1, &cx.authority);
-            req.headers_mut().remove(ORIG_PROTO);
-            let in_flight = ep.state.begin();
-            return match hop.upgrade(conn, req).await {
-                Ok(resp) => Ok((
-                    resp,
-                    Held {
-                        stream: None,
-                        in_flight: Some(in_flight),
-                    },
-                )),
-                Err(e) => {
-                    debug!(endpoint = %ep.addr, error = %e, "upgrade request failed");
-                    Err(ProxyError::UpstreamFailed)
-                }
-            };
+            (Request::from_parts(parts, body), Some(again))
         }
+    };
+    let mut tried = crate::balance::Tried::default();
+    let (mut connect_failures, mut retries) = (0, 0u32);
+    let mut answered_for_app = 0;
+    loop {
+        let Some(i) = backends.pick(&tried) else {
+            return Err(ProxyError::NoEndpoints);
+        };
+        tried.add(i);
+        let ep = &backends.endpoints[i];
+        let hop = hop_to(&cx.shared, ep, cx.direction);
+        log.endpoint = Some(ep.addr);
+        log.pod = Some(ep.pod.clone());
         let proto = hop_proto(ep.meshed, backends.protocol, cx.version);
+        let Some(waiting) = Slot::take(
+            &backends.balancer,
+            pending,
+            backends.traffic.limits.max_pending_requests,
+        ) else {
+            backends.stats.overloaded.inc();
+            return Err(ProxyError::Overloaded);
+        };
         let started = now_ns();
         let conn = match hop.conn(proto).await {
             Ok(c) => c,
             Err(e) => {
                 backends.record(i, Outcome::ConnectFailed);
+                connect_failures += 1;
                 debug!(endpoint = %ep.addr, error = %e, "connect failed; trying the next endpoint");
+                if connect_failures >= MAX_CONNECT_TRIES.min(backends.endpoints.len()) {
+                    return Err(ProxyError::ConnectFailed);
+                }
                 continue;
             }
         };
@@ -630,26 +760,85 @@ async fn send(
         upstream::prepare(&mut req, proto, &cx.authority);
         mark_orig_proto(&mut req, ep.meshed, cx.version);
         let in_flight = ep.state.begin();
-        return match hop.send(conn, req).await {
-            Ok((resp, stream)) => {
-                ep.state.observe(now_ns() - started, &backends.balancer);
-                backends.record(i, outcome_of(&resp));
-                Ok((
-                    resp,
-                    Held {
-                        stream,
-                        in_flight: Some(in_flight),
-                    },
-                ))
-            }
+        let sent = hop.send(conn, req).await;
+        drop(waiting);
+        let (resp, stream) = match sent {
+            Ok(answer) => answer,
             Err(e) => {
                 backends.record(i, Outcome::Failed);
                 debug!(endpoint = %ep.addr, error = %e, "upstream request failed");
-                Err(ProxyError::UpstreamFailed)
+                if retries > 0 {
+                    backends.stats.retry_failure.inc();
+                }
+                return Err(ProxyError::UpstreamFailed);
             }
         };
+        ep.state.observe(now_ns() - started, &backends.balancer);
+        let outcome = outcome_of(&resp);
+        backends.record(i, outcome);
+        let grpc_status = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let status = resp.status().as_u16();
+        // May this answer be tried again? A sidecar answering for its unreachable app is
+        // tried again whatever the route says (like a failed connect); a status only as the
+        // route says.
+        let app_unreachable = outcome == Outcome::ConnectFailed
+            && answered_for_app + 1 < MAX_CONNECT_TRIES.min(backends.endpoints.len());
+        let listed = retry.is_some_and(|r| r.retries(status, grpc_status) && retries < r.attempts);
+        let replay = again.as_ref().filter(|a| a.body.can_replay());
+        let next = match replay.filter(|_| app_unreachable || listed) {
+            None => None,
+            Some(_) if !app_unreachable && !backends.balancer.budget.try_retry(budget) => {
+                backends.stats.budget_exhausted.inc();
+                debug!(service = %backends.service, "retry budget exhausted; not retried");
+                None
+            }
+            Some(again) => Some(again),
+        };
+        let Some(again) = next else {
+            if retries > 0 {
+                let failed = outcome == Outcome::ConnectFailed
+                    || status >= 500
+                    || retry.is_some_and(|r| r.retries(status, grpc_status));
+                match failed {
+                    true => backends.stats.retry_failure.inc(),
+                    false => backends.stats.retry_success.inc(),
+                };
+            }
+            let held = Held {
+                stream,
+                in_flight: Some(in_flight),
+                request: None,
+            };
+            return Ok((resp, held));
+        };
+        answered_for_app += usize::from(app_unreachable);
+        retries += 1;
+        backends.stats.retry.inc();
+        debug!(endpoint = %ep.addr, status, retry = retries, "retrying on another endpoint");
+        // This answer is done with: its body is dropped, its stream and count let go.
+        drop((resp, stream, in_flight));
+        if !app_unreachable {
+            if let Some(r) = retry {
+                tokio::time::sleep(backoff(r.backoff, retries)).await;
+            }
+        }
+        req = again.request();
     }
-    Err(ProxyError::ConnectFailed)
+}
+
+/// The wait before retry `n` (1-based): `base × 2^(n-1)`, jittered to between half and
+/// all of it, so that clients who failed together do not come back together.
+fn backoff(base: Duration, n: u32) -> Duration {
+    let full = base.saturating_mul(1 << (n - 1).min(10));
+    let nanos = u64::try_from(full.as_nanos()).unwrap_or(u64::MAX);
+    if nanos < 2 {
+        return full;
+    }
+    Duration::from_nanos(nanos / 2 + headers::random() % (nanos / 2 + 1))
 }
 
 /// The upstream's answer on its way to the client: hop-by-hop headers out, response
@@ -773,6 +962,21 @@ mod tests {
         // No authority at all: the listener's.
         let r = get("/", None);
         assert_eq!(redirect_location(&r, &same, site), "http://:8080/");
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_between_half_and_all() {
+        let base = Duration::from_millis(20);
+        for n in 1..=4u32 {
+            let full = base * (1 << (n - 1));
+            for _ in 0..50 {
+                let b = backoff(base, n);
+                assert!(b >= full / 2 && b <= full, "retry {n}: {b:?}");
+            }
+        }
+        assert_eq!(backoff(Duration::ZERO, 3), Duration::ZERO);
+        // The doubling stops at 2^10.
+        assert!(backoff(base, 30) <= base * 1024);
     }
 
     #[test]

@@ -95,6 +95,7 @@ pub async fn request(
             let held = Held {
                 stream,
                 in_flight: Some(in_flight),
+                request: None,
             };
             respond(cx, resp, log, None, upgrade, held)
         }
