@@ -114,6 +114,11 @@ pub struct Args {
     /// A file holding the join token (read at every attempt), instead of --join-token.
     #[arg(long, env = "MUON_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<String>,
+    /// A file holding a projected Kubernetes ServiceAccount token (audience `muon-ca`; read
+    /// at every attempt): the credential for the first certificate on Kubernetes, which the
+    /// control plane checks with a TokenReview. Injection sets it.
+    #[arg(long, env = "MUON_KUBERNETES_TOKEN_FILE")]
+    pub kubernetes_token_file: Option<String>,
     /// The certificate lifetime to ask for (the CA caps it; default: the CA's).
     #[arg(long, env = "MUON_CERT_TTL")]
     pub cert_ttl: Option<String>,
@@ -263,11 +268,13 @@ pub struct Config {
     pub cert_ttl: Option<Duration>,
 }
 
-/// A join token, or the file it is read from.
+/// The credential for a first certificate: a join token, or the file it is read from, or a
+/// file holding a Kubernetes ServiceAccount token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JoinToken {
     Value(String),
     File(PathBuf),
+    KubernetesFile(PathBuf),
 }
 
 impl JoinToken {
@@ -275,7 +282,9 @@ impl JoinToken {
     pub fn read(&self) -> std::io::Result<String> {
         match self {
             JoinToken::Value(t) => Ok(t.clone()),
-            JoinToken::File(p) => std::fs::read_to_string(p).map(|t| t.trim().to_owned()),
+            JoinToken::File(p) | JoinToken::KubernetesFile(p) => {
+                std::fs::read_to_string(p).map(|t| t.trim().to_owned())
+            }
         }
     }
 }
@@ -363,16 +372,22 @@ impl Config {
                 Err(e) => p.fail("--ca-bundle", format!("{path}: {e}")),
             },
         };
-        let join_token = match (args.join_token.as_deref(), args.join_token_file.as_deref()) {
-            (Some(_), Some(_)) => p.fail(
+        fn given(o: &Option<String>) -> Option<&str> {
+            o.as_deref().map(str::trim).filter(|t| !t.is_empty())
+        }
+        let join_token = match (
+            given(&args.join_token),
+            given(&args.join_token_file),
+            given(&args.kubernetes_token_file),
+        ) {
+            (Some(t), None, None) => Some(Some(JoinToken::Value(t.into()))),
+            (None, Some(f), None) => Some(Some(JoinToken::File(f.into()))),
+            (None, None, Some(f)) => Some(Some(JoinToken::KubernetesFile(f.into()))),
+            (None, None, None) => Some(None),
+            _ => p.fail(
                 "--join-token",
-                "give --join-token or --join-token-file, not both".into(),
+                "give one of --join-token, --join-token-file and --kubernetes-token-file".into(),
             ),
-            (Some(t), None) if !t.trim().is_empty() => {
-                Some(Some(JoinToken::Value(t.trim().into())))
-            }
-            (None, Some(f)) if !f.trim().is_empty() => Some(Some(JoinToken::File(f.trim().into()))),
-            _ => Some(None),
         };
         if let (Some(Some(_)), None) = (&join_token, &args.control_plane) {
             p.fail::<()>(
@@ -672,6 +687,23 @@ mod tests {
     fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
         let argv = std::iter::once("muon-proxy").chain(extra.iter().copied());
         Config::from_args(Args::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn one_credential_for_the_first_certificate() {
+        let cp = ["--control-plane", "http://127.0.0.1:15010"];
+        let with = |extra: &[&str]| parse(&[&cp[..], extra].concat());
+        let c = with(&["--kubernetes-token-file", "/var/run/secrets/muon/token"]).unwrap();
+        assert_eq!(
+            c.join_token,
+            Some(JoinToken::KubernetesFile(
+                "/var/run/secrets/muon/token".into()
+            ))
+        );
+        let c = with(&["--join-token-file", "/tmp/t"]).unwrap();
+        assert_eq!(c.join_token, Some(JoinToken::File("/tmp/t".into())));
+        let e = with(&["--join-token", "abc", "--kubernetes-token-file", "/t"]).unwrap_err();
+        assert!(e.to_string().contains("give one of"), "{e}");
     }
 
     #[test]

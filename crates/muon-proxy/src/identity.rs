@@ -296,13 +296,14 @@ async fn certify_once(
         ttl_seconds: ttl.map_or(0, |t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX)),
     };
     let token = || -> Result<Option<Credential>, String> {
-        match token {
-            Some(t) => t
-                .read()
-                .map(|t| Some(Credential::JoinToken(t)))
-                .map_err(|e| format!("reading the join token: {e}")),
-            None => Ok(None),
-        }
+        let Some(t) = token else {
+            return Ok(None);
+        };
+        let value = t.read().map_err(|e| format!("reading the token: {e}"))?;
+        Ok(Some(match t {
+            crate::config::JoinToken::KubernetesFile(_) => Credential::KubernetesToken(value),
+            _ => Credential::JoinToken(value),
+        }))
     };
     let answer = match by_cert {
         true => match client.certify(ask(None)).await {
