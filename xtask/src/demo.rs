@@ -1,11 +1,16 @@
-//! `cargo xtask demo`: a shop in a local lab. A client calls orders by name; orders asks
-//! inventory (two replicas in two zones). Every hop is captured by iptables and carried by
-//! sidecars (HTTP between them over pooled HTTP/2), and the demo shows the answers, each
-//! sidecar's counters and access-log lines, then HTTP routing: a canary HTTPRoute splitting
-//! orders v1/v2 90/10 (and by header), and the ingress gateway routing by path from the
-//! host; then identity: a sidecar's certificate, access-log lines naming both SPIFFE ids, an
-//! AuthorizationPolicy that lets orders call inventory and denies the client, and STRICT
-//! mutual TLS refusing a pod outside the mesh.
+//! `cargo xtask demo`: a shop in a local lab. A client calls orders by name; orders checks
+//! stock with inventory over HTTP/1.1 JSON and charges through payment over gRPC (each two
+//! replicas, in two zones). Every hop is captured by iptables and carried by sidecars (HTTP
+//! between them over pooled HTTP/2), and the demo shows the answers, each sidecar's counters
+//! and access-log lines, then HTTP routing: a canary HTTPRoute splitting orders v1/v2 90/10
+//! (and by header), and the ingress gateway routing by path from the host; then identity: a
+//! sidecar's certificate, access-log lines naming both SPIFFE ids, an AuthorizationPolicy that
+//! lets orders call inventory and denies the client, and STRICT mutual TLS refusing a pod
+//! outside the mesh; then resilience ([`resilience`]): a failing replica hidden by retries and
+//! outlier detection, a slow one avoided by peak-EWMA, and locality with failover when a zone
+//! goes down.
+
+mod resilience;
 
 use crate::util;
 use anyhow::{bail, Context, Result};
@@ -104,7 +109,8 @@ pub fn run(keep: bool) -> Result<()> {
     }
     let result = show(&muonctl)
         .and_then(|()| routing(&muonctl, &workdir, host_port))
-        .and_then(|()| identity(&muonctl, &workdir));
+        .and_then(|()| identity(&muonctl, &workdir))
+        .and_then(|()| resilience::run(&muonctl, &workdir));
     if keep && result.is_ok() {
         println!("\n== the mesh is still up");
         println!("  muonctl is {}", muonctl.display());
@@ -114,6 +120,9 @@ pub fn run(keep: bool) -> Result<()> {
         println!("  the routes:       muonctl --lab {LAB} get routes");
         println!("  the policies:     muonctl --lab {LAB} get authorizationpolicies; muonctl --lab {LAB} get peerauthentications");
         println!("  a certificate:    muonctl lab exec {LAB} orders --user 0 -- curl -s http://127.0.0.1:15000/certs");
+        println!("  faults:           muonctl lab exec {LAB} inventory-b -- curl -s -X POST 'http://127.0.0.1:8080/admin/faults?fail-rate=0.5'");
+        println!("  a sidecar's view: muonctl --lab {LAB} config-dump orders   (endpoints: latency, ejections)");
+        println!("  a zone down:      muonctl lab stop {LAB} inventory-a --sidecar; muonctl lab restart {LAB} inventory-a --sidecar");
         println!("  see the pods:     muonctl lab status {LAB}");
         println!("  the mesh's state: muonctl --lab {LAB} proxy-status; muonctl --lab {LAB} get endpoints");
         println!("  sidecar log:      muonctl lab logs {LAB} orders --sidecar");
@@ -134,9 +143,9 @@ fn free_port() -> Result<u16> {
 fn topology_yaml(app: &Path, host_port: u16) -> String {
     let app = app.display();
     format!(
-        r#"# The demo shop: client -> orders (v1, and a v2 canary) -> inventory (two replicas, two
-# zones), and an ingress gateway reachable from the host. outsider has no sidecar: a pod
-# outside the mesh.
+        r#"# The demo shop: client -> orders (v1, and a v2 canary) -> inventory (HTTP/1.1 JSON) and
+# payment (gRPC), each two replicas in two zones, and an ingress gateway reachable from the
+# host. outsider has no sidecar: a pod outside the mesh.
 pods:
   - name: client
     labels: {{app: client}}
@@ -147,12 +156,12 @@ pods:
   - name: orders
     labels: {{app: orders}}
     zone: zone-a
-    command: ["{app}", "orders", "--port", "8080", "--inventory", "inventory:8080"]
+    command: ["{app}", "orders", "--port", "8080", "--inventory", "inventory:8080", "--payment", "payment:9090"]
   - name: orders-v2
     labels: {{app: orders-v2}}
     serviceAccount: orders
     zone: zone-b
-    command: ["{app}", "orders", "--port", "8080", "--inventory", "inventory:8080", "--version", "v2"]
+    command: ["{app}", "orders", "--port", "8080", "--inventory", "inventory:8080", "--payment", "payment:9090", "--version", "v2"]
   - name: inventory-a
     labels: {{app: inventory}}
     serviceAccount: inventory
@@ -163,6 +172,16 @@ pods:
     serviceAccount: inventory
     zone: zone-b
     command: ["{app}", "inventory", "--port", "8080"]
+  - name: payment-a
+    labels: {{app: payment}}
+    serviceAccount: payment
+    zone: zone-a
+    command: ["{app}", "payment", "--port", "9090"]
+  - name: payment-b
+    labels: {{app: payment}}
+    serviceAccount: payment
+    zone: zone-b
+    command: ["{app}", "payment", "--port", "9090"]
 services:
   - name: orders
     selector: {{app: orders}}
@@ -173,6 +192,9 @@ services:
   - name: inventory
     selector: {{app: inventory}}
     ports: [{{port: 8080, protocol: http}}]
+  - name: payment
+    selector: {{app: payment}}
+    ports: [{{port: 9090, protocol: grpc}}]
 gateway:
   name: edge
   hostPort: {host_port}
@@ -554,8 +576,9 @@ fn ctl_output(muonctl: &Path, args: &[&str]) -> Result<(bool, String)> {
 }
 
 fn show(muonctl: &Path) -> Result<()> {
-    println!("\n== {REQUESTS} requests: client -> http://orders:8080/orders/widget (orders then calls http://inventory:8080)");
+    println!("\n== {REQUESTS} requests: client -> http://orders:8080/orders/widget (orders then calls http://inventory:8080 and gRPC payment:9090)");
     let mut inventory_pods = std::collections::BTreeSet::new();
+    let mut payment_pods = std::collections::BTreeSet::new();
     for i in 1..=REQUESTS {
         let (ok, body) = ctl_output(
             muonctl,
@@ -575,9 +598,10 @@ fn show(muonctl: &Path) -> Result<()> {
         let body = body.trim();
         println!("  #{i} {body}");
         let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-        match v["inventory"]["pod"].as_str() {
-            Some(p) if ok => {
-                inventory_pods.insert(p.to_string());
+        match (v["inventory"]["pod"].as_str(), v["payment"]["pod"].as_str()) {
+            (Some(inv), Some(pay)) if ok => {
+                inventory_pods.insert(inv.to_string());
+                payment_pods.insert(pay.to_string());
             }
             _ => bail!("request {i} failed: {body}"),
         }
@@ -589,7 +613,16 @@ fn show(muonctl: &Path) -> Result<()> {
         "   connections: the app's connections, and between sidecars one pooled HTTP/2 connection)"
     );
     let mut all_counted = true;
-    for pod in ["client", "orders", "inventory-a", "inventory-b"] {
+    // Requests into each service's replicas: where they went is the balancer's choice.
+    let mut into = std::collections::BTreeMap::<&str, u64>::new();
+    for pod in [
+        "client",
+        "orders",
+        "inventory-a",
+        "inventory-b",
+        "payment-a",
+        "payment-b",
+    ] {
         let (_, metrics) = ctl_output(
             muonctl,
             &[
@@ -615,11 +648,15 @@ fn show(muonctl: &Path) -> Result<()> {
         );
         let expected = match pod {
             "client" => out >= REQUESTS as u64,
-            "orders" => inb >= REQUESTS as u64 && out >= REQUESTS as u64,
-            _ => inb >= 1,
+            "orders" => inb >= REQUESTS as u64 && out >= 2 * REQUESTS as u64,
+            _ => {
+                *into.entry(&pod[..pod.len() - 2]).or_default() += inb;
+                true
+            }
         };
         all_counted &= expected;
     }
+    all_counted &= into.values().all(|&n| n >= REQUESTS as u64);
     println!("\n== the control plane's view: every sidecar and what it has ACKed");
     let (_, status) = ctl_output(muonctl, &["--lab", LAB, "proxy-status"])?;
     for line in status.lines() {
@@ -638,9 +675,11 @@ fn show(muonctl: &Path) -> Result<()> {
         }
     }
     println!(
-        "\ninventory answers came from: {}",
-        inventory_pods.into_iter().collect::<Vec<_>>().join(", ")
+        "\ninventory answers came from: {}; payment answers from: {}",
+        inventory_pods.into_iter().collect::<Vec<_>>().join(", "),
+        payment_pods.into_iter().collect::<Vec<_>>().join(", ")
     );
+    println!("(orders runs in zone-a: locality preference keeps its calls in zone-a while the replicas there are healthy)");
     if !all_counted {
         bail!("a sidecar did not count the connections it should have carried");
     }

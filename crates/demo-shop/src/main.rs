@@ -1,7 +1,10 @@
 //! The demo shop: the example application the demo, the tests and the benchmarks run in the lab.
 //!
 //! - `demo-shop inventory` answers `GET /stock/<item>` with the stock and the pod that answered;
-//! - `demo-shop orders` answers `GET /orders/<item>` by asking inventory over HTTP/1.1 JSON;
+//! - `demo-shop orders` answers `GET /orders/<item>` by asking inventory over HTTP/1.1 JSON
+//!   for the stock, then charging through payment over gRPC; the answer names both pods;
+//! - `demo-shop payment` serves the gRPC method `muon.demo.Payment/Charge` (port 9090 by
+//!   default) and answers with the pod that charged ([`grpc`]);
 //! - `demo-shop echo` answers every request with a fixed-size body (for benchmarks);
 //! - `demo-shop echo-grpc` answers every request (a gRPC unary call, whatever the method) with
 //!   one gRPC-framed message of a fixed size and the trailer `grpc-status: 0` (for benchmarks);
@@ -9,41 +12,39 @@
 //!   body size) as JSON; `/delay/<ms>` answers after a pause, `/status/<code>` with that
 //!   status (for the tests).
 //!
-//! Every app serves HTTP/1.1 and HTTP/2 (prior knowledge) on the same port, and takes the
-//! fault flags `--fail-rate F` (that share of requests gets 503; gRPC: `UNAVAILABLE`),
-//! `--delay-ms N` and `--delay-rate F` (that share, 1 by default, waits N ms first). They
-//! change at run time with `/admin/faults?fail-rate=..&delay-ms=..&delay-rate=..`;
-//! `/admin/stats` counts the requests served, failed and delayed.
+//! Every app serves HTTP/1.1 and HTTP/2 (prior knowledge) on the same port, and can be made
+//! to fail or slow down, at start or while it runs ([`faults`]: `/admin/faults`,
+//! `/admin/stats`).
 //!
 //! The apps know nothing of the mesh: they call `http://inventory:8080` by name, and the
 //! sidecars do the rest. Every answer names the pod (from `POD_NAME`) so that a caller can see
 //! where the mesh sent it.
 #![forbid(unsafe_code)]
 
-mod faults;
-
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use http_body_util::combinators::WithTrailers;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::{HeaderMap, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
-use std::convert::Infallible;
-use std::future::Ready;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
+
+mod faults;
+mod grpc;
 
 #[derive(Clone)]
 enum App {
     Inventory,
     Orders {
         inventory: Arc<str>,
+        payment: Arc<grpc::PaymentClient>,
         version: Arc<str>,
     },
+    Payment,
     Echo {
         body: Bytes,
     },
@@ -54,71 +55,132 @@ enum App {
     Reflect,
 }
 
-/// A gRPC answer: one data frame, then the trailers.
-type GrpcBody = WithTrailers<Full<Bytes>, Ready<Option<Result<HeaderMap, Infallible>>>>;
+impl App {
+    /// Whether the app speaks gRPC (its faults are `grpc-status: 14`, not 503).
+    fn is_grpc(&self) -> bool {
+        matches!(self, App::Payment | App::EchoGrpc { .. })
+    }
+}
 
-fn usage() -> ! {
-    eprintln!(
-        "usage: demo-shop inventory [--port P]\n       demo-shop orders [--port P] [--inventory HOST:PORT] [--version V]\n       demo-shop echo [--port P] [--size BYTES]\n       demo-shop echo-grpc [--port P] [--size BYTES]\n       demo-shop reflect [--port P]\nevery role: [--fail-rate F] [--delay-ms N] [--delay-rate F]"
-    );
-    std::process::exit(2)
+const USAGE: &str = "usage: demo-shop inventory [--port P]
+       demo-shop orders [--port P] [--inventory HOST:PORT] [--payment HOST:PORT] [--version V]
+       demo-shop payment [--port P]
+       demo-shop echo [--port P] [--size BYTES]
+       demo-shop echo-grpc [--port P] [--size BYTES]
+       demo-shop reflect [--port P]
+every role also takes --fail-rate F (0..1: the share answered 503, gRPC UNAVAILABLE),
+--delay-ms N and --delay-rate F (default 1 with --delay-ms); /admin/faults?fail-rate=..
+changes them while it runs, /admin/stats counts requests";
+
+/// The command line, parsed.
+#[derive(Debug, Clone, PartialEq)]
+struct Config {
+    role: String,
+    port: u16,
+    inventory: String,
+    payment: String,
+    size: usize,
+    version: String,
+    faults: faults::Settings,
+}
+
+const ROLES: [&str; 6] = [
+    "inventory",
+    "orders",
+    "payment",
+    "echo",
+    "echo-grpc",
+    "reflect",
+];
+
+/// Parses the arguments after the program's name, reporting every problem at once.
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Config, String> {
+    let role = args.next().unwrap_or_default();
+    let mut problems = Vec::new();
+    if !ROLES.contains(&role.as_str()) {
+        problems.push(format!("unknown role {role:?}"));
+    }
+    let mut c = Config {
+        port: if role == "payment" { 9090 } else { 8080 },
+        role,
+        inventory: "inventory:8080".into(),
+        payment: "payment:9090".into(),
+        size: 1024,
+        version: "v1".into(),
+        faults: faults::Settings::default(),
+    };
+    let mut changes = faults::Changes::default();
+    while let Some(flag) = args.next() {
+        let Some(value) = args.next() else {
+            problems.push(format!("{flag} needs a value"));
+            break;
+        };
+        let mut number = |field: &mut dyn FnMut(&str) -> bool| {
+            if !field(&value) {
+                problems.push(format!("{flag}: not a valid number: {value:?}"));
+            }
+        };
+        match flag.as_str() {
+            "--port" => number(&mut |v| v.parse().map(|p| c.port = p).is_ok()),
+            "--size" => number(&mut |v| v.parse().map(|s| c.size = s).is_ok()),
+            "--inventory" => c.inventory = value,
+            "--payment" => c.payment = value,
+            "--version" => c.version = value,
+            f => match f.strip_prefix("--").map(|key| changes.set(key, &value)) {
+                Some(Ok(true)) => {}
+                Some(Err(e)) => problems.push(format!("--{e}")),
+                _ => problems.push(format!("unknown flag {flag}")),
+            },
+        }
+    }
+    c.faults = changes.apply(c.faults);
+    match problems.is_empty() {
+        true => Ok(c),
+        false => Err(problems.join("\n")),
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let role = args.next().unwrap_or_else(|| usage());
-    let mut port = 8080u16;
-    let mut inventory = String::from("inventory:8080");
-    let mut size = 1024usize;
-    let mut version = String::from("v1");
-    let faults = Arc::new(faults::Faults::new());
-    let mut delay_rate_set = false;
-    while let Some(flag) = args.next() {
-        let value = args.next().unwrap_or_else(|| usage());
-        match flag.as_str() {
-            "--port" => port = value.parse().context("--port")?,
-            "--inventory" => inventory = value,
-            "--size" => size = value.parse().context("--size")?,
-            "--version" => version = value,
-            "--fail-rate" | "--delay-ms" | "--delay-rate" => {
-                delay_rate_set |= flag == "--delay-rate";
-                faults
-                    .set(&flag[2..], &value)
-                    .map_err(|e| anyhow::anyhow!(e))?
-            }
-            _ => usage(),
+    let config = match parse_args(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("demo-shop: {e}\n{USAGE}");
+            std::process::exit(2)
         }
-    }
-    if !delay_rate_set {
-        faults
-            .set("delay-rate", "1")
-            .map_err(|e| anyhow::anyhow!(e))?;
-    }
-    let app = match role.as_str() {
+    };
+    let app = match config.role.as_str() {
         "inventory" => App::Inventory,
         "orders" => App::Orders {
-            inventory: inventory.into(),
-            version: version.into(),
+            inventory: config.inventory.into(),
+            payment: Arc::new(grpc::PaymentClient::new(config.payment)),
+            version: config.version.into(),
         },
+        "payment" => App::Payment,
         "reflect" => App::Reflect,
         "echo" => App::Echo {
-            body: Bytes::from(vec![b'x'; size]),
+            body: Bytes::from(vec![b'x'; config.size]),
         },
-        "echo-grpc" => App::EchoGrpc {
-            frame: grpc_frame(size)?,
+        _ => App::EchoGrpc {
+            frame: grpc::frame(&vec![b'x'; config.size])
+                .context("--size is too large for a gRPC message")?,
         },
-        _ => usage(),
     };
+    let faults = Arc::new(faults::Faults::new(config.faults));
+    let port = config.port;
     // Dual-stack where the host has IPv6, so the app answers on its pod's v4 and v6 addresses.
     let listener = match TcpListener::bind(SocketAddr::from(([0u16; 8], port))).await {
         Ok(l) => l,
         Err(_) => TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?,
     };
-    eprintln!("demo-shop {role} listening on {}", listener.local_addr()?);
+    eprintln!(
+        "demo-shop {} listening on {}",
+        config.role,
+        listener.local_addr()?
+    );
     loop {
         let (stream, _) = listener.accept().await?;
-        if matches!(app, App::EchoGrpc { .. }) {
+        if app.is_grpc() {
             // As gRPC servers do: an HTTP/2 answer is several writes (headers, data,
             // trailers), and Nagle would hold the last ones for the client's delayed ACK.
             let _ = stream.set_nodelay(true);
@@ -129,23 +191,7 @@ async fn main() -> Result<()> {
             let service = service_fn(move |req| {
                 let app = app.clone();
                 let faults = faults.clone();
-                async move {
-                    if let Some(resp) = admin(&faults, &req) {
-                        return Ok(resp.map(Either::Left));
-                    }
-                    let decision = faults.decide();
-                    if let Some(d) = decision.delay {
-                        tokio::time::sleep(d).await;
-                    }
-                    let grpc = matches!(app, App::EchoGrpc { .. });
-                    if decision.fail {
-                        return Ok(failed(grpc).map(Either::Left));
-                    }
-                    Ok::<_, hyper::Error>(match &app {
-                        App::EchoGrpc { frame } => echo_grpc(frame, req).await.map(Either::Right),
-                        _ => handle(&app, req).await.map(Either::Left),
-                    })
-                }
+                async move { Ok::<_, hyper::Error>(serve(&app, &faults, req).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -154,38 +200,36 @@ async fn main() -> Result<()> {
     }
 }
 
-/// `/admin/faults` (set with a query, answer the settings) and `/admin/stats`.
-fn admin(faults: &faults::Faults, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
-    match req.uri().path() {
-        "/admin/faults" => Some(match faults.set_query(req.uri().query().unwrap_or("")) {
-            Ok(()) => reply(StatusCode::OK, faults.settings()),
-            Err(e) => reply(StatusCode::BAD_REQUEST, json!({"error": e})),
-        }),
-        "/admin/stats" => Some(reply(StatusCode::OK, faults.stats())),
-        _ => None,
+/// One request: the admin paths, else the faults' decision, then the app.
+async fn serve(
+    app: &App,
+    faults: &faults::Faults,
+    req: Request<Incoming>,
+) -> Response<Either<Full<Bytes>, grpc::GrpcBody>> {
+    if let Some(resp) = faults.admin(req.uri().path(), req.uri().query()) {
+        return resp.map(Either::Left);
     }
-}
-
-/// The answer of an injected failure: 503, or a trailers-only gRPC `UNAVAILABLE`.
-fn failed(grpc: bool) -> Response<Full<Bytes>> {
-    if !grpc {
-        return reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error": "injected failure", "pod": pod()}),
-        );
+    let decision = faults.next();
+    if let Some(delay) = decision.delay {
+        tokio::time::sleep(delay).await;
     }
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    let h = resp.headers_mut();
-    h.insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static("application/grpc"),
-    );
-    h.insert("grpc-status", hyper::header::HeaderValue::from_static("14"));
-    h.insert(
-        "grpc-message",
-        hyper::header::HeaderValue::from_static("injected failure"),
-    );
-    resp
+    if decision.fail {
+        return match app.is_grpc() {
+            true => {
+                grpc::answer(Bytes::new(), grpc::UNAVAILABLE, "injected fault").map(Either::Right)
+            }
+            false => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "injected fault", "pod": pod()}),
+            )
+            .map(Either::Left),
+        };
+    }
+    match app {
+        App::EchoGrpc { frame } => echo_grpc(frame, req).await.map(Either::Right),
+        App::Payment => grpc::payment(req).await.map(Either::Right),
+        _ => handle(app, req).await.map(Either::Left),
+    }
 }
 
 fn pod() -> String {
@@ -202,44 +246,20 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     resp
 }
 
-/// A gRPC message of `size` bytes behind its length prefix (uncompressed).
-fn grpc_frame(size: usize) -> Result<Bytes> {
-    let len = u32::try_from(size).context("--size is too large for a gRPC message")?;
-    let mut frame = Vec::with_capacity(5 + size);
-    frame.push(0);
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.resize(5 + size, b'x');
-    Ok(Bytes::from(frame))
-}
-
 /// Reads the call's request (as a gRPC server would), then answers with the message and
 /// `grpc-status: 0` in the trailers.
-async fn echo_grpc(frame: &Bytes, req: Request<Incoming>) -> Response<GrpcBody> {
-    let read = req.into_body().collect().await;
-    let mut trailers = HeaderMap::new();
-    let (body, status) = match read {
-        Ok(_) => (frame.clone(), "0"),
-        // 13: INTERNAL.
-        Err(_) => (Bytes::new(), "13"),
-    };
-    trailers.insert(
-        "grpc-status",
-        hyper::header::HeaderValue::from_static(status),
-    );
-    let mut resp =
-        Response::new(Full::new(body).with_trailers(std::future::ready(Some(Ok(trailers)))));
-    resp.headers_mut().insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static("application/grpc"),
-    );
-    resp
+async fn echo_grpc(frame: &Bytes, req: Request<Incoming>) -> Response<grpc::GrpcBody> {
+    match req.into_body().collect().await {
+        Ok(_) => grpc::answer(frame.clone(), grpc::OK, ""),
+        Err(_) => grpc::answer(Bytes::new(), grpc::INTERNAL, ""),
+    }
 }
 
 async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     match app {
         App::Echo { body } => Response::new(Full::new(body.clone())),
-        App::EchoGrpc { .. } => unreachable!("served by echo_grpc"),
+        App::EchoGrpc { .. } | App::Payment => unreachable!("served by serve"),
         App::Reflect => reflect(req).await,
         App::Inventory => match path.strip_prefix("/stock/") {
             Some(item) if !item.is_empty() => {
@@ -255,25 +275,59 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 json!({"service": "inventory", "pod": pod()}),
             ),
         },
-        App::Orders { inventory, version } => match path.strip_prefix("/orders/") {
-            Some(item) if !item.is_empty() => {
-                match get_json(inventory, &format!("/stock/{item}")).await {
-                    Ok(stock) => reply(
-                        StatusCode::OK,
-                        json!({"order": item, "accepted": stock["stock"].as_u64().unwrap_or(0) > 0, "pod": pod(), "version": &**version, "inventory": stock}),
-                    ),
-                    Err(e) => reply(
-                        StatusCode::BAD_GATEWAY,
-                        json!({"error": format!("inventory: {e:#}"), "pod": pod()}),
-                    ),
-                }
-            }
+        App::Orders {
+            inventory,
+            payment,
+            version,
+        } => match path.strip_prefix("/orders/") {
+            Some(item) if !item.is_empty() => order(inventory, payment, version, item).await,
             _ => reply(
                 StatusCode::OK,
                 json!({"service": "orders", "pod": pod(), "version": &**version}),
             ),
         },
     }
+}
+
+/// An order: the stock from inventory, then (when in stock) a charge through payment.
+async fn order(
+    inventory: &str,
+    payment: &grpc::PaymentClient,
+    version: &str,
+    item: &str,
+) -> Response<Full<Bytes>> {
+    let stock = match get_json(inventory, &format!("/stock/{item}")).await {
+        Ok(stock) => stock,
+        Err(e) => {
+            return reply(
+                StatusCode::BAD_GATEWAY,
+                json!({"error": format!("inventory: {e:#}"), "pod": pod(), "version": version}),
+            )
+        }
+    };
+    let in_stock = stock["stock"].as_u64().unwrap_or(0) > 0;
+    let mut charged = None;
+    if in_stock {
+        let charge = grpc::ChargeRequest {
+            order: item.to_string(),
+            // A stable, item-dependent price.
+            amount_cents: 100 + item.bytes().map(u64::from).sum::<u64>() % 900,
+        };
+        match payment.charge(&charge).await {
+            Ok(c) => charged = Some(c),
+            Err(e) => {
+                return reply(
+                    StatusCode::BAD_GATEWAY,
+                    json!({"error": format!("payment: {e:#}"), "pod": pod(), "version": version, "inventory": stock}),
+                )
+            }
+        }
+    }
+    let payment = charged.map(|c| json!({"pod": c.pod, "zone": c.zone, "chargeId": c.charge_id}));
+    reply(
+        StatusCode::OK,
+        json!({"order": item, "accepted": in_stock, "pod": pod(), "version": version, "inventory": stock, "payment": payment}),
+    )
 }
 
 /// The request as received, as JSON; `/delay/<ms>` and `/status/<code>` change the answer.
@@ -339,4 +393,51 @@ async fn get_json(authority: &str, path: &str) -> Result<serde_json::Value> {
         bail!("{status}");
     }
     Ok(serde_json::from_slice(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &str) -> Result<Config, String> {
+        parse_args(args.split_whitespace().map(String::from))
+    }
+
+    #[test]
+    fn roles_keep_their_defaults() {
+        let c = parse("orders").unwrap();
+        assert_eq!(
+            (c.port, &*c.inventory, &*c.payment, &*c.version),
+            (8080, "inventory:8080", "payment:9090", "v1")
+        );
+        assert_eq!(c.faults, faults::Settings::default());
+        assert_eq!(parse("payment").unwrap().port, 9090);
+        assert_eq!(parse("payment --port 7000").unwrap().port, 7000);
+        assert_eq!(parse("inventory").unwrap().port, 8080);
+    }
+
+    #[test]
+    fn fault_flags_are_parsed() {
+        let c = parse("inventory --fail-rate 0.5 --delay-ms 50").unwrap();
+        assert_eq!(
+            c.faults,
+            faults::Settings {
+                fail_rate: 0.5,
+                delay_ms: 50,
+                delay_rate: 1.0
+            }
+        );
+        let c = parse("payment --delay-rate 0.1 --delay-ms 20").unwrap();
+        assert_eq!((c.faults.delay_ms, c.faults.delay_rate), (20, 0.1));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let e = parse("orders --port x --fail-rate 2 --colour red --version").unwrap_err();
+        assert!(e.contains("--port: not a valid number"), "{e}");
+        assert!(e.contains("--fail-rate must be a fraction"), "{e}");
+        assert!(e.contains("unknown flag --colour"), "{e}");
+        assert!(e.contains("--version needs a value"), "{e}");
+        assert!(parse("shipping").unwrap_err().contains("unknown role"));
+    }
 }

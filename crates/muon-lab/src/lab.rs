@@ -1148,6 +1148,34 @@ pub fn restart(name: &str, pod_name: &str, sidecar: bool, timeout: Duration) -> 
     }
 }
 
+/// Stops a pod's app, or its sidecar (the lab's way to take a replica or a zone down): the
+/// pod keeps its namespace and address, so connections to it are refused; `restart` starts
+/// the process again. Returns whether a process was running.
+pub fn stop(name: &str, pod_name: &str, sidecar: bool) -> Result<bool> {
+    let mut lab = LabState::load(name)?;
+    let pod = lab.pod(pod_name)?.clone();
+    let pid = if sidecar {
+        if !pod.sidecar {
+            bail!("pod {} has no sidecar (sidecar: false)", pod.name);
+        }
+        pod.sidecar_pid
+    } else {
+        pod.app_pid
+    };
+    let running = pid.filter(|&pid| process::alive_in_netns(pid, &pod.netns));
+    if let Some(pid) = running {
+        process::stop(&[pid], Duration::from_secs(5));
+    }
+    if let Some(p) = lab.pod_mut(pod_name) {
+        match sidecar {
+            true => p.sidecar_pid = None,
+            false => p.app_pid = None,
+        }
+    }
+    lab.save()?;
+    Ok(running.is_some())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

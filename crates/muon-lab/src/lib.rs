@@ -17,7 +17,8 @@ pub mod state;
 pub mod topology;
 
 pub use lab::{
-    down, exec, logs, restart, status, up, DownReport, LabPhase, LabStatus, PodStatus, UpOptions,
+    down, exec, logs, restart, status, stop, up, DownReport, LabPhase, LabStatus, PodStatus,
+    UpOptions,
 };
 pub use signals::Interrupted;
 pub use state::{list_labs, LabState, Phase};

@@ -115,6 +115,14 @@ enum Lab {
         #[arg(long)]
         sidecar: bool,
     },
+    /// Stop a pod's app, or its sidecar with --sidecar (the pod keeps its address;
+    /// `lab restart` starts it again).
+    Stop {
+        name: String,
+        pod: String,
+        #[arg(long)]
+        sidecar: bool,
+    },
     /// (Started by `lab up` for a gateway's hostPort) forward a host port into a pod.
     #[command(hide = true)]
     Forward {
@@ -261,6 +269,14 @@ fn run_lab(cmd: Lab, timeout: Option<Duration>) -> Result<i32> {
                 "restarted the {} of {pod}",
                 if sidecar { "sidecar" } else { "app" }
             );
+            Ok(0)
+        }
+        Lab::Stop { name, pod, sidecar } => {
+            let what = if sidecar { "sidecar" } else { "app" };
+            match muon_lab::stop(&name, &pod, sidecar)? {
+                true => println!("stopped the {what} of {pod}"),
+                false => println!("the {what} of {pod} was not running"),
+            }
             Ok(0)
         }
         Lab::Forward { netns, listen, to } => {
