@@ -9,6 +9,11 @@
 //!   body size) as JSON; `/delay/<ms>` answers after a pause, `/status/<code>` with that
 //!   status (for the tests).
 //!
+//! `--delay-ms N` holds every answer N milliseconds before sending it, or only a fraction of
+//! them with `--delay-rate F` (0..1, default 1): a slow replica, for the benchmarks' gray
+//! failure. `echo` answers carry `x-pod: <POD_NAME>`, so a load generator can tell replicas
+//! apart without reading bodies.
+//!
 //! Every app serves HTTP/1.1 and HTTP/2 (prior knowledge) on the same port.
 //!
 //! The apps know nothing of the mesh: they call `http://inventory:8080` by name, and the
@@ -53,7 +58,7 @@ type GrpcBody = WithTrailers<Full<Bytes>, Ready<Option<Result<HeaderMap, Infalli
 
 fn usage() -> ! {
     eprintln!(
-        "usage: demo-shop inventory [--port P]\n       demo-shop orders [--port P] [--inventory HOST:PORT] [--version V]\n       demo-shop echo [--port P] [--size BYTES]\n       demo-shop echo-grpc [--port P] [--size BYTES]\n       demo-shop reflect [--port P]"
+        "usage: demo-shop inventory [--port P]\n       demo-shop orders [--port P] [--inventory HOST:PORT] [--version V]\n       demo-shop echo [--port P] [--size BYTES]\n       demo-shop echo-grpc [--port P] [--size BYTES]\n       demo-shop reflect [--port P]\n       every role: [--delay-ms N [--delay-rate F]]"
     );
     std::process::exit(2)
 }
@@ -66,6 +71,7 @@ async fn main() -> Result<()> {
     let mut inventory = String::from("inventory:8080");
     let mut size = 1024usize;
     let mut version = String::from("v1");
+    let mut delay = Delay::default();
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
         match flag.as_str() {
@@ -73,8 +79,13 @@ async fn main() -> Result<()> {
             "--inventory" => inventory = value,
             "--size" => size = value.parse().context("--size")?,
             "--version" => version = value,
+            "--delay-ms" => delay.ms = value.parse().context("--delay-ms")?,
+            "--delay-rate" => delay.rate = value.parse().context("--delay-rate")?,
             _ => usage(),
         }
+    }
+    if !(0.0..=1.0).contains(&delay.rate) {
+        bail!("--delay-rate must be within 0..1");
     }
     let app = match role.as_str() {
         "inventory" => App::Inventory,
@@ -109,6 +120,7 @@ async fn main() -> Result<()> {
             let service = service_fn(move |req| {
                 let app = app.clone();
                 async move {
+                    delay.wait().await;
                     Ok::<_, hyper::Error>(match &app {
                         App::EchoGrpc { frame } => echo_grpc(frame, req).await.map(Either::Right),
                         _ => handle(&app, req).await.map(Either::Left),
@@ -119,6 +131,36 @@ async fn main() -> Result<()> {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// `--delay-ms` and `--delay-rate`: how long to hold an answer, and how many answers.
+#[derive(Clone, Copy)]
+struct Delay {
+    ms: u64,
+    rate: f64,
+}
+
+impl Default for Delay {
+    fn default() -> Self {
+        Delay { ms: 0, rate: 1.0 }
+    }
+}
+
+impl Delay {
+    async fn wait(self) {
+        if self.ms == 0 || self.rate <= 0.0 {
+            return;
+        }
+        // A fresh random 64-bit value from the standard library's per-process random keys.
+        use std::hash::{BuildHasher, Hasher};
+        let draw = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let uniform = (draw >> 11) as f64 / (1u64 << 53) as f64;
+        if self.rate >= 1.0 || uniform < self.rate {
+            tokio::time::sleep(std::time::Duration::from_millis(self.ms)).await;
+        }
     }
 }
 
@@ -172,7 +214,13 @@ async fn echo_grpc(frame: &Bytes, req: Request<Incoming>) -> Response<GrpcBody> 
 async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     match app {
-        App::Echo { body } => Response::new(Full::new(body.clone())),
+        App::Echo { body } => {
+            let mut resp = Response::new(Full::new(body.clone()));
+            if let Ok(pod) = hyper::header::HeaderValue::from_str(&pod()) {
+                resp.headers_mut().insert("x-pod", pod);
+            }
+            resp
+        }
         App::EchoGrpc { .. } => unreachable!("served by echo_grpc"),
         App::Reflect => reflect(req).await,
         App::Inventory => match path.strip_prefix("/stock/") {
