@@ -317,8 +317,8 @@ impl GrayLab {
                 .args(["bench", "load", "--addr", &self.target.to_string()])
                 .args(["--rate", &rate.to_string()])
                 .args(["--connections", &CONNECTIONS.to_string()])
-                .args(["--duration", &format!("{secs}s")])
-                .args(["--warmup", &format!("{warmup}s")])
+                .args(["--duration", &ms(secs)])
+                .args(["--warmup", &ms(warmup)])
                 .args(["--expect-size", "1024", "--count-header", "x-pod", "--json"]),
             Duration::from_secs_f64(secs + warmup + 30.0),
         )?;
@@ -332,6 +332,11 @@ impl GrayLab {
             .context("the generator printed no report")?;
         serde_json::from_str(line).context("the generator's report is not valid JSON")
     }
+}
+
+/// A duration in the generator's grammar (no fractions of a second).
+fn ms(secs: f64) -> String {
+    format!("{}ms", (secs * 1000.0).round() as u64)
 }
 
 impl Drop for GrayLab {
