@@ -131,7 +131,12 @@ pub fn pick<C: Candidates>(
         Algorithm::RoundRobin => round_robin(c, balancer, end, &usable),
         Algorithm::PeakEwma | Algorithm::LeastRequest => {
             let a = draw(c, end, &usable);
-            let b = draw(c, end, &usable);
+            // The second choice is another endpoint than the first when a few draws find
+            // one: two draws of the same endpoint skip the comparison, which with two
+            // endpoints is half the picks, and would send a slow one a quarter of the
+            // traffic whatever its cost. The rare miss (1 in 16 with two endpoints) is the
+            // probe that lets a slow endpoint show it has recovered.
+            let b = draw(c, end, &|i| usable(i) && Some(i) != a);
             match (a, b) {
                 (Some(a), Some(b)) if a != b => {
                     let mean = balancer.mean_latency();
@@ -364,6 +369,18 @@ mod tests {
         eps.states[0].in_flight.store(10, Ordering::Relaxed);
         let c = shares(&eps, &b, Algorithm::LeastRequest, 1000);
         assert!(c[0] < 350, "{c:?}");
+    }
+
+    #[test]
+    fn with_two_endpoints_every_pick_compares_them() {
+        // One of two endpoints is 50 times slower: it gets only the picks where the second
+        // draw found no other endpoint, not the quarter that equal draws would give it.
+        let eps = Eps::new(&[(0, 1), (0, 1)]);
+        let b = BalancerState::default();
+        eps.states[0].observe(1_000_000, &b);
+        eps.states[1].observe(50_000_000, &b);
+        let c = shares(&eps, &b, Algorithm::PeakEwma, 10_000);
+        assert!((100..=800).contains(&c[1]), "{c:?}");
     }
 
     #[test]
