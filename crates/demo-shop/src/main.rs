@@ -5,7 +5,8 @@
 //!   for the stock, then charging through payment over gRPC; the answer names both pods;
 //! - `demo-shop payment` serves the gRPC method `muon.demo.Payment/Charge` (port 9090 by
 //!   default) and answers with the pod that charged ([`grpc`]);
-//! - `demo-shop echo` answers every request with a fixed-size body (for benchmarks);
+//! - `demo-shop echo` answers every request with a fixed-size body and `x-pod: <POD_NAME>`
+//!   (for benchmarks);
 //! - `demo-shop echo-grpc` answers every request (a gRPC unary call, whatever the method) with
 //!   one gRPC-framed message of a fixed size and the trailer `grpc-status: 0` (for benchmarks);
 //! - `demo-shop reflect` answers with what it received (method, path, protocol, headers,
@@ -258,7 +259,14 @@ async fn echo_grpc(frame: &Bytes, req: Request<Incoming>) -> Response<grpc::Grpc
 async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     match app {
-        App::Echo { body } => Response::new(Full::new(body.clone())),
+        App::Echo { body } => {
+            // The pod in a header: a load generator tells replicas apart without the body.
+            let mut resp = Response::new(Full::new(body.clone()));
+            if let Ok(pod) = hyper::header::HeaderValue::from_str(&pod()) {
+                resp.headers_mut().insert("x-pod", pod);
+            }
+            resp
+        }
         App::EchoGrpc { .. } | App::Payment => unreachable!("served by serve"),
         App::Reflect => reflect(req).await,
         App::Inventory => match path.strip_prefix("/stock/") {

@@ -104,10 +104,15 @@ impl EndpointState {
     }
 
     /// Peak-EWMA's cost: the estimate (the balancer's mean when there is none yet) times the
-    /// requests in flight, plus one.
-    pub fn cost(&self, _now: u64, mean: f64) -> f64 {
+    /// requests in flight, plus one. An estimate no answer refreshed decays with time, so an
+    /// endpoint once slow and then passed over is tried again in the end (a probe), rather
+    /// than starved for good.
+    pub fn cost(&self, now: u64, mean: f64) -> f64 {
         let latency = match self.latency() {
-            l if l > 0.0 => l,
+            l if l > 0.0 => {
+                let age = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed));
+                l * (-(age as f64) / DECAY_NS).exp()
+            }
             _ => mean,
         };
         latency.max(1.0) * (self.load() as f64 + 1.0)
@@ -432,6 +437,21 @@ mod tests {
         assert!(Arc::ptr_eq(&rr, &rr2));
         assert_eq!(rr2.rr.load(Ordering::Relaxed), 1);
         assert_eq!(reg.endpoints(), 2);
+    }
+
+    #[test]
+    fn an_estimate_no_answer_refreshed_decays_so_the_endpoint_is_probed_again() {
+        let b = BalancerState::default();
+        let (fast, slow) = (EndpointState::default(), EndpointState::default());
+        slow.observe(50_000_000, &b); // 50 ms, now
+        fast.observe(1_000_000, &b); // 1 ms
+        let now = now_ns();
+        assert!(slow.cost(now, 0.0) > 40.0 * fast.cost(now, 0.0));
+        // A minute without answers from it (the fast one keeps answering): the slow one's
+        // estimate has decayed below the fast one's, and it gets the next pick.
+        let later = now + 60_000_000_000;
+        fast.ewma_at.store(later, Ordering::Relaxed);
+        assert!(slow.cost(later, 0.0) < fast.cost(later, 0.0));
     }
 
     fn outliers() -> Outliers {

@@ -19,6 +19,7 @@
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +60,10 @@ pub struct LoadArgs {
     /// Expected body size; any other size is an error.
     #[arg(long)]
     pub expect_size: Option<usize>,
+    /// Count the measured answers by the value of this response header (`x-pod`: which
+    /// replica answered).
+    #[arg(long)]
+    pub count_header: Option<String>,
     /// Print the report as JSON (for the harness) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -138,6 +143,9 @@ pub struct LoadReport {
     pub latency_us: Percentiles,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
+    /// `--count-header`: measured answers by the header's value ("" when it was missing).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub answered_by: BTreeMap<String, u64>,
     /// The latency histogram, (nanoseconds, count) per non-empty bucket, so the harness can
     /// merge rounds exactly. Dropped from the run's results once merged.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -162,6 +170,9 @@ impl LoadReport {
         self.achieved_rps = self.requests as f64 / self.duration_s.max(1e-9);
         if self.first_error.is_none() {
             self.first_error = other.first_error.clone();
+        }
+        for (k, n) in &other.answered_by {
+            *self.answered_by.entry(k.clone()).or_default() += n;
         }
         Ok(())
     }
@@ -294,6 +305,7 @@ struct Tally {
     total: u64,
     errors: u64,
     first_error: Option<String>,
+    answered_by: BTreeMap<String, u64>,
 }
 
 impl Tally {
@@ -305,6 +317,7 @@ impl Tally {
             total: 0,
             errors: 0,
             first_error: None,
+            answered_by: BTreeMap::new(),
         })
     }
 
@@ -323,6 +336,9 @@ impl Tally {
         self.errors += other.errors;
         if self.first_error.is_none() {
             self.first_error = other.first_error;
+        }
+        for (k, n) in other.answered_by {
+            *self.answered_by.entry(k).or_default() += n;
         }
     }
 }
@@ -353,6 +369,7 @@ async fn load(args: &LoadArgs) -> Result<LoadReport> {
         conns.push(
             Conn::connect(args.addr, request.clone(), args.expect_size)
                 .await
+                .map(|c| c.counting(args.count_header.as_deref()))
                 .with_context(|| format!("connecting to {}", args.addr))?,
         );
     }
@@ -380,6 +397,12 @@ pub(super) trait Caller: Send + 'static {
     fn call(&mut self) -> impl std::future::Future<Output = Result<()>> + Send;
     /// Replaces a broken connection; on failure the next call fails fast and tries again.
     fn reconnect(&mut self) -> impl std::future::Future<Output = ()> + Send;
+    /// Counts the last answer as measured (`--count-header`).
+    fn count_last(&mut self) {}
+    /// The measured answers by the counted header's value.
+    fn counted(&mut self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
 }
 
 impl Caller for Conn {
@@ -389,6 +412,16 @@ impl Caller for Conn {
 
     async fn reconnect(&mut self) {
         Conn::reconnect(self).await
+    }
+
+    fn count_last(&mut self) {
+        if let Some(c) = self.last.and_then(|i| self.seen.get_mut(i)) {
+            c.1 += 1;
+        }
+    }
+
+    fn counted(&mut self) -> Vec<(String, u64)> {
+        std::mem::take(&mut self.seen)
     }
 }
 
@@ -461,6 +494,7 @@ pub(super) async fn drive<C: Caller>(callers: Vec<C>, shape: Shape) -> Result<Lo
         achieved_rps: tally.measured as f64 / duration_s.max(1e-9),
         latency_us: percentiles(&tally.hist),
         first_error: tally.first_error,
+        answered_by: tally.answered_by,
         histogram_ns: histogram_pairs(&tally.hist),
     })
 }
@@ -509,6 +543,7 @@ async fn open_worker<C: Caller>(
                 if due >= measure_from {
                     tally.measured += 1;
                     tally.hist.saturating_record(ns(due.elapsed()));
+                    conn.count_last();
                 }
             }
             Ok(Err(e)) => {
@@ -521,6 +556,7 @@ async fn open_worker<C: Caller>(
             }
         }
     }
+    tally.answered_by.extend(conn.counted());
     Ok(tally)
 }
 
@@ -543,6 +579,7 @@ async fn closed_worker<C: Caller>(
                 if sent >= measure_from {
                     tally.measured += 1;
                     tally.hist.saturating_record(ns(sent.elapsed()));
+                    conn.count_last();
                 }
             }
             Ok(Err(e)) => {
@@ -555,6 +592,7 @@ async fn closed_worker<C: Caller>(
             }
         }
     }
+    tally.answered_by.extend(conn.counted());
     Ok(tally)
 }
 
@@ -570,6 +608,11 @@ struct Conn {
     request: Arc<[u8]>,
     expect_size: Option<usize>,
     buf: Box<[u8]>,
+    /// `--count-header`: the header, the values seen with their measured counts, and the
+    /// last answer's value (an index into `seen`).
+    count_header: Option<Box<str>>,
+    seen: Vec<(String, u64)>,
+    last: Option<usize>,
 }
 
 impl Conn {
@@ -584,9 +627,17 @@ impl Conn {
             request,
             expect_size,
             buf: vec![0; READ_BUF].into_boxed_slice(),
+            count_header: None,
+            seen: Vec::new(),
+            last: None,
         };
         c.stream = Some(open(addr).await?);
         Ok(c)
+    }
+
+    fn counting(mut self, header: Option<&str>) -> Conn {
+        self.count_header = header.map(Into::into);
+        self
     }
 
     /// Replaces a broken connection; on failure the next request fails fast and tries again.
@@ -631,6 +682,23 @@ impl Conn {
                 httparse::Status::Complete(head_len) => {
                     if resp.code != Some(200) {
                         bail!("status {:?}", resp.code);
+                    }
+                    if let Some(name) = &self.count_header {
+                        let value = resp
+                            .headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name))
+                            .map_or(&b""[..], |h| h.value);
+                        self.last = Some(
+                            match self.seen.iter().position(|(v, _)| v.as_bytes() == value) {
+                                Some(i) => i,
+                                None => {
+                                    let v = String::from_utf8_lossy(value).into_owned();
+                                    self.seen.push((v, 0));
+                                    self.seen.len() - 1
+                                }
+                            },
+                        );
                     }
                     let len = resp
                         .headers
@@ -829,6 +897,7 @@ mod tests {
                 duration: Duration::from_secs(1),
                 warmup: Duration::ZERO,
                 expect_size: Some(2),
+                count_header: None,
                 json: true,
             };
             let r = load(&args).await.unwrap();
@@ -837,6 +906,50 @@ mod tests {
             // ~40 requests were due during the stall: p90 sees it, not only the max.
             assert!(r.latency_us.p90 > 20_000.0, "{:?}", r.latency_us);
             assert!(r.latency_us.max >= 150_000.0, "{:?}", r.latency_us);
+        });
+    }
+
+    #[test]
+    fn answers_are_counted_by_the_header_in_the_measured_window() {
+        // Every fourth answer says `x-pod: b`, the rest `a`; one says nothing.
+        let rt = runtime().unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                for i in 0u32.. {
+                    if s.read(&mut buf).await.unwrap() == 0 {
+                        return;
+                    }
+                    let pod = match i {
+                        7 => String::new(),
+                        i if i % 4 == 0 => "x-pod: b\r\n".into(),
+                        _ => "X-Pod: a\r\n".into(),
+                    };
+                    let answer = format!("HTTP/1.1 200 OK\r\n{pod}content-length: 2\r\n\r\nok");
+                    s.write_all(answer.as_bytes()).await.unwrap();
+                }
+            });
+            let args = LoadArgs {
+                addr,
+                path: "/".into(),
+                rate: None,
+                connections: 1,
+                duration: Duration::from_millis(300),
+                warmup: Duration::ZERO,
+                expect_size: Some(2),
+                count_header: Some("x-pod".into()),
+                json: true,
+            };
+            let r = load(&args).await.unwrap();
+            assert_eq!(r.errors, 0, "{:?}", r.first_error);
+            // The first request (before the clock) is not counted; every measured one is.
+            assert_eq!(r.answered_by.values().sum::<u64>(), r.requests);
+            assert_eq!(r.answered_by.get(""), Some(&1), "{:?}", r.answered_by);
+            let (a, b) = (r.answered_by["a"], r.answered_by["b"]);
+            assert!(a > 2 * b && b > 0, "{:?}", r.answered_by);
         });
     }
 

@@ -25,6 +25,7 @@
 //! built in release mode and run inside the client pod. Results go to
 //! `bench-results/<time>/` as `results.json` and `results.md` (see `report`).
 
+mod gray;
 mod grpc;
 mod load;
 mod peers;
@@ -65,7 +66,9 @@ pub struct BenchArgs {
     #[arg(long)]
     profile: bool,
     /// Only these scenarios (comma-separated). direct always runs in a comparison: every
-    /// latency is reported against it.
+    /// latency is reported against it. `gray-failure` (HTTP mode, run by default there):
+    /// two replicas, one slow on 10% of its answers, balanced by Muon's PeakEWMA and
+    /// RoundRobin and Envoy's LEAST_REQUEST; alone, it runs without the comparison.
     #[arg(long, value_enum, value_delimiter = ',')]
     scenarios: Vec<Kind>,
     /// Results directory (default: bench-results/<UTC time>/ in the workspace).
@@ -243,11 +246,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         return profile::run(&env, &kinds, args.quick, env.modes[0]);
     }
+    let gray = match args.scenarios.is_empty() {
+        true => env.modes == [Mode::Http],
+        false => args.scenarios.contains(&Kind::GrayFailure),
+    };
+    if gray && env.modes != [Mode::Http] {
+        bail!("gray-failure runs in --mode http only");
+    }
     let mut kinds: Vec<Kind> = if args.scenarios.is_empty() {
         Kind::ALL.to_vec()
     } else {
         args.scenarios.clone()
     };
+    kinds.retain(|&k| k != Kind::GrayFailure);
+    if kinds.is_empty() {
+        return gray_failure(&env, args.quick, started);
+    }
     if !kinds.contains(&Kind::Direct) {
         kinds.insert(0, Kind::Direct);
     }
@@ -265,7 +279,35 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    result
+    result?;
+    if gray {
+        gray_failure(&env, args.quick, started)?;
+    }
+    Ok(())
+}
+
+/// The gray-failure scenario (HTTP mode), after the comparison or on its own.
+fn gray_failure(env: &Env, quick: bool, started: Instant) -> Result<()> {
+    println!("== gray failure: Envoy, finding or installing it");
+    let envoy = peers::install(peers::Peer::Envoy, &env.bench_bin).map_err(|e| format!("{e:#}"));
+    let mut versions = BTreeMap::new();
+    if let Ok(b) = &envoy {
+        versions.insert("envoy".to_string(), b.version.clone());
+    }
+    let result = gray::run(env, quick, envoy.as_ref().map_err(Clone::clone), versions);
+    for c in gray::Config::ALL {
+        if Path::new("/run/muon/lab").join(c.lab()).exists() {
+            procs::lab_down(&env.muonctl, c.lab());
+        }
+    }
+    let md = result?;
+    println!("\n{md}");
+    println!(
+        "wrote {0}/gray-failure.md and {0}/gray-failure.json ({1:.0}s)",
+        env.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The run's modes in order: one, or `http,mtls` (the two share scenarios and steps).

@@ -40,7 +40,7 @@
 
 use super::pki::{self, SideTls};
 use anyhow::{bail, Context, Result};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -393,30 +393,35 @@ pub fn prepare(bin: &PeerBin, ctx: &SideCtx<'_>) -> Result<(PathBuf, Vec<String>
     };
     std::fs::write(&cfg, text).with_context(|| format!("writing {}", cfg.display()))?;
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644))?;
+    let argv = argv(bin, &cfg, ctx.dir);
+    Ok((cfg, argv))
+}
+
+/// The command line that runs the peer in the foreground with config `cfg` (files in `dir`).
+pub fn argv(bin: &PeerBin, cfg: &Path, dir: &Path) -> Vec<String> {
     let p = |s: &Path| s.display().to_string();
-    let argv = match bin.peer {
+    match bin.peer {
         Peer::Envoy => vec![
             p(&bin.path),
             "-c".into(),
-            p(&cfg),
+            p(cfg),
             "--concurrency".into(),
             "1".into(),
             "--disable-hot-restart".into(),
             "-l".into(),
             "warning".into(),
         ],
-        Peer::Haproxy => vec![p(&bin.path), "-f".into(), p(&cfg), "-db".into()],
+        Peer::Haproxy => vec![p(&bin.path), "-f".into(), p(cfg), "-db".into()],
         Peer::Nginx => vec![
             p(&bin.path),
             "-p".into(),
-            p(ctx.dir),
+            p(dir),
             "-c".into(),
-            p(&cfg),
+            p(cfg),
             "-e".into(),
             "stderr".into(),
         ],
-    };
-    Ok((cfg, argv))
+    }
 }
 
 /// Envoy: original-destination listeners and clusters, `tcp_proxy` in between.
@@ -594,6 +599,50 @@ static_resources:
             )
         }
     }
+}
+
+/// Envoy, client side of the gray-failure scenario: every request from the app, whatever its
+/// destination, goes to one cluster of the server replicas, balanced by least request (two
+/// random choices, fewer requests in flight wins) with outlier detection at its defaults
+/// (5 consecutive 5xx, …), HTTP/2 to each replica's server-side Envoy.
+pub fn envoy_gray_client_config(replicas: &[SocketAddr]) -> String {
+    let endpoints: String = replicas
+        .iter()
+        .map(|a| {
+            format!(
+                "        - endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}\n",
+                a.ip(),
+                a.port()
+            )
+        })
+        .collect();
+    format!(
+        r#"# Envoy, client side of the gray-failure scenario: HTTP from port 15001 to the replicas, LEAST_REQUEST with outlier detection, HTTP/2 upstream.
+static_resources:
+  listeners:
+  - name: outbound
+    address:
+      socket_address: {{address: 0.0.0.0, port_value: 15001}}
+{ENVOY_ORIGINAL_DST}    filter_chains:
+    - filters:
+{hcm}  clusters:
+  - name: replicas
+    type: STATIC
+    lb_policy: LEAST_REQUEST
+    connect_timeout: 5s
+    outlier_detection: {{}}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    load_assignment:
+      cluster_name: replicas
+      endpoints:
+      - lb_endpoints:
+{endpoints}"#,
+        hcm = envoy_hcm("outbound", "replicas"),
+    )
 }
 
 fn upstream(ctx: &SideCtx<'_>) -> String {

@@ -313,7 +313,7 @@ pub fn stamp(format: &str) -> String {
         .unwrap_or_else(|| "unknown-time".into())
 }
 
-fn loadavg() -> f64 {
+pub(super) fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())

@@ -53,6 +53,8 @@ pub enum Kind {
     Envoy,
     Haproxy,
     Nginx,
+    /// Not a lab of this module: the gray-failure scenario of HTTP mode (see `gray`).
+    GrayFailure,
 }
 
 impl Kind {
@@ -71,6 +73,7 @@ impl Kind {
             Kind::Envoy => "envoy",
             Kind::Haproxy => "haproxy",
             Kind::Nginx => "nginx",
+            Kind::GrayFailure => "gray-failure",
         }
     }
 
@@ -79,7 +82,7 @@ impl Kind {
             Kind::Envoy => Some(Peer::Envoy),
             Kind::Haproxy => Some(Peer::Haproxy),
             Kind::Nginx => Some(Peer::Nginx),
-            Kind::Direct | Kind::Muon => None,
+            Kind::Direct | Kind::Muon | Kind::GrayFailure => None,
         }
     }
 
@@ -358,7 +361,8 @@ impl Running {
                 Side::Server => &mut pair.server,
                 Side::Client => &mut pair.client,
             };
-            let pids = wait_listening(&self.lab, side, bg, pair.bin.peer, &self.dir)?;
+            let pids =
+                wait_listening(&self.lab, side.as_str(), side, bg, pair.bin.peer, &self.dir)?;
             self.proxies.insert(side.as_str().into(), pids);
         }
         self.peer = Some(pair);
@@ -718,31 +722,7 @@ impl Running {
 
     /// Packets that matched the chain's REDIRECT rule: traffic really was captured.
     fn captured(&self, pod: &str, chain: &str) -> Result<u64> {
-        let (ok, out, err) = procs::run_bounded(
-            Command::new(&self.muonctl).args([
-                "lab",
-                "exec",
-                &self.lab,
-                pod,
-                "--user",
-                "0",
-                "--",
-                "iptables-save",
-                "-c",
-                "-t",
-                "nat",
-            ]),
-            Duration::from_secs(30),
-        )?;
-        if !ok {
-            bail!("iptables-save in pod {pod}: {}", last_lines(&err, 5));
-        }
-        let needle = format!("-A {chain} ");
-        Ok(out
-            .lines()
-            .filter(|l| l.contains(&needle) && l.contains("REDIRECT"))
-            .filter_map(|l| l.strip_prefix('[')?.split(':').next()?.parse::<u64>().ok())
-            .sum())
+        captured(&self.muonctl, &self.lab, pod, chain)
     }
 
     /// Runs `muon-bench bench ARGS` in the client pod as its app user; parses its JSON.
@@ -820,6 +800,35 @@ impl Drop for Running {
     }
 }
 
+/// Packets of `pod` that matched `chain`'s REDIRECT rule: traffic really was captured.
+pub(super) fn captured(muonctl: &Path, lab: &str, pod: &str, chain: &str) -> Result<u64> {
+    let (ok, out, err) = procs::run_bounded(
+        Command::new(muonctl).args([
+            "lab",
+            "exec",
+            lab,
+            pod,
+            "--user",
+            "0",
+            "--",
+            "iptables-save",
+            "-c",
+            "-t",
+            "nat",
+        ]),
+        Duration::from_secs(30),
+    )?;
+    if !ok {
+        bail!("iptables-save in pod {pod}: {}", last_lines(&err, 5));
+    }
+    let needle = format!("-A {chain} ");
+    Ok(out
+        .lines()
+        .filter(|l| l.contains(&needle) && l.contains("REDIRECT"))
+        .filter_map(|l| l.strip_prefix('[')?.split(':').next()?.parse::<u64>().ok())
+        .sum())
+}
+
 /// Copies a sidecar's log without its access events (one per request in HTTP mode: far too
 /// many to keep), at most `MAX` lines: what is left is start-up, warnings and errors.
 fn keep_sidecar_log(from: &Path, to: &Path) -> Result<()> {
@@ -878,16 +887,17 @@ fn ext(p: &Path) -> String {
         .to_string()
 }
 
-/// Waits until the side's proxy listens on its port; returns its pids: the processes in the
-/// pod named like the peer *and* in the process group this harness started.
-fn wait_listening(
+/// Waits until the side's proxy in `pod` listens on its port; returns its pids: the
+/// processes in the pod named like the peer *and* in the process group this harness started.
+pub(super) fn wait_listening(
     lab: &str,
+    pod: &str,
     side: Side,
     bg: &mut Background,
     peer: Peer,
     dir: &Path,
 ) -> Result<Vec<i32>> {
-    let netns = format!("muon-{lab}.{}", side.as_str());
+    let netns = format!("muon-{lab}.{pod}");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let pids: Vec<i32> = procs::netns_pids(&netns)
@@ -901,10 +911,10 @@ fn wait_listening(
             return Ok(pids);
         }
         if !bg.running() {
-            let log = dir.join(format!("{}-{}.log", peer.name(), side.as_str()));
+            let log = dir.join(format!("{}-{pod}.log", peer.name()));
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             bail!(
-                "{} ({} side) exited at start: {}",
+                "{} ({} side, pod {pod}) exited at start: {}",
                 peer.name(),
                 side.as_str(),
                 last_lines(&text, 8)
@@ -912,7 +922,7 @@ fn wait_listening(
         }
         if Instant::now() > deadline {
             bail!(
-                "{} ({} side) not listening on {} after 20s",
+                "{} ({} side, pod {pod}) not listening on {} after 20s",
                 peer.name(),
                 side.as_str(),
                 side.port()
