@@ -303,6 +303,7 @@ services:
   - name: inventory
     selector: {{app: inventory}}
     ports: [{{port: 8080, protocol: tcp}}]
+    traffic: {{loadBalancer: {{algorithm: RoundRobin}}}}
 "#
         ),
     );

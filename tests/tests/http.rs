@@ -70,10 +70,13 @@ pods:
   - name: ws
     labels: {{app: ws}}
     command: {ws}
+# Round robin where a test counts on a few requests reaching every replica (peak-EWMA,
+# the default, may rightly keep them on the faster one).
 services:
   - name: web
     selector: {{app: web}}
     ports: [{{port: 8080, protocol: http}}]
+    traffic: {{loadBalancer: {{algorithm: RoundRobin}}}}
   - name: web-auto
     selector: {{app: web}}
     ports: [{{port: 8080}}]
@@ -86,6 +89,7 @@ services:
   - name: grpc
     selector: {{app: grpc}}
     ports: [{{port: 9090, protocol: grpc}}]
+    traffic: {{loadBalancer: {{algorithm: RoundRobin}}}}
   - name: grpc-b
     selector: {{slot: b}}
     ports: [{{port: 9090, protocol: grpc}}]
@@ -961,6 +965,7 @@ services:
   - name: web
     selector: {{app: web}}
     ports: [{{port: 8080, protocol: http}}]
+    traffic: {{loadBalancer: {{algorithm: RoundRobin}}}}
 gateway:
   name: edge
   hostPort: {host_port}
