@@ -1,5 +1,5 @@
 //! Puts the control plane together: store and registry, the debouncer, the config-directory
-//! source, the gRPC server (Discovery, Management, reflection) and the metrics server; and
+//! and Kubernetes sources, the gRPC server (Discovery, Management, reflection) and the metrics server; and
 //! takes it apart again on shutdown.
 //!
 //! Shutdown reads top to bottom: one `watch` says "stop"; discovery streams end with
@@ -111,6 +111,16 @@ impl Server {
         if let Some(dir) = &config.config_dir {
             tasks.spawn(crate::sources::watch_config_dir(
                 dir.clone(),
+                registry.clone(),
+                stop.clone(),
+            ));
+        }
+        if let Some(api) = &config.kubernetes {
+            // Before anything serves: a control plane that cannot build its client (no
+            // in-cluster configuration, a bad kubeconfig) says so and does not start.
+            let client = crate::kubernetes::client(api).await?;
+            tasks.spawn(crate::kubernetes::run(
+                client,
                 registry.clone(),
                 stop.clone(),
             ));
