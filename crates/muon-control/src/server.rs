@@ -1,6 +1,6 @@
 //! Puts the control plane together: store and registry, the debouncer, the config-directory
-//! and Kubernetes sources, the gRPC server (Discovery, Management, reflection) and the metrics server; and
-//! takes it apart again on shutdown.
+//! and Kubernetes sources, the gRPC server (Discovery, Management, reflection) and the
+//! metrics server; and takes it apart again on shutdown.
 //!
 //! Shutdown reads top to bottom: one `watch` says "stop"; discovery streams end with
 //! UNAVAILABLE (sidecars reconnect elsewhere or keep their last tables), the gRPC server stops
