@@ -251,3 +251,115 @@ fn mesh_route(spec: &mut Json) -> bool {
     }
     service
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from<T: serde::de::DeserializeOwned>(v: Json) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn app_protocols_map_to_muons_and_unknown_ones_are_detected() {
+        for (app, want) in [
+            ("http", Some("http")),
+            ("kubernetes.io/h2c", Some("http2")),
+            ("GRPC", Some("grpc")),
+            ("kubernetes.io/wss", Some("tls")),
+            ("mysql", None),
+        ] {
+            assert_eq!(app_protocol(app), want, "{app}");
+        }
+    }
+
+    #[test]
+    fn pods_on_the_host_network_or_finished_have_no_address_and_the_sidecar_makes_them_meshed() {
+        let pod = |spec: Json, status: Json| -> PodInfo {
+            pod(&from(
+                json!({"metadata": {"name": "p", "namespace": "shop"},
+                               "spec": spec, "status": status}),
+            ))
+            .unwrap()
+            .1
+        };
+        let running = json!({"phase": "Running", "podIP": "198.18.0.9",
+                             "conditions": [{"type": "Ready", "status": "True"}]});
+        let p = pod(
+            json!({"containers": [{"name": "app"}],
+                   "initContainers": [{"name": "muon-proxy", "restartPolicy": "Always"}]}),
+            running.clone(),
+        );
+        assert_eq!(p.ip.as_deref(), Some("198.18.0.9"));
+        assert_eq!(p.service_account, "default");
+        assert!(p.meshed && p.ready && !p.terminating);
+        let p = pod(
+            json!({"hostNetwork": true, "containers": [{"name": "app"}]}),
+            running,
+        );
+        assert!(p.ip.is_none() && !p.meshed);
+        let p = pod(
+            json!({"containers": [{"name": "app"}]}),
+            json!({"phase": "Failed", "podIP": "198.18.0.9"}),
+        );
+        assert!(p.ip.is_none() && !p.ready);
+    }
+
+    #[test]
+    fn terminating_endpoints_are_not_ready_and_absent_conditions_are() {
+        let (_, s) = slice(&from(json!({
+            "metadata": {"name": "web-1", "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["198.18.0.3"], "targetRef": {"kind": "Pod", "name": "a"}},
+                {"addresses": ["198.18.0.4"], "targetRef": {"kind": "Pod", "name": "b"},
+                 "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["198.18.0.5"]}
+            ],
+            "ports": [{"name": "http", "port": 8080}]
+        })))
+        .unwrap();
+        assert_eq!(s.service.as_deref(), Some("web"));
+        let ready: Vec<(&str, bool)> = s.pods.iter().map(|(p, e)| (p.as_str(), e.ready)).collect();
+        assert_eq!(ready, [("a", true), ("b", false)]);
+        assert_eq!(s.ports["http"], 8080);
+    }
+
+    #[test]
+    fn routes_are_kept_only_with_a_service_parent_and_parent_kinds_default_as_the_gateway_apis() {
+        let route = |parents: Json| -> DynamicObject {
+            from(
+                json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {"name": "r", "namespace": "shop"},
+                "spec": {"parentRefs": parents,
+                         "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]},
+                "status": {"parents": []}}),
+            )
+        };
+        assert_eq!(
+            dynamic(Kind::HttpRoute, &route(json!([{"name": "edge"}]))),
+            Ok(None)
+        );
+        let o = dynamic(
+            Kind::HttpRoute,
+            &route(json!([{"name": "edge"}, {"kind": "Service", "name": "web"}])),
+        )
+        .unwrap()
+        .unwrap();
+        let muon_core::resource::Spec::HttpRoute(r) = &o.spec else {
+            panic!("not a route")
+        };
+        let kinds: Vec<&str> = r.parent_refs.iter().map(|p| p.kind.as_str()).collect();
+        assert_eq!(kinds, ["Gateway", "Service"]);
+        let err = dynamic(
+            Kind::HttpRoute,
+            &route(json!([{"kind": "Service", "name": "web", "port": 0}])),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("HTTPRoute shop/r: spec.parentRefs[0].port"),
+            "{err}"
+        );
+    }
+}
