@@ -57,6 +57,12 @@ impl Server {
             limits,
             metrics.clone(),
         )?;
+        // Before anything is written or served: a control plane that cannot build its client
+        // (no in-cluster configuration, a bad kubeconfig) says so and does not start.
+        let kubernetes = match &config.kubernetes {
+            Some(api) => Some(crate::kubernetes::client(api).await?),
+            None => None,
+        };
         let ca = Arc::new(
             crate::ca::Ca::open(&crate::ca::CaConfig {
                 data_dir: config.data_dir.clone(),
@@ -115,10 +121,7 @@ impl Server {
                 stop.clone(),
             ));
         }
-        if let Some(api) = &config.kubernetes {
-            // Before anything serves: a control plane that cannot build its client (no
-            // in-cluster configuration, a bad kubeconfig) says so and does not start.
-            let client = crate::kubernetes::client(api).await?;
+        if let Some(client) = kubernetes {
             tasks.spawn(crate::kubernetes::run(
                 client,
                 registry.clone(),

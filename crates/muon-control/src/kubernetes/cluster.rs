@@ -90,11 +90,13 @@ pub struct SliceInfo {
     pub ports: BTreeMap<String, u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EndpointState {
     /// `conditions.ready` (absent: ready, as the API says to read it). A terminating pod is
     /// not ready, even while it is still `serving`.
     pub ready: bool,
+    /// The endpoint's `zone`: the pod's zone when its node's labels are not known.
+    pub zone: Option<String>,
 }
 
 /// What the source keeps of a Pod.
@@ -293,7 +295,7 @@ impl Cluster {
             self.endpoints
                 .entry(pod_key.clone())
                 .or_default()
-                .insert(slice.clone(), *state);
+                .insert(slice.clone(), state.clone());
             self.dirty_pods.insert(pod_key);
         }
         if old.service != new.service || old.ports != new.ports {
@@ -372,12 +374,18 @@ impl Cluster {
     fn workload(&self, key: &Key) -> Option<Object> {
         let pod = self.pods.items.get(key)?;
         let ip = pod.ip.clone()?;
-        let locality = pod
+        let mut locality = pod
             .node
             .as_ref()
             .and_then(|n| self.nodes.items.get(n))
             .cloned()
             .unwrap_or_default();
+        if locality.zone.is_empty() {
+            let zone = self.endpoints.get(key).into_iter().flatten();
+            if let Some(z) = zone.filter_map(|(_, e)| e.zone.clone()).next() {
+                locality.zone = z;
+            }
+        }
         // Listed by slices: ready when any of them says so; else the pod's own condition.
         let ready = match self.endpoints.get(key) {
             Some(states) => states.values().any(|s| s.ready),
@@ -502,7 +510,13 @@ mod tests {
             service: Some("web".into()),
             pods: pods
                 .iter()
-                .map(|(p, ready)| (p.to_string(), EndpointState { ready: *ready }))
+                .map(|(p, ready)| {
+                    let state = EndpointState {
+                        ready: *ready,
+                        zone: Some("zone-s".into()),
+                    };
+                    (p.to_string(), state)
+                })
                 .collect(),
             ports: BTreeMap::new(),
         }
@@ -558,7 +572,21 @@ mod tests {
                 slice(&pods),
             )));
         }
-        assert_eq!(c.flush().upserts.len(), 100);
+        let d = c.flush();
+        assert_eq!(d.upserts.len(), 100);
+        // node-a's pods have its zone; node-b is not known, so its pods take their endpoints'.
+        let zones: BTreeSet<String> = d
+            .upserts
+            .iter()
+            .map(|o| match &o.spec {
+                Spec::Workload(w) => format!("{}/{}", w.locality.zone, w.locality.region),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            zones,
+            ["zone-a/region-1", "zone-s/"].map(String::from).into()
+        );
         c
     }
 

@@ -117,7 +117,10 @@ pub fn slice(s: &EndpointSlice) -> Option<(Key, SliceInfo)> {
         let c = e.conditions.clone().unwrap_or_default();
         let ready = c.ready.unwrap_or(true) && !c.terminating.unwrap_or(false);
         // A pod listed twice (two address families) is ready when either entry is.
-        let entry = pods.entry(name).or_insert(EndpointState { ready });
+        let entry = pods.entry(name).or_insert_with(|| EndpointState {
+            ready,
+            zone: e.zone.clone().filter(|z| !z.is_empty()),
+        });
         entry.ready |= ready;
     }
     let ports = s
@@ -312,7 +315,8 @@ mod tests {
                          "labels": {"kubernetes.io/service-name": "web"}},
             "addressType": "IPv4",
             "endpoints": [
-                {"addresses": ["198.18.0.3"], "targetRef": {"kind": "Pod", "name": "a"}},
+                {"addresses": ["198.18.0.3"], "targetRef": {"kind": "Pod", "name": "a"},
+                 "zone": "zone-a"},
                 {"addresses": ["198.18.0.4"], "targetRef": {"kind": "Pod", "name": "b"},
                  "conditions": {"ready": false, "serving": true, "terminating": true}},
                 {"addresses": ["198.18.0.5"]}
@@ -323,6 +327,7 @@ mod tests {
         assert_eq!(s.service.as_deref(), Some("web"));
         let ready: Vec<(&str, bool)> = s.pods.iter().map(|(p, e)| (p.as_str(), e.ready)).collect();
         assert_eq!(ready, [("a", true), ("b", false)]);
+        assert_eq!(s.pods["a"].zone.as_deref(), Some("zone-a"));
         assert_eq!(s.ports["http"], 8080);
     }
 
