@@ -37,6 +37,15 @@ pub struct Args {
     /// through the API.
     #[arg(long, env = "MUON_CONTROL_CONFIG_DIR")]
     pub config_dir: Option<PathBuf>,
+    /// Read Services, EndpointSlices, Pods, Nodes, HTTPRoutes, GRPCRoutes and Muon's custom
+    /// resources from the Kubernetes API (in-cluster configuration, else KUBECONFIG); its
+    /// objects are read-only through the API.
+    #[arg(long, env = "MUON_CONTROL_KUBERNETES")]
+    pub kubernetes: bool,
+    /// The Kubernetes API at a plain URL without credentials (`kubectl proxy`, tests), e.g.
+    /// http://127.0.0.1:8001; implies --kubernetes.
+    #[arg(long, env = "MUON_CONTROL_KUBERNETES_API")]
+    pub kubernetes_api: Option<String>,
     /// The SPIFFE trust domain of workload identities.
     #[arg(
         long,
@@ -145,6 +154,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub config_dir: Option<PathBuf>,
+    /// The Kubernetes source, with `--kubernetes` or `--kubernetes-api`.
+    pub kubernetes: Option<crate::kubernetes::ApiServer>,
     pub trust_domain: String,
     pub debounce: Duration,
     pub debounce_max: Duration,
@@ -215,6 +226,7 @@ impl Config {
         if a.handshake_timeout.is_zero() || a.call_timeout.is_zero() {
             problems.push("--handshake-timeout and --call-timeout must be above zero".into());
         }
+        let kubernetes = kubernetes_config(&a, &mut problems);
         let webhook = webhook_config(&a, &mut problems);
         if !problems.is_empty() {
             anyhow::bail!("invalid flags:\n  {}", problems.join("\n  "));
@@ -224,6 +236,7 @@ impl Config {
             metrics_addr: a.metrics_addr,
             data_dir: a.data_dir,
             config_dir: a.config_dir,
+            kubernetes,
             trust_domain: a.trust_domain,
             debounce: a.debounce,
             debounce_max: a.debounce_max,
@@ -256,6 +269,7 @@ impl Config {
             metrics_addr: ([127, 0, 0, 1], 0).into(),
             data_dir: data_dir.into(),
             config_dir: None,
+            kubernetes: None,
             trust_domain: "cluster.local".into(),
             debounce: Duration::from_millis(20),
             debounce_max: Duration::from_millis(200),
@@ -279,6 +293,41 @@ impl Config {
             cert_ttl: Duration::from_secs(24 * 3600),
             tls_sans: Vec::new(),
             webhook: None,
+        }
+    }
+}
+
+/// `--kubernetes` and `--kubernetes-api`: the API URL must be http(s)://host[:port], with no
+/// path, query or credentials in it.
+fn kubernetes_config(a: &Args, problems: &mut Vec<String>) -> Option<crate::kubernetes::ApiServer> {
+    let Some(url) = &a.kubernetes_api else {
+        return a.kubernetes.then_some(crate::kubernetes::ApiServer::Infer);
+    };
+    let url = url.trim().trim_end_matches('/');
+    let checked = match url.parse::<http::Uri>() {
+        Err(e) => Err(e.to_string()),
+        Ok(u) if !matches!(u.scheme_str(), Some("http" | "https")) => {
+            Err("must start with http:// or https://".into())
+        }
+        Ok(u) if u.host().is_none_or(str::is_empty) => Err("has no host".into()),
+        Ok(u) if u.authority().is_some_and(|a| a.as_str().contains('@')) => {
+            Err("must not carry credentials".into())
+        }
+        Ok(u)
+            if u.path_and_query()
+                .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) =>
+        {
+            Err("must have no path or query".into())
+        }
+        Ok(_) => Ok(()),
+    };
+    match checked {
+        Ok(()) => Some(crate::kubernetes::ApiServer::Url(url.to_string())),
+        Err(reason) => {
+            problems.push(format!(
+                "--kubernetes-api {url:?}: {reason} (e.g. http://127.0.0.1:8001)"
+            ));
+            None
         }
     }
 }
@@ -355,6 +404,39 @@ mod tests {
             err.contains("--sidecar-mode: \"sometimes\" is not native or classic"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_kubernetes_source_is_off_by_default_and_its_url_is_checked() {
+        let parse = |args: &[&str]| {
+            Config::from_args(Args::parse_from(
+                std::iter::once("muon-control").chain(args.iter().copied()),
+            ))
+        };
+        use crate::kubernetes::ApiServer;
+        assert_eq!(parse(&[]).unwrap().kubernetes, None);
+        assert_eq!(
+            parse(&["--kubernetes"]).unwrap().kubernetes,
+            Some(ApiServer::Infer)
+        );
+        assert_eq!(
+            parse(&["--kubernetes-api", "http://127.0.0.1:8001/"])
+                .unwrap()
+                .kubernetes,
+            Some(ApiServer::Url("http://127.0.0.1:8001".into()))
+        );
+        for (bad, why) in [
+            ("127.0.0.1:8001", "must start with http:// or https://"),
+            ("ftp://host", "must start with http:// or https://"),
+            ("http://u:p@host", "must not carry credentials"),
+            ("http://host/api", "must have no path or query"),
+        ] {
+            let err = parse(&["--kubernetes-api", bad]).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("--kubernetes-api {bad:?}: {why}")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

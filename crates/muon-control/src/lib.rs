@@ -1,7 +1,8 @@
 //! Muon's control plane.
 //!
 //! Objects come in through the management API (`management`, persisted by `store`) and from
-//! other sources (`sources`: the config directory); the `registry` keeps them (`model`),
+//! other sources (`sources`: the config directory; `kubernetes`: the cluster's Services,
+//! EndpointSlices, Pods, routes and Muon's CRDs); the `registry` keeps them (`model`),
 //! checks what spans objects (`rules`), and debounces changes into the data-plane view
 //! (`snapshot`); `discovery` pushes it to each sidecar over one stream, coalesced, and
 //! `wire` sends it with each resource encoded once. `convert` is the one place objects meet
@@ -18,6 +19,7 @@ pub mod discovery;
 pub mod gate;
 pub mod http;
 pub mod identity;
+pub mod kubernetes;
 pub mod management;
 pub mod metrics;
 pub mod model;

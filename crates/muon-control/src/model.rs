@@ -11,7 +11,8 @@ pub enum Source {
     Api,
     /// The `--config-dir` directory; read-only through the API.
     File,
-    /// The Kubernetes API (not yet implemented; the seam for it is [`Registry::replace_source`]).
+    /// The Kubernetes API (`kubernetes`), changed by key through
+    /// [`crate::registry::Registry::update_source`].
     Kubernetes,
 }
 

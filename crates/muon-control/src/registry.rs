@@ -1,7 +1,7 @@
 //! The registry: every object from every source, merged, and the data-plane view computed
 //! from them.
 //!
-//! Writers (the management API, the config directory, later Kubernetes) change objects under
+//! Writers (the management API, the config directory, Kubernetes) change objects under
 //! one lock; an API change is on disk (the store) before it is visible. Each change bumps the
 //! registry version and wakes the debouncer, which waits for a quiet period (`--debounce`,
 //! at most `--debounce-max` after the first change of a burst), recomputes the resources every
@@ -261,8 +261,9 @@ impl Registry {
         Ok(Outcome { results, version })
     }
 
-    /// Replaces every object of a read-only source (the config directory, later Kubernetes).
-    /// This is the seam for new sources: they send their complete set whenever it changes.
+    /// Replaces every object of a read-only source (the config directory), which sends its
+    /// complete set whenever it changes. A source that knows what changed uses
+    /// [`Registry::update_source`] instead.
     pub async fn replace_source(&self, source: Source, objects: Vec<Object>) {
         // Over the size limit, an object is left out (the API would refuse it too).
         let objects: Vec<Object> = objects
@@ -314,6 +315,76 @@ impl Registry {
         }
         inner.version += 1;
         info!(
+            source = source.as_str(),
+            changed = changed.len(),
+            removed = removed.len(),
+            version = inner.version,
+            "source updated"
+        );
+        self.committed(&inner, changed, false);
+        self.committed(&inner, removed, true);
+    }
+
+    /// Changes some objects of a read-only source by key: `upserts` are added or replaced,
+    /// `removals` taken out; every other object of the source stays as it is. This is the
+    /// incremental seam (the Kubernetes source): the work is proportional to the change, not
+    /// to the source's size.
+    pub async fn update_source(
+        &self,
+        source: Source,
+        upserts: Vec<Object>,
+        removals: Vec<ObjectKey>,
+    ) {
+        let mut inner = self.inner.lock().await;
+        let api_has = |inner: &Inner, key: &ObjectKey| {
+            inner
+                .sources
+                .get(&Source::Api)
+                .is_some_and(|api| api.contains_key(key))
+        };
+        let mut changed = Vec::new();
+        let mut removed = Vec::new();
+        let mut shadowing = Vec::new();
+        let objects = inner.sources.entry(source).or_default();
+        for key in removals {
+            if let Some(s) = objects.remove(&key) {
+                removed.push(s);
+            }
+        }
+        for o in upserts {
+            let key = o.key();
+            let n = rules::object_bytes(&o);
+            if n > self.limits.max_object_bytes {
+                warn!(object = %key, bytes = n, limit = self.limits.max_object_bytes, source = source.as_str(), "object over --max-object-bytes; left out");
+                if let Some(s) = objects.remove(&key) {
+                    removed.push(s);
+                }
+                continue;
+            }
+            let generation = match objects.get(&key) {
+                Some(s) if s.object == o => continue,
+                Some(s) => s.generation + 1,
+                None => 1,
+            };
+            let stored = Stored {
+                object: o,
+                generation,
+                source,
+            };
+            changed.push(stored.clone());
+            shadowing.push(key.clone());
+            objects.insert(key, stored);
+        }
+        for key in shadowing {
+            if api_has(&inner, &key) {
+                warn!(object = %key, source = source.as_str(), "shadows an object applied through the API");
+            }
+        }
+        if changed.is_empty() && removed.is_empty() {
+            return;
+        }
+        inner.version += 1;
+        debug!(
             source = source.as_str(),
             changed = changed.len(),
             removed = removed.len(),

@@ -1,6 +1,6 @@
 //! Puts the control plane together: store and registry, the debouncer, the config-directory
-//! source, the gRPC server (Discovery, Management, reflection) and the metrics server; and
-//! takes it apart again on shutdown.
+//! and Kubernetes sources, the gRPC server (Discovery, Management, reflection) and the
+//! metrics server; and takes it apart again on shutdown.
 //!
 //! Shutdown reads top to bottom: one `watch` says "stop"; discovery streams end with
 //! UNAVAILABLE (sidecars reconnect elsewhere or keep their last tables), the gRPC server stops
@@ -57,6 +57,12 @@ impl Server {
             limits,
             metrics.clone(),
         )?;
+        // Before anything is written or served: a control plane that cannot build its client
+        // (no in-cluster configuration, a bad kubeconfig) says so and does not start.
+        let kubernetes = match &config.kubernetes {
+            Some(api) => Some(crate::kubernetes::client(api).await?),
+            None => None,
+        };
         let ca = Arc::new(
             crate::ca::Ca::open(&crate::ca::CaConfig {
                 data_dir: config.data_dir.clone(),
@@ -111,6 +117,13 @@ impl Server {
         if let Some(dir) = &config.config_dir {
             tasks.spawn(crate::sources::watch_config_dir(
                 dir.clone(),
+                registry.clone(),
+                stop.clone(),
+            ));
+        }
+        if let Some(client) = kubernetes {
+            tasks.spawn(crate::kubernetes::run(
+                client,
                 registry.clone(),
                 stop.clone(),
             ));

@@ -1,9 +1,9 @@
 //! Sources of objects besides the management API.
 //!
-//! A source sends its complete set of objects whenever it changes, through
+//! The config directory sends its complete set of objects whenever it changes, through
 //! [`Registry::replace_source`]; the registry merges it with the API's objects and marks them
-//! read-only through the API. The config directory is the one source today; a Kubernetes
-//! source (watching Services, EndpointSlices, HTTPRoutes) plugs in the same way.
+//! read-only through the API. The Kubernetes source (`crate::kubernetes`) knows what changed
+//! and sends only that, through [`Registry::update_source`].
 //!
 //! The config directory: every `*.yaml` / `*.yml` file (multi-document) directly in
 //! `--config-dir`, polled every second. A file that does not parse or validate is logged and

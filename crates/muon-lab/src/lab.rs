@@ -210,8 +210,9 @@ pub fn up(opts: &UpOptions) -> Result<LabState> {
     })
 }
 
-/// Decides names and addresses; creates nothing.
-fn plan(name: &str, topo: &Topology, ipv6: bool, opts: &UpOptions) -> Result<LabState> {
+/// Decides names and addresses; creates nothing (so other sources of the same topology, such
+/// as muon-control's Kubernetes source in its tests, can be compared with what a lab registers).
+pub fn plan(name: &str, topo: &Topology, ipv6: bool, opts: &UpOptions) -> Result<LabState> {
     let mut pods = Vec::new();
     if topo.control_plane {
         pods.push(control::plan_pod(name, ipv6)?);
