@@ -481,7 +481,53 @@ spec:
     );
     let still = output_text(&lab.ctl(&["get", "trafficpolicies", "web", "-o", "json"]));
     assert!(still.contains("abort"), "{still}");
-    eprintln!("overload burst: {burst}; abort fault: {aborted} of 2000");
+
+    // A delay for one route only: requests it matches wait, the others do not.
+    apply(
+        &lab,
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: slow}
+spec:
+  parentRefs: [{name: web, kind: Service, port: 8080}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /slow}}]
+      backendRefs: [{name: web, port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: rest}
+spec:
+  parentRefs: [{name: web, kind: Service, port: 8080}]
+  rules:
+    - backendRefs: [{name: web, port: 8080}]
+---
+apiVersion: muon.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: web, namespace: default}
+spec:
+  targetRefs: [{kind: Service, name: web}]
+  faults: {delay: {percent: 100, duration: 300ms}, routes: [slow]}
+"#,
+    );
+    wait_for_traffic(&lab, "web", "\"delayPercent\":100");
+    eventually("both routes", Duration::from_secs(20), || {
+        let v = load(&lab, "http://web:8080/slow/x", 1, 1);
+        (v["ok"] == 1 && v["slowest_ms"]["200"].as_f64()? >= 300.0).then_some(())
+    });
+    let delayed = events(&lab, "web.default", "fault-delay");
+    let slow = load(&lab, "http://web:8080/slow/y", 10, 5);
+    assert_eq!(slow["ok"], 10, "{slow}");
+    assert!(slow["slowest_ms"]["200"].as_f64().unwrap() >= 300.0, "{slow}");
+    let rest = load(&lab, WEB, 50, 5);
+    assert_eq!(rest["ok"], 50, "{rest}");
+    assert_eq!(
+        events(&lab, "web.default", "fault-delay") - delayed,
+        10.0,
+        "only the slow route's 10 requests were delayed"
+    );
+    eprintln!("overload burst: {burst}; abort fault: {aborted} of 2000; delay: {slow}");
 }
 
 #[test]
