@@ -18,6 +18,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_muonctl");
 #[derive(Clone, Default)]
 struct FakeApi {
     objects: Arc<Vec<Json>>,
+    /// Paths the caller may not read (403, as RBAC answers).
+    forbidden: Arc<Vec<String>>,
     requests: Arc<Mutex<Vec<String>>>,
 }
 
@@ -70,6 +72,12 @@ impl FakeApi {
             .push(format!("{method} {path}?{query}"));
         if method != "GET" {
             return (405, status(405, "MethodNotAllowed", "check only reads"));
+        }
+        if self.forbidden.iter().any(|f| f == path) {
+            return (
+                403,
+                status(403, "Forbidden", "user \"dev\" cannot get this"),
+            );
         }
         if path == "/version" {
             return (
@@ -251,8 +259,13 @@ fn find<'a>(objects: &'a mut [Json], kind: &str, name: &str) -> &'a mut Json {
 /// Runs `muonctl check` against a fake cluster holding `objects`: exit code, stdout, and the
 /// requests the API server got.
 fn check(objects: Vec<Json>) -> (i32, String, Vec<String>) {
+    check_forbidden(objects, &[])
+}
+
+fn check_forbidden(objects: Vec<Json>, forbidden: &[&str]) -> (i32, String, Vec<String>) {
     let api = FakeApi {
         objects: Arc::new(objects),
+        forbidden: Arc::new(forbidden.iter().map(|f| f.to_string()).collect()),
         ..Default::default()
     };
     let url = api.start();
@@ -528,4 +541,57 @@ fn an_unreachable_api_server_fails_at_once() {
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert_eq!(lines(&stdout).len(), 1, "{stdout}");
     line(&stdout, "FAIL api-server: not reachable");
+}
+
+#[test]
+fn a_kubeconfig_is_followed_to_its_current_contexts_server() {
+    let api = FakeApi {
+        objects: Arc::new(healthy()),
+        ..Default::default()
+    };
+    let url = api.start();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters:\n- name: fake\n  cluster:\n    server: {url}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: nobody\n\
+             users:\n- name: nobody\n  user: {{}}\n"
+        ),
+    )
+    .unwrap();
+    let out = muonctl(&["check", "--kubeconfig", kubeconfig.to_str().unwrap()]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    line(&stdout, "ok   api-server: reachable, Kubernetes v1.34.1");
+    assert!(!api.requests.lock().unwrap().is_empty());
+
+    let out = muonctl(&["check", "--kubeconfig", "/nonexistent/kubeconfig"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--kubeconfig /nonexistent/kubeconfig"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_secret_the_user_may_not_read_only_warns_that_the_ca_bundle_is_unchecked() {
+    let (code, out, _) = check_forbidden(
+        healthy(),
+        &["/api/v1/namespaces/muon-system/secrets/muon-webhook-tls"],
+    );
+    assert_eq!(code, 0, "{out}");
+    let l = line(
+        &out,
+        "warn webhook caBundle: cannot compare it with Secret muon-system/muon-webhook-tls: forbidden for this user",
+    );
+    assert!(l.contains("cannot get this"), "{l}");
 }
