@@ -361,10 +361,9 @@ async fn webhook(client: &Client, ns: &str, service_port: Option<i32>, r: &mut R
     match &hook.client_config.service {
         Some(s) if s.name == CONTROL && s.namespace == ns => {
             let port = s.port.unwrap_or(443);
-            if service_port.is_some_and(|p| p != port) {
+            if let Some(theirs) = service_port.filter(|&p| p != port) {
                 problems.push(format!(
-                    "it calls port {port}, the Service's webhook port is {}",
-                    service_port.unwrap_or_default()
+                    "it calls port {port}, the Service's webhook port is {theirs}"
                 ));
             }
         }

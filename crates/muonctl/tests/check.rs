@@ -499,6 +499,18 @@ fn a_webhook_that_fails_closed_or_calls_another_service_fails() {
         &out,
         "FAIL webhook muon-sidecar-injector: it calls service muon-system/istiod, not muon-system/muon-control",
     );
+    let mut objects = healthy();
+    find(
+        &mut objects,
+        "MutatingWebhookConfiguration",
+        "muon-sidecar-injector",
+    )["webhooks"][0]["clientConfig"]["service"]["port"] = json!(8443);
+    let (code, out, _) = check(objects);
+    assert_eq!(code, 1, "{out}");
+    line(
+        &out,
+        "FAIL webhook muon-sidecar-injector: it calls port 8443, the Service's webhook port is 443",
+    );
 }
 
 #[test]
