@@ -1,9 +1,10 @@
 //! `muonctl`: the command line for Muon: the lab (`muonctl lab …`) and the control plane's
 //! management API (`apply`, `delete`, `get`, `proxy-status`, `config-dump`, `token`), and
-//! Kubernetes manifests (`inject`, `install`).
+//! Kubernetes manifests (`inject`, `install`) and what is wrong with an install (`check`).
 #![forbid(unsafe_code)]
 
 mod apply;
+mod check;
 mod control;
 mod get;
 mod inject;
@@ -79,6 +80,8 @@ enum Command {
     Inject(inject::InjectArgs),
     /// Print the manifests that install Muon on Kubernetes (`muonctl install | kubectl apply -f -`).
     Install(install::InstallArgs),
+    /// What is wrong with Muon's install on a cluster: one line per check, exit 1 on a FAIL.
+    Check(check::CheckArgs),
 }
 
 #[derive(Subcommand)]
@@ -203,6 +206,11 @@ fn run(cli: Cli) -> Result<i32> {
         Command::ConfigDump(args) => proxy_status::config_dump(cli.lab.as_deref(), args),
         Command::Inject(args) => inject::run(args),
         Command::Install(args) => install::run(args),
+        Command::Check(args) => check::run(
+            args,
+            target.connect_timeout,
+            cli.timeout.unwrap_or(CALL_TIMEOUT),
+        ),
     }
 }
 
