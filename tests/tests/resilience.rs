@@ -519,7 +519,10 @@ spec:
     let delayed = events(&lab, "web.default", "fault-delay");
     let slow = load(&lab, "http://web:8080/slow/y", 10, 5);
     assert_eq!(slow["ok"], 10, "{slow}");
-    assert!(slow["slowest_ms"]["200"].as_f64().unwrap() >= 300.0, "{slow}");
+    assert!(
+        slow["slowest_ms"]["200"].as_f64().unwrap() >= 300.0,
+        "{slow}"
+    );
     let rest = load(&lab, WEB, 50, 5);
     assert_eq!(rest["ok"], 50, "{rest}");
     assert_eq!(

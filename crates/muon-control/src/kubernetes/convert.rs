@@ -44,6 +44,40 @@ pub fn app_protocol(app: &str) -> Option<&'static str> {
     }
 }
 
+/// The ports a Service's `muon.io/opaque-ports` annotation names (`3306,6379` or
+/// `4000-4100`): carried as opaque bytes, never detected or parsed as HTTP. Entries that are
+/// not ports are left out (and logged).
+fn opaque_ports(meta: &ObjectMeta) -> Vec<std::ops::RangeInclusive<u32>> {
+    let Some(value) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("muon.io/opaque-ports"))
+    else {
+        return Vec::new();
+    };
+    let port = |s: &str| {
+        s.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p > 0)
+            .map(u32::from)
+    };
+    value
+        .split(',')
+        .filter(|e| !e.trim().is_empty())
+        .filter_map(|e| {
+            let range = match e.split_once('-') {
+                Some((a, b)) => port(a).zip(port(b)).filter(|(a, b)| a <= b),
+                None => port(e).map(|p| (p, p)),
+            };
+            if range.is_none() {
+                tracing::warn!(service = ?meta.name, entry = e, "muon.io/opaque-ports: not a port or a range of ports; left out");
+            }
+            range.map(|(a, b)| a..=b)
+        })
+        .collect()
+}
+
 pub fn service(s: &Service) -> Option<(Key, ServiceInfo)> {
     let key = key(&s.metadata)?;
     let spec = s.spec.clone().unwrap_or_default();
@@ -56,6 +90,7 @@ pub fn service(s: &Service) -> Option<(Key, ServiceInfo)> {
     if spec.type_.as_deref() == Some("ExternalName") {
         vips.clear();
     }
+    let opaque = opaque_ports(&s.metadata);
     let ports = spec
         .ports
         .unwrap_or_default()
@@ -76,11 +111,14 @@ pub fn service(s: &Service) -> Option<(Key, ServiceInfo)> {
                 name: p.name.filter(|n| !n.is_empty()),
                 port,
                 target,
-                protocol: p
-                    .app_protocol
-                    .as_deref()
-                    .and_then(app_protocol)
-                    .map(str::to_string),
+                protocol: match opaque.iter().any(|r| r.contains(&port)) {
+                    true => Some("opaque".to_string()),
+                    false => p
+                        .app_protocol
+                        .as_deref()
+                        .and_then(app_protocol)
+                        .map(str::to_string),
+                },
             })
         })
         .collect();
@@ -261,6 +299,22 @@ mod tests {
 
     fn from<T: serde::de::DeserializeOwned>(v: Json) -> T {
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn opaque_ports_on_a_service_make_its_ports_opaque_whatever_their_app_protocol() {
+        let s: Service = from(serde_json::json!({
+            "metadata": {"name": "db", "namespace": "shop",
+                         "annotations": {"muon.io/opaque-ports": "3306, 9000-9001,x,0"}},
+            "spec": {"clusterIP": "10.96.0.9", "ports": [
+                {"port": 3306, "appProtocol": "http"},
+                {"port": 9001},
+                {"port": 8080, "appProtocol": "http"}]}
+        }));
+        let (_, info) = service(&s).unwrap();
+        let protocols: Vec<Option<&str>> =
+            info.ports.iter().map(|p| p.protocol.as_deref()).collect();
+        assert_eq!(protocols, [Some("opaque"), Some("opaque"), Some("http")]);
     }
 
     #[test]
