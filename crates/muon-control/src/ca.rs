@@ -106,9 +106,20 @@ pub struct Ca {
     pub origin: String,
 }
 
-impl Ca {
-    /// Loads (or, on first start, creates) the CA.
-    pub fn open(cfg: &CaConfig) -> Result<Ca, CaError> {
+/// The signing CA's certificate chain and key (PEM), and where they came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Root {
+    /// The signing CA's certificate, then its chain to the root.
+    pub chain: String,
+    pub key: String,
+    /// For the start-up log.
+    pub origin: String,
+}
+
+impl Root {
+    /// The CA of this control plane alone: `--ca-cert`/`--ca-key`, or the root kept in the
+    /// data directory (generated on first start).
+    pub fn local(cfg: &CaConfig) -> Result<Root, CaError> {
         let dir = cfg.data_dir.join("ca");
         std::fs::create_dir_all(&dir).map_err(|source| CaError::Io {
             path: dir.clone(),
@@ -136,6 +147,24 @@ impl Ca {
                 ))
             }
         };
+        Ok(Root { chain, key, origin })
+    }
+}
+
+impl Ca {
+    /// Loads (or, on first start, creates) the CA of this control plane alone.
+    pub fn open(cfg: &CaConfig) -> Result<Ca, CaError> {
+        Ca::with_root(cfg, Root::local(cfg)?)
+    }
+
+    /// The CA signing with `root` (e.g. the one every replica shares).
+    pub fn with_root(cfg: &CaConfig, root: Root) -> Result<Ca, CaError> {
+        let dir = cfg.data_dir.join("ca");
+        std::fs::create_dir_all(&dir).map_err(|source| CaError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let Root { chain, key, origin } = root;
         let certs = pem_certs(&chain)?;
         let first = certs
             .first()
