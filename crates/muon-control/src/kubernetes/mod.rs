@@ -16,6 +16,7 @@
 
 pub mod cluster;
 pub mod convert;
+pub mod identity;
 
 use crate::model::Source;
 use crate::registry::Registry;
