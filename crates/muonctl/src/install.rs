@@ -415,8 +415,9 @@ fn rbac() -> Vec<Json> {
             "rules": [
                 // `create` cannot be limited by name (the object does not exist yet).
                 {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+                // Created once, never updated: racing replicas keep the root that won.
                 {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [CA_SECRET],
-                 "verbs": ["get", "update"]},
+                 "verbs": ["get"]},
             ],
         }),
         json!({
@@ -686,6 +687,15 @@ mod tests {
         );
         let roles = find("ClusterRole")["rules"].to_string();
         assert!(roles.contains("\"authorizationpolicies\""), "{roles}");
+        // The CA's root Secret: create (not by name) and get, in its namespace only.
+        assert_eq!(
+            find("Role")["rules"],
+            json!([
+                {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+                {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["muon-ca"],
+                 "verbs": ["get"]},
+            ])
+        );
     }
 
     #[test]
