@@ -133,6 +133,7 @@ impl Server {
             tasks.spawn(crate::kubernetes::run(
                 client,
                 registry.clone(),
+                ca.bundle().concat(),
                 stop.clone(),
             ));
         }

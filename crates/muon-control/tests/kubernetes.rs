@@ -57,10 +57,10 @@ struct State {
     /// The cluster's resource version, bumped by every change.
     rv: u64,
     collections: HashMap<String, Collection>,
-    /// Secrets by "namespace/name".
-    secrets: BTreeMap<String, Value>,
-    /// Every Secret request: "GET ns/name 404", "POST ns 201", ...
-    secret_requests: Vec<String>,
+    /// Secrets and ConfigMaps by "plural/namespace/name".
+    stored: BTreeMap<String, Value>,
+    /// Every Secret or ConfigMap request: ("secrets", "GET ns/name 404"), ...
+    requests: Vec<(String, String)>,
     /// Two replicas race: GETs answer 404 until two creates were attempted, so the second
     /// replica's create meets the first's Secret (409).
     secret_race: bool,
@@ -211,12 +211,33 @@ impl FakeApi {
         self.0.lock().unwrap().secret_race = true;
     }
 
+    /// The requests for `plural` ("secrets", "configmaps"), in order.
+    fn requests(&self, plural: &str) -> Vec<String> {
+        let st = self.0.lock().unwrap();
+        st.requests
+            .iter()
+            .filter(|(p, _)| p == plural)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
     fn secret_requests(&self) -> Vec<String> {
-        self.0.lock().unwrap().secret_requests.clone()
+        self.requests("secrets")
+    }
+
+    fn stored(&self, plural: &str, key: &str) -> Option<Value> {
+        let st = self.0.lock().unwrap();
+        st.stored.get(&format!("{plural}/{key}")).cloned()
     }
 
     fn stored_secret(&self, key: &str) -> Option<Value> {
-        self.0.lock().unwrap().secrets.get(key).cloned()
+        self.stored("secrets", key)
+    }
+
+    /// Stores a ConfigMap as if someone had created it.
+    fn put_configmap(&self, key: &str, o: Value) {
+        let mut st = self.0.lock().unwrap();
+        st.stored.insert(format!("configmaps/{key}"), o);
     }
 
     fn reviews(&self) -> Vec<Value> {
@@ -243,8 +264,9 @@ impl FakeApi {
         respond(201, Full::new(Bytes::from(answer.to_string())).boxed())
     }
 
-    /// GET /api/v1/namespaces/NS/secrets/NAME and POST /api/v1/namespaces/NS/secrets.
-    fn secret(
+    /// GET /api/v1/namespaces/NS/PLURAL/NAME, POST /api/v1/namespaces/NS/PLURAL and PUT
+    /// /api/v1/namespaces/NS/PLURAL/NAME, for secrets and configmaps.
+    fn namespaced(
         &self,
         method: &hyper::Method,
         rest: &str,
@@ -256,45 +278,62 @@ impl FakeApi {
                 "status": "Failure", "message": message, "reason": reason, "code": code});
             respond(code, Full::new(Bytes::from(s.to_string())).boxed())
         };
-        let (ns, name) = match rest.split_once("/secrets") {
-            Some((ns, name)) => (ns.to_string(), name.trim_start_matches('/').to_string()),
-            None => return status(404, "NotFound", "no such resource".into()),
-        };
+        let mut parts = rest.splitn(3, '/');
+        let ns = parts.next().unwrap_or("").to_string();
+        let plural = parts.next().unwrap_or("").to_string();
+        let name = parts.next().unwrap_or("").to_string();
+        let log = |st: &mut State, line: String| st.requests.push((plural.clone(), line));
         if method == hyper::Method::GET && !name.is_empty() {
             let key = format!("{ns}/{name}");
-            let hidden = st.secret_race && st.secret_creates < 2;
-            return match st.secrets.get(&key).cloned().filter(|_| !hidden) {
+            let hidden = plural == "secrets" && st.secret_race && st.secret_creates < 2;
+            let found = st.stored.get(&format!("{plural}/{key}")).cloned();
+            return match found.filter(|_| !hidden) {
                 Some(o) => {
-                    st.secret_requests.push(format!("GET {key} 200"));
+                    log(&mut st, format!("GET {key} 200"));
                     respond(200, Full::new(Bytes::from(o.to_string())).boxed())
                 }
                 None => {
-                    st.secret_requests.push(format!("GET {key} 404"));
-                    status(404, "NotFound", format!("secrets \"{name}\" not found"))
+                    log(&mut st, format!("GET {key} 404"));
+                    status(404, "NotFound", format!("{plural} \"{name}\" not found"))
                 }
             };
         }
-        if method == hyper::Method::POST && name.is_empty() {
+        if (method == hyper::Method::POST && name.is_empty())
+            || (method == hyper::Method::PUT && !name.is_empty())
+        {
             let mut o: Value = serde_json::from_slice(body).unwrap();
             let name = o["metadata"]["name"].as_str().unwrap().to_string();
             let key = format!("{ns}/{name}");
-            st.secret_creates += 1;
-            if st.secrets.contains_key(&key) {
-                st.secret_requests.push(format!("POST {key} 409"));
-                return status(
-                    409,
-                    "AlreadyExists",
-                    format!("secrets \"{name}\" already exists"),
-                );
+            let exists = st.stored.contains_key(&format!("{plural}/{key}"));
+            if method == hyper::Method::POST {
+                if plural == "secrets" {
+                    st.secret_creates += 1;
+                }
+                if exists {
+                    log(&mut st, format!("POST {key} 409"));
+                    return status(
+                        409,
+                        "AlreadyExists",
+                        format!("{plural} \"{name}\" already exists"),
+                    );
+                }
+            } else if !exists {
+                log(&mut st, format!("PUT {key} 404"));
+                return status(404, "NotFound", format!("{plural} \"{name}\" not found"));
             }
             st.rv += 1;
             o["metadata"]["namespace"] = json!(ns);
             o["metadata"]["resourceVersion"] = json!(st.rv.to_string());
-            st.secrets.insert(key.clone(), o.clone());
-            st.secret_requests.push(format!("POST {key} 201"));
-            return respond(201, Full::new(Bytes::from(o.to_string())).boxed());
+            st.stored.insert(format!("{plural}/{key}"), o.clone());
+            let code = if method == hyper::Method::POST {
+                201
+            } else {
+                200
+            };
+            log(&mut st, format!("{method} {key} {code}"));
+            return respond(code, Full::new(Bytes::from(o.to_string())).boxed());
         }
-        st.secret_requests.push(format!("{method} {ns}/{name} 405"));
+        log(&mut st, format!("{method} {ns}/{name} 405"));
         status(405, "MethodNotAllowed", format!("{method} is not served"))
     }
 
@@ -308,10 +347,10 @@ impl FakeApi {
             return self.review(&body);
         }
         if let Some(rest) = path.strip_prefix("/api/v1/namespaces/") {
-            if rest.contains("/secrets") {
+            if rest.contains("/secrets") || rest.contains("/configmaps") {
                 let method = req.method().clone();
                 let body = req.into_body().collect().await.unwrap().to_bytes();
-                return self.secret(&method, rest, &body);
+                return self.namespaced(&method, rest, &body);
             }
         }
         let query = req.uri().query().unwrap_or("").to_string();
@@ -874,6 +913,80 @@ async fn replicas_racing_for_the_ca_secret_all_sign_with_the_root_whose_create_w
     for s in [a, b, c] {
         s.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trust_bundle_is_published_to_every_namespace_with_meshed_pods() {
+    let api = cluster_with_tokens();
+    // A stale bundle in a namespace that gets meshed pods later is replaced.
+    api.put_configmap(
+        "web/muon-ca-root",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "muon-ca-root", "namespace": "web", "resourceVersion": "7"},
+               "data": {"ca.crt": "an old root"}}),
+    );
+    let url = api.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = kubernetes_server(dir.path(), url).await;
+    let bundle = std::fs::read_to_string(dir.path().join("ca/trust-bundle.pem")).unwrap();
+
+    // shop has meshed pods (web-0, web-1, api): its ConfigMap is created, with the bundle
+    // injection mounts as the sidecar's --ca-bundle.
+    until("the shop ConfigMap", || {
+        api.stored("configmaps", "shop/muon-ca-root").is_some()
+    })
+    .await;
+    let cm = api.stored("configmaps", "shop/muon-ca-root").unwrap();
+    assert_eq!(cm["data"], json!({"ca.crt": bundle.clone()}));
+    assert_eq!(cm["metadata"]["name"], muon_inject::template::CA_CONFIGMAP);
+    assert_eq!(
+        api.requests("configmaps"),
+        ["GET shop/muon-ca-root 404", "POST shop/muon-ca-root 201"]
+    );
+
+    // A meshed pod appears in another namespace: that namespace gets it too (replacing what
+    // was there); a pod without the sidecar publishes nothing.
+    let pods: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(FIXTURES).join("pods.json")).unwrap(),
+    )
+    .unwrap();
+    let template = |meshed: bool| {
+        pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| {
+                p["spec"]["containers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .chain(p["spec"]["initContainers"].as_array().into_iter().flatten())
+                    .any(|c| c["name"] == "muon-proxy")
+                    == meshed
+            })
+            .unwrap()
+            .clone()
+    };
+    let mut plain = template(false);
+    plain["metadata"]["namespace"] = json!("batch");
+    api.put(PODS, plain);
+    let mut meshed = template(true);
+    meshed["metadata"]["namespace"] = json!("web");
+    api.put(PODS, meshed);
+    until("the web ConfigMap", || {
+        api.stored("configmaps", "web/muon-ca-root").unwrap()["data"]["ca.crt"] == json!(bundle)
+    })
+    .await;
+    assert_eq!(
+        api.requests("configmaps"),
+        [
+            "GET shop/muon-ca-root 404",
+            "POST shop/muon-ca-root 201",
+            "GET web/muon-ca-root 200",
+            "PUT web/muon-ca-root 200",
+        ]
+    );
+    server.shutdown().await;
 }
 
 /// kube (and k8s-openapi) belong to the control plane: the sidecar never links them.

@@ -374,8 +374,8 @@ fn service_account() -> Json {
     })
 }
 
-/// Least privilege: read what the registry is made of, create TokenReviews, and in its own
-/// namespace only, keep the CA's root Secret.
+/// Least privilege: read what the registry is made of, create TokenReviews, publish the trust
+/// bundle's ConfigMap, and in its own namespace only, keep the CA's root Secret.
 fn rbac() -> Vec<Json> {
     let read = json!(["get", "list", "watch"]);
     let muon_resources: Vec<String> = muon_core::schema::crd_kinds()
@@ -399,6 +399,10 @@ fn rbac() -> Vec<Json> {
                  "verbs": read},
                 {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
                  "verbs": ["create"]},
+                // The trust bundle injected sidecars mount, in every namespace with meshed pods.
+                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+                {"apiGroups": [""], "resources": ["configmaps"],
+                 "resourceNames": [muon_inject::template::CA_CONFIGMAP], "verbs": ["get", "update"]},
             ],
         }),
         json!({

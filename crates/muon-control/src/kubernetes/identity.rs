@@ -10,18 +10,24 @@
 //! start a control plane reads it; when it is absent, it creates it from its own CA. It only
 //! ever creates, never updates: when replicas race, the API server accepts one create and
 //! answers the others 409 AlreadyExists, and they read the winner's root and use it.
+//!
+//! Injected sidecars check the control plane's certificate against the ConfigMap
+//! [`CA_CONFIGMAP`] (key [`CA_KEY`]) of their namespace; [`publish_bundle`] keeps it in every
+//! namespace with meshed pods.
 
 use crate::ca::Root;
 use crate::identity::{Review, ServiceAccountTokens};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
-pub use muon_inject::template::TOKEN_AUDIENCE;
+pub use muon_inject::template::{CA_CONFIGMAP, CA_KEY, TOKEN_AUDIENCE};
 
 /// The Secret's key holding the signing CA's certificate (then its chain), PEM.
 pub const SECRET_CERT: &str = "ca.crt";
@@ -190,6 +196,90 @@ fn from_secret(secret: &Secret, origin: &str, own: &Root) -> anyhow::Result<Root
         );
     }
     Ok(root)
+}
+
+/// How long a namespace whose ConfigMap could not be written waits for another try.
+const PUBLISH_RETRY: Duration = Duration::from_secs(10);
+
+/// Keeps the ConfigMap [`CA_CONFIGMAP`] with `bundle` in every namespace `namespaces` names,
+/// until `shutdown` (or `namespaces` closes). Each namespace is written once per start (more
+/// only if it failed): created when absent, replaced when it holds another bundle.
+pub async fn publish_bundle(
+    client: kube::Client,
+    bundle: String,
+    mut namespaces: watch::Receiver<BTreeSet<String>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut published: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let wanted = namespaces.borrow_and_update().clone();
+        let mut failed = false;
+        for ns in wanted.difference(&published).cloned().collect::<Vec<_>>() {
+            match publish(&client, &ns, &bundle).await {
+                Ok(()) => {
+                    published.insert(ns);
+                }
+                Err(e) => {
+                    failed = true;
+                    warn!(namespace = %ns, error = %e, "cannot publish the trust bundle (ConfigMap {CA_CONFIGMAP}); retrying");
+                }
+            }
+        }
+        tokio::select! {
+            changed = namespaces.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(PUBLISH_RETRY), if failed => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Makes `namespace`'s ConfigMap hold `bundle`.
+async fn publish(client: &kube::Client, namespace: &str, bundle: &str) -> Result<(), kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let want = BTreeMap::from([(CA_KEY.to_string(), bundle.to_string())]);
+    match api.get_opt(CA_CONFIGMAP).await? {
+        Some(cm)
+            if cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get(CA_KEY))
+                .map(String::as_str)
+                == Some(bundle) =>
+        {
+            Ok(())
+        }
+        Some(mut cm) => {
+            cm.data = Some(want);
+            api.replace(CA_CONFIGMAP, &PostParams::default(), &cm)
+                .await?;
+            info!(
+                namespace,
+                "updated the trust bundle (ConfigMap {CA_CONFIGMAP})"
+            );
+            Ok(())
+        }
+        None => {
+            let cm = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(CA_CONFIGMAP.to_string()),
+                    namespace: Some(namespace.to_string()),
+                    labels: Some(BTreeMap::from([(
+                        "app.kubernetes.io/part-of".to_string(),
+                        "muon".to_string(),
+                    )])),
+                    ..ObjectMeta::default()
+                },
+                data: Some(want),
+                ..ConfigMap::default()
+            };
+            api.create(&PostParams::default(), &cm).await?;
+            info!(
+                namespace,
+                "published the trust bundle (ConfigMap {CA_CONFIGMAP})"
+            );
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]
