@@ -34,6 +34,9 @@ pub const SECRET_CERT: &str = "ca.crt";
 /// The Secret's key holding the CA's private key, PEM.
 pub const SECRET_KEY: &str = "ca.key";
 
+/// A TokenReview's answer is awaited this long at most.
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The prefix of a ServiceAccount's username.
 const SERVICE_ACCOUNT_USER: &str = "system:serviceaccount:";
 
@@ -62,14 +65,22 @@ impl TokenReviewer {
             },
             status: None,
         };
-        let answer = self
-            .api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| {
-                warn!(error = %e, "TokenReview failed");
-                format!("the Kubernetes token could not be reviewed (TokenReview: {e})")
-            })?;
+        let answer = tokio::time::timeout(
+            REVIEW_TIMEOUT,
+            self.api.create(&PostParams::default(), &review),
+        )
+        .await
+        .map_err(|_| {
+            warn!("TokenReview timed out");
+            format!(
+                "the Kubernetes token could not be reviewed (TokenReview: no answer within {} s)",
+                REVIEW_TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(|e| {
+            warn!(error = %e, "TokenReview failed");
+            format!("the Kubernetes token could not be reviewed (TokenReview: {e})")
+        })?;
         reviewed(answer)
     }
 }
