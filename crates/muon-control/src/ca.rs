@@ -114,6 +114,8 @@ pub struct Root {
     pub key: String,
     /// For the start-up log.
     pub origin: String,
+    /// It was given by `--ca-cert`/`--ca-key` (not generated).
+    pub given: bool,
 }
 
 impl Root {
@@ -125,11 +127,12 @@ impl Root {
             path: dir.clone(),
             source,
         })?;
-        let (chain, key, origin) = match (&cfg.cert_file, &cfg.key_file) {
+        let (chain, key, origin, given) = match (&cfg.cert_file, &cfg.key_file) {
             (Some(cert), Some(key)) => (
                 read(cert)?,
                 read(key)?,
                 format!("--ca-cert {}", cert.display()),
+                true,
             ),
             (None, None) => {
                 let (cert, key) = (dir.join("root-cert.pem"), dir.join("root-key.pem"));
@@ -139,7 +142,12 @@ impl Root {
                     write_private(&cert, &c)?;
                     tracing::info!(dir = %dir.display(), "generated the mesh's root CA");
                 }
-                (read(&cert)?, read(&key)?, format!("{}", cert.display()))
+                (
+                    read(&cert)?,
+                    read(&key)?,
+                    format!("{}", cert.display()),
+                    false,
+                )
             }
             _ => {
                 return Err(CaError::Invalid(
@@ -147,7 +155,12 @@ impl Root {
                 ))
             }
         };
-        Ok(Root { chain, key, origin })
+        Ok(Root {
+            chain,
+            key,
+            origin,
+            given,
+        })
     }
 }
 
@@ -164,7 +177,9 @@ impl Ca {
             path: dir.clone(),
             source,
         })?;
-        let Root { chain, key, origin } = root;
+        let Root {
+            chain, key, origin, ..
+        } = root;
         let certs = pem_certs(&chain)?;
         let first = certs
             .first()

@@ -916,6 +916,45 @@ async fn replicas_racing_for_the_ca_secret_all_sign_with_the_root_whose_create_w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_given_by_flags_that_differs_from_the_secrets_stops_the_start() {
+    let api = cluster_with_tokens();
+    let url = api.start().await;
+    let dir_a = tempfile::tempdir().unwrap();
+    let a = kubernetes_server(dir_a.path(), url.clone()).await;
+    // Another mesh's root, from a control plane outside Kubernetes.
+    let other = tempfile::tempdir().unwrap();
+    Server::start(&Config::for_tests(other.path()))
+        .await
+        .unwrap()
+        .shutdown()
+        .await;
+    let (dir_b, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let with_flags = |data: &Path, ca: &Path| {
+        let mut config = Config::for_tests(data);
+        config.kubernetes = Some(ApiServer::Url(url.clone()));
+        config.ca_cert = Some(ca.join("ca/root-cert.pem"));
+        config.ca_key = Some(ca.join("ca/root-key.pem"));
+        config
+    };
+    let err = Server::start(&with_flags(dir_b.path(), other.path()))
+        .await
+        .err()
+        .unwrap();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("the CA's Secret muon-system/muon-ca holds another CA than --ca-cert"),
+        "{err}"
+    );
+    // The same CA as the Secret's, given by flags, is fine.
+    let b = Server::start(&with_flags(dir_c.path(), dir_a.path()))
+        .await
+        .unwrap();
+    for s in [a, b] {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_trust_bundle_is_published_to_every_namespace_with_meshed_pods() {
     let api = cluster_with_tokens();
     // A stale bundle in a namespace that gets meshed pods later is replaced.

@@ -198,9 +198,10 @@ fn from_secret(secret: &Secret, origin: &str, own: &Root) -> anyhow::Result<Root
         chain: field(SECRET_CERT)?,
         key: field(SECRET_KEY)?,
         origin: origin.to_string(),
+        given: false,
     };
     // A CA given by flags that differs from the shared one would be silently ignored.
-    if own.origin.starts_with("--ca-cert") && root.chain != own.chain {
+    if own.given && root.chain != own.chain {
         anyhow::bail!(
             "the CA's {origin} holds another CA than {}: delete the Secret to replace it, or drop --ca-cert/--ca-key",
             own.origin
