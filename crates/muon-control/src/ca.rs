@@ -106,19 +106,33 @@ pub struct Ca {
     pub origin: String,
 }
 
-impl Ca {
-    /// Loads (or, on first start, creates) the CA.
-    pub fn open(cfg: &CaConfig) -> Result<Ca, CaError> {
+/// The signing CA's certificate chain and key (PEM), and where they came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Root {
+    /// The signing CA's certificate, then its chain to the root.
+    pub chain: String,
+    pub key: String,
+    /// For the start-up log.
+    pub origin: String,
+    /// It was given by `--ca-cert`/`--ca-key` (not generated).
+    pub given: bool,
+}
+
+impl Root {
+    /// The CA of this control plane alone: `--ca-cert`/`--ca-key`, or the root kept in the
+    /// data directory (generated on first start).
+    pub fn local(cfg: &CaConfig) -> Result<Root, CaError> {
         let dir = cfg.data_dir.join("ca");
         std::fs::create_dir_all(&dir).map_err(|source| CaError::Io {
             path: dir.clone(),
             source,
         })?;
-        let (chain, key, origin) = match (&cfg.cert_file, &cfg.key_file) {
+        let (chain, key, origin, given) = match (&cfg.cert_file, &cfg.key_file) {
             (Some(cert), Some(key)) => (
                 read(cert)?,
                 read(key)?,
                 format!("--ca-cert {}", cert.display()),
+                true,
             ),
             (None, None) => {
                 let (cert, key) = (dir.join("root-cert.pem"), dir.join("root-key.pem"));
@@ -128,7 +142,12 @@ impl Ca {
                     write_private(&cert, &c)?;
                     tracing::info!(dir = %dir.display(), "generated the mesh's root CA");
                 }
-                (read(&cert)?, read(&key)?, format!("{}", cert.display()))
+                (
+                    read(&cert)?,
+                    read(&key)?,
+                    format!("{}", cert.display()),
+                    false,
+                )
             }
             _ => {
                 return Err(CaError::Invalid(
@@ -136,6 +155,31 @@ impl Ca {
                 ))
             }
         };
+        Ok(Root {
+            chain,
+            key,
+            origin,
+            given,
+        })
+    }
+}
+
+impl Ca {
+    /// Loads (or, on first start, creates) the CA of this control plane alone.
+    pub fn open(cfg: &CaConfig) -> Result<Ca, CaError> {
+        Ca::with_root(cfg, Root::local(cfg)?)
+    }
+
+    /// The CA signing with `root` (e.g. the one every replica shares).
+    pub fn with_root(cfg: &CaConfig, root: Root) -> Result<Ca, CaError> {
+        let dir = cfg.data_dir.join("ca");
+        std::fs::create_dir_all(&dir).map_err(|source| CaError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let Root {
+            chain, key, origin, ..
+        } = root;
         let certs = pem_certs(&chain)?;
         let first = certs
             .first()

@@ -46,6 +46,14 @@ pub struct Args {
     /// http://127.0.0.1:8001; implies --kubernetes.
     #[arg(long, env = "MUON_CONTROL_KUBERNETES_API")]
     pub kubernetes_api: Option<String>,
+    /// With the Kubernetes source: the Secret (NAMESPACE/NAME) holding the CA's root that
+    /// every replica signs with (keys ca.crt and ca.key), created from this control plane's
+    /// CA when absent. Default: muon-ca in $POD_NAMESPACE, else in muon-system.
+    #[arg(long, env = "MUON_CONTROL_CA_SECRET", value_name = "NAMESPACE/NAME")]
+    pub ca_secret: Option<String>,
+    /// The control plane's own namespace (the downward API's metadata.namespace).
+    #[arg(long, hide = true, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
     /// The SPIFFE trust domain of workload identities.
     #[arg(
         long,
@@ -156,6 +164,8 @@ pub struct Config {
     pub config_dir: Option<PathBuf>,
     /// The Kubernetes source, with `--kubernetes` or `--kubernetes-api`.
     pub kubernetes: Option<crate::kubernetes::ApiServer>,
+    /// The Secret (namespace, name) holding the CA's root, with the Kubernetes source.
+    pub ca_secret: (String, String),
     pub trust_domain: String,
     pub debounce: Duration,
     pub debounce_max: Duration,
@@ -227,6 +237,7 @@ impl Config {
             problems.push("--handshake-timeout and --call-timeout must be above zero".into());
         }
         let kubernetes = kubernetes_config(&a, &mut problems);
+        let ca_secret = ca_secret(&a, &mut problems);
         let webhook = webhook_config(&a, &mut problems);
         if !problems.is_empty() {
             anyhow::bail!("invalid flags:\n  {}", problems.join("\n  "));
@@ -237,6 +248,7 @@ impl Config {
             data_dir: a.data_dir,
             config_dir: a.config_dir,
             kubernetes,
+            ca_secret,
             trust_domain: a.trust_domain,
             debounce: a.debounce,
             debounce_max: a.debounce_max,
@@ -270,6 +282,7 @@ impl Config {
             data_dir: data_dir.into(),
             config_dir: None,
             kubernetes: None,
+            ca_secret: (DEFAULT_NAMESPACE.into(), DEFAULT_CA_SECRET.into()),
             trust_domain: "cluster.local".into(),
             debounce: Duration::from_millis(20),
             debounce_max: Duration::from_millis(200),
@@ -293,6 +306,37 @@ impl Config {
             cert_ttl: Duration::from_secs(24 * 3600),
             tls_sans: Vec::new(),
             webhook: None,
+        }
+    }
+}
+
+/// The control plane's namespace when `POD_NAMESPACE` is not set.
+pub const DEFAULT_NAMESPACE: &str = "muon-system";
+/// The Secret holding the CA's root by default.
+pub const DEFAULT_CA_SECRET: &str = "muon-ca";
+
+/// `--ca-secret NAMESPACE/NAME`, else `muon-ca` in the control plane's namespace.
+fn ca_secret(a: &Args, problems: &mut Vec<String>) -> (String, String) {
+    let own = a
+        .pod_namespace
+        .as_deref()
+        .map(str::trim)
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or(DEFAULT_NAMESPACE);
+    let Some(flag) = &a.ca_secret else {
+        return (own.to_string(), DEFAULT_CA_SECRET.to_string());
+    };
+    let parsed = flag.trim().split_once('/').filter(|(ns, name)| {
+        muon_core::resource::check_dns_label(ns).is_ok()
+            && muon_core::resource::check_dns_subdomain(name).is_ok()
+    });
+    match parsed {
+        Some((ns, name)) => (ns.to_string(), name.to_string()),
+        None => {
+            problems.push(format!(
+                "--ca-secret {flag:?}: must be NAMESPACE/NAME, e.g. muon-system/muon-ca"
+            ));
+            (own.to_string(), DEFAULT_CA_SECRET.to_string())
         }
     }
 }
@@ -367,6 +411,39 @@ mod tests {
         assert_eq!(c.metrics_addr.port(), 15014);
         assert_eq!(c.debounce, Duration::from_millis(100));
         assert_eq!(c.debounce_max, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_ca_secret_is_muon_ca_in_the_control_planes_namespace_unless_given() {
+        let parse = |args: &[&str], pod_namespace: Option<&str>| {
+            let mut a = Args::parse_from(args);
+            a.pod_namespace = pod_namespace.map(str::to_string);
+            Config::from_args(a)
+        };
+        let secret = |c: Config| c.ca_secret;
+        let own = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        assert_eq!(
+            secret(parse(&["muon-control"], None).unwrap()),
+            own("muon-system", "muon-ca")
+        );
+        assert_eq!(
+            secret(parse(&["muon-control"], Some("mesh")).unwrap()),
+            own("mesh", "muon-ca")
+        );
+        assert_eq!(
+            secret(
+                parse(
+                    &["muon-control", "--ca-secret", "vault/mesh-root"],
+                    Some("mesh")
+                )
+                .unwrap()
+            ),
+            own("vault", "mesh-root")
+        );
+        for bad in ["muon-ca", "/muon-ca", "muon-system/", "Muon/x", "a/b/c"] {
+            let err = parse(&["muon-control", "--ca-secret", bad], None).unwrap_err();
+            assert!(err.to_string().contains("--ca-secret"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -63,17 +63,25 @@ impl Server {
             Some(api) => Some(crate::kubernetes::client(api).await?),
             None => None,
         };
+        let ca_config = crate::ca::CaConfig {
+            data_dir: config.data_dir.clone(),
+            trust_domain: config.trust_domain.clone(),
+            cert_file: config.ca_cert.clone(),
+            key_file: config.ca_key.clone(),
+            extra_roots: config.extra_roots.clone(),
+            cert_ttl: config.cert_ttl,
+        };
+        let mut root = crate::ca::Root::local(&ca_config).context("the certificate authority")?;
+        // In Kubernetes every replica signs with the root kept in the Secret.
+        if let Some(client) = &kubernetes {
+            let (namespace, name) = &config.ca_secret;
+            root = crate::kubernetes::identity::shared_root(client.clone(), namespace, name, root)
+                .await?;
+        }
         let ca = Arc::new(
-            crate::ca::Ca::open(&crate::ca::CaConfig {
-                data_dir: config.data_dir.clone(),
-                trust_domain: config.trust_domain.clone(),
-                cert_file: config.ca_cert.clone(),
-                key_file: config.ca_key.clone(),
-                extra_roots: config.extra_roots.clone(),
-                cert_ttl: config.cert_ttl,
-            })
-            .context("the certificate authority")?,
+            crate::ca::Ca::with_root(&ca_config, root).context("the certificate authority")?,
         );
+        info!(root = %ca.origin, "the CA signs with this root");
         let tls = tls_config(&ca, config, &own)?;
         write_credentials(&ca, &config.data_dir)?;
         if config.insecure_plaintext {
@@ -121,10 +129,11 @@ impl Server {
                 stop.clone(),
             ));
         }
-        if let Some(client) = kubernetes {
+        if let Some(client) = kubernetes.clone() {
             tasks.spawn(crate::kubernetes::run(
                 client,
                 registry.clone(),
+                ca.bundle().concat(),
                 stop.clone(),
             ));
         }
@@ -172,9 +181,13 @@ impl Server {
                 trust_domain: config.trust_domain.as_str().into(),
             },
         );
-        let identity = v1::identity_server::IdentityServer::new(
-            crate::identity::IdentityService::new(ca.clone(), metrics.clone()),
-        );
+        let mut identity = crate::identity::IdentityService::new(ca.clone(), metrics.clone());
+        if let Some(client) = &kubernetes {
+            identity = identity.with_kubernetes(Arc::new(
+                crate::kubernetes::identity::TokenReviewer::new(client.clone()),
+            ));
+        }
+        let identity = v1::identity_server::IdentityServer::new(identity);
         let mut grpc_stop = stop.clone();
         let router = tonic::transport::Server::builder()
             // Find sidecars that vanished without closing their stream.

@@ -9,6 +9,9 @@
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
+use muon_api::v1;
+use muon_api::v1::certify_request::Credential;
+use muon_api::v1::identity_client::IdentityClient;
 use muon_api::v1::kinds::ResourceKind;
 use muon_control::kubernetes::ApiServer;
 use muon_control::registry::Registry;
@@ -54,6 +57,18 @@ struct State {
     /// The cluster's resource version, bumped by every change.
     rv: u64,
     collections: HashMap<String, Collection>,
+    /// Secrets and ConfigMaps by "plural/namespace/name".
+    stored: BTreeMap<String, Value>,
+    /// Every Secret or ConfigMap request: ("secrets", "GET ns/name 404"), ...
+    requests: Vec<(String, String)>,
+    /// Two replicas race: GETs answer 404 until two creates were attempted, so the second
+    /// replica's create meets the first's Secret (409).
+    secret_race: bool,
+    secret_creates: usize,
+    /// TokenReview: token → (its audience, its user).
+    tokens: HashMap<String, (String, String)>,
+    /// The spec of every TokenReview, in order.
+    reviews: Vec<Value>,
 }
 
 #[derive(Clone, Default)]
@@ -182,11 +197,162 @@ impl FakeApi {
         self.0.lock().unwrap().collections[path].watches.clone()
     }
 
+    /// A token TokenReview knows: valid for `audience`, naming `user`.
+    fn token(&self, token: &str, audience: &str, user: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .tokens
+            .insert(token.to_string(), (audience.to_string(), user.to_string()));
+    }
+
+    /// Secret GETs answer 404 until two creates were attempted (see `secret_race`).
+    fn race_for_secrets(&self) {
+        self.0.lock().unwrap().secret_race = true;
+    }
+
+    /// The requests for `plural` ("secrets", "configmaps"), in order.
+    fn requests(&self, plural: &str) -> Vec<String> {
+        let st = self.0.lock().unwrap();
+        st.requests
+            .iter()
+            .filter(|(p, _)| p == plural)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    fn secret_requests(&self) -> Vec<String> {
+        self.requests("secrets")
+    }
+
+    fn stored(&self, plural: &str, key: &str) -> Option<Value> {
+        let st = self.0.lock().unwrap();
+        st.stored.get(&format!("{plural}/{key}")).cloned()
+    }
+
+    fn stored_secret(&self, key: &str) -> Option<Value> {
+        self.stored("secrets", key)
+    }
+
+    /// Stores a ConfigMap as if someone had created it.
+    fn put_configmap(&self, key: &str, o: Value) {
+        let mut st = self.0.lock().unwrap();
+        st.stored.insert(format!("configmaps/{key}"), o);
+    }
+
+    fn reviews(&self) -> Vec<Value> {
+        self.0.lock().unwrap().reviews.clone()
+    }
+
+    fn review(&self, body: &[u8]) -> hyper::Response<BoxBody<Bytes, Infallible>> {
+        let review: Value = serde_json::from_slice(body).unwrap();
+        let spec = review["spec"].clone();
+        let mut st = self.0.lock().unwrap();
+        st.reviews.push(spec.clone());
+        let asked: Vec<String> =
+            serde_json::from_value(spec["audiences"].clone()).unwrap_or_default();
+        // As the API server: a token for none of the audiences asked for is not authenticated.
+        let status = match st.tokens.get(spec["token"].as_str().unwrap_or("")) {
+            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            Some((audience, _)) if !asked.contains(audience) => json!({"authenticated": false,
+                "error": format!("token audiences [{audience:?}] is invalid for the target audiences {asked:?}")}),
+            Some((audience, user)) => json!({"authenticated": true, "audiences": [audience],
+                "user": {"username": user, "uid": "4a1c7d2e", "groups": ["system:serviceaccounts"]}}),
+        };
+        let answer = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "metadata": {"creationTimestamp": null}, "spec": spec, "status": status});
+        respond(201, Full::new(Bytes::from(answer.to_string())).boxed())
+    }
+
+    /// GET /api/v1/namespaces/NS/PLURAL/NAME, POST /api/v1/namespaces/NS/PLURAL and PUT
+    /// /api/v1/namespaces/NS/PLURAL/NAME, for secrets and configmaps.
+    fn namespaced(
+        &self,
+        method: &hyper::Method,
+        rest: &str,
+        body: &[u8],
+    ) -> hyper::Response<BoxBody<Bytes, Infallible>> {
+        let mut st = self.0.lock().unwrap();
+        let status = |code: u16, reason: &str, message: String| {
+            let s = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "message": message, "reason": reason, "code": code});
+            respond(code, Full::new(Bytes::from(s.to_string())).boxed())
+        };
+        let mut parts = rest.splitn(3, '/');
+        let ns = parts.next().unwrap_or("").to_string();
+        let plural = parts.next().unwrap_or("").to_string();
+        let name = parts.next().unwrap_or("").to_string();
+        let log = |st: &mut State, line: String| st.requests.push((plural.clone(), line));
+        if method == hyper::Method::GET && !name.is_empty() {
+            let key = format!("{ns}/{name}");
+            let hidden = plural == "secrets" && st.secret_race && st.secret_creates < 2;
+            let found = st.stored.get(&format!("{plural}/{key}")).cloned();
+            return match found.filter(|_| !hidden) {
+                Some(o) => {
+                    log(&mut st, format!("GET {key} 200"));
+                    respond(200, Full::new(Bytes::from(o.to_string())).boxed())
+                }
+                None => {
+                    log(&mut st, format!("GET {key} 404"));
+                    status(404, "NotFound", format!("{plural} \"{name}\" not found"))
+                }
+            };
+        }
+        if (method == hyper::Method::POST && name.is_empty())
+            || (method == hyper::Method::PUT && !name.is_empty())
+        {
+            let mut o: Value = serde_json::from_slice(body).unwrap();
+            let name = o["metadata"]["name"].as_str().unwrap().to_string();
+            let key = format!("{ns}/{name}");
+            let exists = st.stored.contains_key(&format!("{plural}/{key}"));
+            if method == hyper::Method::POST {
+                if plural == "secrets" {
+                    st.secret_creates += 1;
+                }
+                if exists {
+                    log(&mut st, format!("POST {key} 409"));
+                    return status(
+                        409,
+                        "AlreadyExists",
+                        format!("{plural} \"{name}\" already exists"),
+                    );
+                }
+            } else if !exists {
+                log(&mut st, format!("PUT {key} 404"));
+                return status(404, "NotFound", format!("{plural} \"{name}\" not found"));
+            }
+            st.rv += 1;
+            o["metadata"]["namespace"] = json!(ns);
+            o["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+            st.stored.insert(format!("{plural}/{key}"), o.clone());
+            let code = if method == hyper::Method::POST {
+                201
+            } else {
+                200
+            };
+            log(&mut st, format!("{method} {key} {code}"));
+            return respond(code, Full::new(Bytes::from(o.to_string())).boxed());
+        }
+        log(&mut st, format!("{method} {ns}/{name} 405"));
+        status(405, "MethodNotAllowed", format!("{method} is not served"))
+    }
+
     async fn handle(
         &self,
         req: hyper::Request<hyper::body::Incoming>,
     ) -> hyper::Response<BoxBody<Bytes, Infallible>> {
         let path = req.uri().path().to_string();
+        if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            return self.review(&body);
+        }
+        if let Some(rest) = path.strip_prefix("/api/v1/namespaces/") {
+            if rest.contains("/secrets") || rest.contains("/configmaps") {
+                let method = req.method().clone();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                return self.namespaced(&method, rest, &body);
+            }
+        }
         let query = req.uri().query().unwrap_or("").to_string();
         let is_watch = query
             .split('&')
@@ -575,6 +741,291 @@ async fn a_changed_slice_touches_only_its_workloads_and_a_410_relists_while_the_
         ]
     );
     kube.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CA in Kubernetes: TokenReview and the root's Secret
+
+const SECRET: &str = "muon-system/muon-ca";
+
+/// A fake cluster that knows four tokens: shop/web's for `muon-ca`, shop/web's default one
+/// (the API server's audience), a user's, and none for "forged".
+fn cluster_with_tokens() -> FakeApi {
+    let api = fake_cluster();
+    api.token("web-muon-ca", "muon-ca", "system:serviceaccount:shop:web");
+    api.token(
+        "web-default",
+        "https://kubernetes.default.svc.cluster.local",
+        "system:serviceaccount:shop:web",
+    );
+    api.token("alice", "muon-ca", "alice");
+    api
+}
+
+async fn certify(server: &Server, token: &str) -> Result<v1::CertifyResponse, tonic::Status> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect_timeout(WAIT);
+    let channel = muon_api::connect::channel(endpoint, None).await.unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    IdentityClient::new(channel)
+        .certify(v1::CertifyRequest {
+            csr_pem: csr,
+            credential: Some(Credential::KubernetesToken(token.into())),
+            ttl_seconds: 600,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The URI SANs of a PEM certificate.
+fn uris(pem: &str) -> Vec<String> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    cert.subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn secret_field(secret: &Value, key: &str) -> String {
+    use base64::Engine as _;
+    let b64 = secret["data"][key].as_str().unwrap();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_token_for_muon_ca_gets_its_identity_and_every_other_token_is_refused() {
+    let api = cluster_with_tokens();
+    let url = api.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = kubernetes_server(dir.path(), url).await;
+
+    let cert = certify(&server, "web-muon-ca").await.unwrap();
+    assert_eq!(cert.identity, "spiffe://cluster.local/ns/shop/sa/web");
+    assert_eq!(
+        uris(&cert.cert_chain_pem[0]),
+        ["spiffe://cluster.local/ns/shop/sa/web"]
+    );
+    // The review asked for the token's audience `muon-ca`, and that only.
+    let reviews = api.reviews();
+    assert_eq!(
+        reviews,
+        [json!({"token": "web-muon-ca", "audiences": ["muon-ca"]})]
+    );
+
+    for (token, why) in [
+        (
+            "forged",
+            "the Kubernetes token was not authenticated: invalid bearer token",
+        ),
+        (
+            "web-default",
+            "the Kubernetes token was not authenticated: token audiences [\"https://kubernetes.default.svc.cluster.local\"] is invalid for the target audiences [\"muon-ca\"]",
+        ),
+        (
+            "alice",
+            "the Kubernetes token is \"alice\"'s, not a ServiceAccount's",
+        ),
+    ] {
+        let err = certify(&server, token).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token}: {err}");
+        assert_eq!(err.message(), why, "{token}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_racing_for_the_ca_secret_all_sign_with_the_root_whose_create_won() {
+    let api = cluster_with_tokens();
+    api.race_for_secrets();
+    let url = api.start().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = kubernetes_server(dir_a.path(), url.clone()).await;
+    let b = kubernetes_server(dir_b.path(), url.clone()).await;
+    // Both found no Secret; a's create won, b's met it (409) and b read it: no update, ever.
+    assert_eq!(
+        api.secret_requests(),
+        [
+            format!("GET {SECRET} 404"),
+            format!("POST {SECRET} 201"),
+            format!("GET {SECRET} 404"),
+            format!("POST {SECRET} 409"),
+            format!("GET {SECRET} 200"),
+        ]
+    );
+
+    // The Secret holds a's root, which both sign with; b's own root is not used.
+    let read = |dir: &Path, file: &str| std::fs::read_to_string(dir.join("ca").join(file)).unwrap();
+    let root_a = read(dir_a.path(), "root-cert.pem");
+    assert_ne!(root_a, read(dir_b.path(), "root-cert.pem"));
+    let secret = api.stored_secret(SECRET).unwrap();
+    assert_eq!(secret["type"], "Opaque");
+    assert_eq!(secret_field(&secret, "ca.crt"), root_a);
+    assert_eq!(
+        secret_field(&secret, "ca.key"),
+        read(dir_a.path(), "root-key.pem")
+    );
+    assert_eq!(read(dir_a.path(), "trust-bundle.pem"), root_a);
+    assert_eq!(read(dir_b.path(), "trust-bundle.pem"), root_a);
+    let from_a = certify(&a, "web-muon-ca").await.unwrap();
+    let from_b = certify(&b, "web-muon-ca").await.unwrap();
+    assert_eq!(from_a.trust_bundle_pem, std::slice::from_ref(&root_a));
+    assert_eq!(from_b.trust_bundle_pem, std::slice::from_ref(&root_a));
+    assert_eq!(from_b.cert_chain_pem.last(), Some(&root_a));
+    {
+        use rustls_pki_types::pem::PemObject;
+        let der =
+            |pem: &str| rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let (root, leaf) = (der(&root_a), der(&from_b.cert_chain_pem[0]));
+        let (_, root) = x509_parser::parse_x509_certificate(&root).unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+        assert!(leaf.verify_signature(Some(root.public_key())).is_ok());
+    }
+
+    // A replica starting later reads the Secret and creates nothing.
+    let dir_c = tempfile::tempdir().unwrap();
+    let c = kubernetes_server(dir_c.path(), url).await;
+    assert_eq!(
+        api.secret_requests().last(),
+        Some(&format!("GET {SECRET} 200"))
+    );
+    assert_eq!(api.secret_requests().len(), 6);
+    assert_eq!(read(dir_c.path(), "trust-bundle.pem"), root_a);
+    for s in [a, b, c] {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_given_by_flags_that_differs_from_the_secrets_stops_the_start() {
+    let api = cluster_with_tokens();
+    let url = api.start().await;
+    let dir_a = tempfile::tempdir().unwrap();
+    let a = kubernetes_server(dir_a.path(), url.clone()).await;
+    // Another mesh's root, from a control plane outside Kubernetes.
+    let other = tempfile::tempdir().unwrap();
+    Server::start(&Config::for_tests(other.path()))
+        .await
+        .unwrap()
+        .shutdown()
+        .await;
+    let (dir_b, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let with_flags = |data: &Path, ca: &Path| {
+        let mut config = Config::for_tests(data);
+        config.kubernetes = Some(ApiServer::Url(url.clone()));
+        config.ca_cert = Some(ca.join("ca/root-cert.pem"));
+        config.ca_key = Some(ca.join("ca/root-key.pem"));
+        config
+    };
+    let err = Server::start(&with_flags(dir_b.path(), other.path()))
+        .await
+        .err()
+        .unwrap();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("the CA's Secret muon-system/muon-ca holds another CA than --ca-cert"),
+        "{err}"
+    );
+    // The same CA as the Secret's, given by flags, is fine.
+    let b = Server::start(&with_flags(dir_c.path(), dir_a.path()))
+        .await
+        .unwrap();
+    for s in [a, b] {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trust_bundle_is_published_to_every_namespace_with_meshed_pods() {
+    let api = cluster_with_tokens();
+    // A stale bundle in a namespace that gets meshed pods later is replaced.
+    api.put_configmap(
+        "web/muon-ca-root",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "muon-ca-root", "namespace": "web", "resourceVersion": "7"},
+               "data": {"ca.crt": "an old root"}}),
+    );
+    let url = api.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = kubernetes_server(dir.path(), url).await;
+    let bundle = std::fs::read_to_string(dir.path().join("ca/trust-bundle.pem")).unwrap();
+
+    // shop has meshed pods (web-0, web-1, api): its ConfigMap is created, with the bundle
+    // injection mounts as the sidecar's --ca-bundle.
+    until("the shop ConfigMap", || {
+        api.stored("configmaps", "shop/muon-ca-root").is_some()
+    })
+    .await;
+    let cm = api.stored("configmaps", "shop/muon-ca-root").unwrap();
+    assert_eq!(cm["data"], json!({"ca.crt": bundle.clone()}));
+    assert_eq!(cm["metadata"]["name"], muon_inject::template::CA_CONFIGMAP);
+    assert_eq!(
+        api.requests("configmaps"),
+        ["GET shop/muon-ca-root 404", "POST shop/muon-ca-root 201"]
+    );
+
+    // A meshed pod appears in another namespace: that namespace gets it too (replacing what
+    // was there); a pod without the sidecar publishes nothing.
+    let pods: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(FIXTURES).join("pods.json")).unwrap(),
+    )
+    .unwrap();
+    let template = |meshed: bool| {
+        pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| {
+                p["spec"]["containers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .chain(p["spec"]["initContainers"].as_array().into_iter().flatten())
+                    .any(|c| c["name"] == "muon-proxy")
+                    == meshed
+            })
+            .unwrap()
+            .clone()
+    };
+    let mut plain = template(false);
+    plain["metadata"]["namespace"] = json!("batch");
+    api.put(PODS, plain);
+    let mut meshed = template(true);
+    meshed["metadata"]["namespace"] = json!("web");
+    api.put(PODS, meshed);
+    until("the web ConfigMap", || {
+        api.stored("configmaps", "web/muon-ca-root").unwrap()["data"]["ca.crt"] == json!(bundle)
+    })
+    .await;
+    assert_eq!(
+        api.requests("configmaps"),
+        [
+            "GET shop/muon-ca-root 404",
+            "POST shop/muon-ca-root 201",
+            "GET web/muon-ca-root 200",
+            "PUT web/muon-ca-root 200",
+        ]
+    );
+    server.shutdown().await;
 }
 
 /// kube (and k8s-openapi) belong to the control plane: the sidecar never links them.

@@ -374,8 +374,8 @@ fn service_account() -> Json {
     })
 }
 
-/// Least privilege: read what the registry is made of, create TokenReviews, and in its own
-/// namespace only, keep the CA's root Secret.
+/// Least privilege: read what the registry is made of, create TokenReviews, publish the trust
+/// bundle's ConfigMap, and in its own namespace only, keep the CA's root Secret.
 fn rbac() -> Vec<Json> {
     let read = json!(["get", "list", "watch"]);
     let muon_resources: Vec<String> = muon_core::schema::crd_kinds()
@@ -399,6 +399,10 @@ fn rbac() -> Vec<Json> {
                  "verbs": read},
                 {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
                  "verbs": ["create"]},
+                // The trust bundle injected sidecars mount, in every namespace with meshed pods.
+                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+                {"apiGroups": [""], "resources": ["configmaps"],
+                 "resourceNames": [muon_inject::template::CA_CONFIGMAP], "verbs": ["get", "update"]},
             ],
         }),
         json!({
@@ -415,8 +419,9 @@ fn rbac() -> Vec<Json> {
             "rules": [
                 // `create` cannot be limited by name (the object does not exist yet).
                 {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+                // Created once, never updated: racing replicas keep the root that won.
                 {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [CA_SECRET],
-                 "verbs": ["get", "update"]},
+                 "verbs": ["get"]},
             ],
         }),
         json!({
@@ -686,6 +691,15 @@ mod tests {
         );
         let roles = find("ClusterRole")["rules"].to_string();
         assert!(roles.contains("\"authorizationpolicies\""), "{roles}");
+        // The CA's root Secret: create (not by name) and get, in its namespace only.
+        assert_eq!(
+            find("Role")["rules"],
+            json!([
+                {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+                {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["muon-ca"],
+                 "verbs": ["get"]},
+            ])
+        );
     }
 
     #[test]

@@ -213,6 +213,8 @@ pub struct Cluster {
     pods_by_node: HashMap<String, BTreeSet<Key>>,
     /// Service → its slices, for named target ports.
     slices_by_service: HashMap<Key, BTreeSet<String>>,
+    /// Namespace → how many of its pods run Muon's sidecar.
+    meshed: BTreeMap<String, usize>,
     dirty_pods: BTreeSet<Key>,
     dirty_services: BTreeSet<Key>,
     dirty_objects: BTreeSet<ObjectKey>,
@@ -236,6 +238,18 @@ impl Cluster {
             }
             Update::Pod(e) => {
                 for (key, before, after) in self.pods.apply(e) {
+                    let was = before.as_ref().is_some_and(|p| p.meshed);
+                    let is = after.as_ref().is_some_and(|p| p.meshed);
+                    if was && !is {
+                        if let Some(n) = self.meshed.get_mut(&key.0) {
+                            *n -= 1;
+                            if *n == 0 {
+                                self.meshed.remove(&key.0);
+                            }
+                        }
+                    } else if is && !was {
+                        *self.meshed.entry(key.0.clone()).or_default() += 1;
+                    }
                     let old_node = before.and_then(|p| p.node);
                     let new_node = after.and_then(|p| p.node);
                     if old_node != new_node {
@@ -267,6 +281,11 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// The namespaces with a pod that runs Muon's sidecar: where it needs the trust bundle.
+    pub fn meshed_namespaces(&self) -> BTreeSet<String> {
+        self.meshed.keys().cloned().collect()
     }
 
     fn slice_changed(&mut self, key: &Key, before: Option<SliceInfo>, after: Option<SliceInfo>) {
@@ -588,6 +607,43 @@ mod tests {
             ["zone-a/region-1", "zone-s/"].map(String::from).into()
         );
         c
+    }
+
+    #[test]
+    fn a_namespace_is_meshed_while_one_of_its_pods_runs_the_sidecar() {
+        let mut c = Cluster::default();
+        let key = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+        let plain = PodInfo {
+            meshed: false,
+            ..pod("n1", "10.0.0.9")
+        };
+        c.apply(Update::Pod(Event::Apply(
+            key("shop", "web-0"),
+            pod("n1", "10.0.0.1"),
+        )));
+        c.apply(Update::Pod(Event::Apply(
+            key("shop", "web-1"),
+            pod("n1", "10.0.0.2"),
+        )));
+        c.apply(Update::Pod(Event::Apply(
+            key("batch", "job"),
+            plain.clone(),
+        )));
+        assert_eq!(c.meshed_namespaces(), BTreeSet::from(["shop".to_string()]));
+        // The same pod again counts once; one of two gone keeps the namespace meshed.
+        c.apply(Update::Pod(Event::Apply(
+            key("shop", "web-0"),
+            pod("n1", "10.0.0.1"),
+        )));
+        c.apply(Update::Pod(Event::Delete(key("shop", "web-0"))));
+        assert_eq!(c.meshed_namespaces(), BTreeSet::from(["shop".to_string()]));
+        // The last one losing its sidecar, or a meshed pod appearing elsewhere.
+        c.apply(Update::Pod(Event::Apply(key("shop", "web-1"), plain)));
+        c.apply(Update::Pod(Event::Apply(
+            key("batch", "job"),
+            pod("n1", "10.0.0.9"),
+        )));
+        assert_eq!(c.meshed_namespaces(), BTreeSet::from(["batch".to_string()]));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 
 pub mod cluster;
 pub mod convert;
+pub mod identity;
 
 use crate::model::Source;
 use crate::registry::Registry;
@@ -105,15 +106,25 @@ fn plural(kind: Kind) -> String {
     }
 }
 
-/// Watches the cluster until `shutdown`, keeping the registry's Kubernetes objects in step.
+/// Watches the cluster until `shutdown`, keeping the registry's Kubernetes objects in step,
+/// and publishes `trust_bundle` (PEM) to every namespace with meshed pods
+/// ([`identity::publish_bundle`]).
 pub async fn run(
     client: kube::Client,
     registry: Arc<Registry>,
+    trust_bundle: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (tx, mut rx) = mpsc::channel(QUEUE);
     let mut watchers = JoinSet::new();
     let mut names: Vec<String> = Vec::new();
+    let (meshed_tx, meshed_rx) = watch::channel(BTreeSet::new());
+    let mut publisher = tokio::spawn(identity::publish_bundle(
+        client.clone(),
+        trust_bundle,
+        meshed_rx,
+        shutdown.clone(),
+    ));
 
     spawn(
         &mut watchers,
@@ -214,6 +225,12 @@ pub async fn run(
                 warn!(?missing, "not every Kubernetes resource could be listed in time; serving what was (their watchers keep trying)");
             }
         }
+        meshed_tx.send_if_modified(|known| {
+            let now = cluster.meshed_namespaces();
+            let changed = *known != now;
+            *known = now;
+            changed
+        });
         let delta = cluster.flush();
         if !delta.is_empty() {
             registry
@@ -222,6 +239,13 @@ pub async fn run(
         }
     }
     watchers.shutdown().await;
+    drop(meshed_tx);
+    if tokio::time::timeout(Duration::from_secs(5), &mut publisher)
+        .await
+        .is_err()
+    {
+        publisher.abort();
+    }
 }
 
 fn dynamic_object(
