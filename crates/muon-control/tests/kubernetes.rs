@@ -451,6 +451,7 @@ fn fake_cluster() -> FakeApi {
         "/apis/gateway.networking.k8s.io/v1/grpcroutes",
         empty("gateway.networking.k8s.io/v1", "GRPCRoute"),
     );
+    api.serve("/api/v1/namespaces", empty("v1", "Namespace"));
     for (kind, group, version, plural) in muon_control::kubernetes::custom_resources() {
         api.serve(
             &format!("/apis/{group}/{version}/{plural}"),

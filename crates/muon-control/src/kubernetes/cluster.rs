@@ -47,6 +47,8 @@ pub enum Update {
     Pod(Event<Key, PodInfo>),
     /// Keyed by node name (nodes have no namespace).
     Node(Event<String, LocalitySpec>),
+    /// A namespace, and whether it opted in to injection (`muon.io/inject=enabled`).
+    Namespace(Event<String, bool>),
     /// Routes and Muon's own kinds: one Muon object each (`None`: the object did not convert
     /// and is left out). Boxed: an object is much larger than the other summaries.
     Object(Kind, Box<Event<ObjectKey, Option<Object>>>),
@@ -206,6 +208,8 @@ pub struct Cluster {
     slices: Table<Key, SliceInfo>,
     pods: Table<Key, PodInfo>,
     nodes: Table<String, LocalitySpec>,
+    /// Namespace → labelled `muon.io/inject=enabled`.
+    namespaces: Table<String, bool>,
     objects: HashMap<Kind, Table<ObjectKey, Option<Object>>>,
     /// Pod → the slices listing it and what each says.
     endpoints: HashMap<Key, BTreeMap<String, EndpointState>>,
@@ -275,6 +279,9 @@ impl Cluster {
                     }
                 }
             }
+            Update::Namespace(e) => {
+                self.namespaces.apply(e);
+            }
             Update::Object(kind, e) => {
                 for (key, _, _) in self.objects.entry(kind).or_default().apply(*e) {
                     self.dirty_objects.insert(key);
@@ -284,8 +291,17 @@ impl Cluster {
     }
 
     /// The namespaces with a pod that runs Muon's sidecar: where it needs the trust bundle.
+    /// The namespaces that need the trust bundle: those with meshed pods, and those that
+    /// opted in to injection (so the bundle is there before their first injected pod, which
+    /// mounts it, starts).
     pub fn meshed_namespaces(&self) -> BTreeSet<String> {
-        self.meshed.keys().cloned().collect()
+        let opted_in = self
+            .namespaces
+            .items
+            .iter()
+            .filter(|(_, on)| **on)
+            .map(|(ns, _)| ns);
+        self.meshed.keys().chain(opted_in).cloned().collect()
     }
 
     fn slice_changed(&mut self, key: &Key, before: Option<SliceInfo>, after: Option<SliceInfo>) {
@@ -644,6 +660,14 @@ mod tests {
             pod("n1", "10.0.0.9"),
         )));
         assert_eq!(c.meshed_namespaces(), BTreeSet::from(["batch".to_string()]));
+        // A namespace that opted in needs the bundle before its first pod; one that opted
+        // out again does not.
+        c.apply(Update::Namespace(Event::Apply("fresh".into(), true)));
+        c.apply(Update::Namespace(Event::Apply("other".into(), false)));
+        let want = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(c.meshed_namespaces(), want(&["batch", "fresh"]));
+        c.apply(Update::Namespace(Event::Apply("fresh".into(), false)));
+        assert_eq!(c.meshed_namespaces(), want(&["batch"]));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use super::cluster::{
     EndpointState, Key, PodInfo, ServiceInfo, ServicePortInfo, SliceInfo, TargetPort,
 };
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -218,6 +218,18 @@ pub fn pod(p: &Pod) -> Option<(Key, PodInfo)> {
     ))
 }
 
+/// A namespace, and whether it opted in to injection (`muon.io/inject=enabled`).
+pub fn namespace(n: &Namespace) -> Option<(String, bool)> {
+    let name = n.metadata.name.clone()?;
+    let on = n
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("muon.io/inject"))
+        .is_some_and(|v| v == "enabled");
+    Some((name, on))
+}
+
 pub fn node(n: &Node) -> Option<(String, LocalitySpec)> {
     let name = n.metadata.name.clone()?;
     let labels = n.metadata.labels.clone().unwrap_or_default();
@@ -299,6 +311,25 @@ mod tests {
 
     fn from<T: serde::de::DeserializeOwned>(v: Json) -> T {
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_namespace_opts_in_with_the_injection_label() {
+        let ns = |labels: Json| -> Namespace {
+            from(serde_json::json!({"metadata": {"name": "shop", "labels": labels}}))
+        };
+        assert_eq!(
+            namespace(&ns(serde_json::json!({"muon.io/inject": "enabled"}))),
+            Some(("shop".into(), true))
+        );
+        assert_eq!(
+            namespace(&ns(serde_json::json!({"muon.io/inject": "disabled"}))),
+            Some(("shop".into(), false))
+        );
+        assert_eq!(
+            namespace(&ns(serde_json::json!({}))),
+            Some(("shop".into(), false))
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::model::Source;
 use crate::registry::Registry;
 use cluster::{Cluster, Event, Update};
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::watcher;
@@ -157,6 +157,14 @@ pub async fn run(
         "nodes",
         tx.clone(),
         |e| map(e, convert::node).map(Update::Node),
+    );
+    spawn(
+        &mut watchers,
+        Api::<Namespace>::all(client.clone()),
+        &mut names,
+        "namespaces",
+        tx.clone(),
+        |e| map(e, convert::namespace).map(Update::Namespace),
     );
     let mut dynamic = vec![
         (
