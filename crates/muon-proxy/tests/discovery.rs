@@ -1318,7 +1318,12 @@ fn binary_is_ready_after_the_first_sync_and_restarts_from_saved_tables_during_an
     );
 
     // Outage: the control plane is gone, and the sidecar restarts. It serves the saved
-    // tables and is ready, without the control plane.
+    // tables and is ready, without the control plane. The tables are saved on a thread of
+    // their own (write, fsync, rename) after the sync; the kill below must not race it.
+    let saved = state.path().join("tables.pb");
+    wait_for("the tables saved", Duration::from_secs(10), || {
+        saved.exists()
+    });
     let addr = cp.addr;
     drop(conn);
     drop(cp);
